@@ -1,0 +1,81 @@
+"""Shared defaults for every experiment config: one place that names every field."""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the full config schema with the SimCLR ImageNet defaults."""
+    config = ml_collections.ConfigDict()
+    config.mode = "pretrain"  # pretrain | linear_eval | finetune | eval
+    config.seed = 0
+
+    # Durations: give steps or epochs (steps win when > 0); converted in train.py only.
+    config.train_batch_size = 4096
+    config.eval_batch_size = 1024
+    config.train_epochs = 100
+    config.train_steps = 0
+    config.warmup_epochs = 10.0
+    config.warmup_steps = 0
+    config.log_every_steps = 100
+    config.eval_every_steps = 0  # 0: only at the end
+    config.checkpoint_every_steps = 5000
+    config.keep_checkpoints = 3
+    config.knn_eval = True  # weighted kNN (k=200) on the eval split at the end
+    config.knn_k = 200
+    config.knn_temperature = 0.1
+
+    # Where linear_eval / finetune / eval read weights from.
+    config.init_checkpoint = ""  # a workdir or its checkpoints/ directory
+    config.init_checkpoint_step = -1  # -1: latest
+
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+
+    config.model = ml_collections.ConfigDict()
+    config.model.resnet_depth = 50  # 18 34 50 101 152 200
+    config.model.width_multiplier = 1  # integer 1-4
+    config.model.sk_ratio = 0.0  # SimCLRv2 selective kernels (0.0625), switches on ResNet-D
+    config.model.se_ratio = 0.0  # squeeze-excitation, 0 = off
+    config.model.cifar_stem = False  # 3x3/1 stem, no max-pool, for <= 32 px images
+    config.model.bn_momentum = 0.9
+    config.model.bn_epsilon = 1e-5
+    config.model.dtype = "float32"  # float32 | bfloat16 (params and batch stats stay float32)
+    config.model.proj_head_mode = "nonlinear"  # none | linear | nonlinear
+    config.model.num_proj_layers = 3  # v1: 2, v2: 3
+    config.model.proj_out_dim = 128
+    config.model.ft_proj_selector = 0  # head layer the classifier reads when fine-tuning
+    config.model.fine_tune_after_block = -1  # -1 train all; 4 = frozen encoder (linear eval)
+    config.model.zero_init_logits_layer = False
+    config.model.num_classes = 1000  # overwritten from the dataset when known
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.temperature = 0.1
+    config.loss.hidden_norm = True
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "lars"  # lars | momentum | adam
+    config.optim.learning_rate = 0.3  # base LR, scaled by lr_scaling
+    config.optim.lr_scaling = "linear"  # linear: base*B/256 | sqrt: base*sqrt(B) | none
+    config.optim.weight_decay = 1e-6
+    config.optim.momentum = 0.9
+    config.optim.nesterov = False  # momentum optimizer only
+    config.optim.trust_coefficient = 0.001  # LARS eta
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "tfds"  # bundled | tfds | folder
+    config.data.name = "imagenet2012"  # tfds builder name (source=tfds)
+    config.data.data_dir = ""  # tfds data_dir or image-folder root; local or gs://
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.label_subset = ""  # "", "1pct", "10pct" or a file of image names
+    config.data.image_size = 224
+    config.data.shuffle_buffer = 10_000
+    config.data.deterministic = False  # batch at step k depends only on (seed, k)
+    config.data.skip_corrupt = True  # False: a corrupt image is a hard error
+    config.data.color_jitter_strength = 1.0
+    config.data.brightness_mode = "simclrv2"  # simclrv2 (multiplicative) | simclrv1 (additive)
+    config.data.crop_min_area = 0.08
+    config.data.flip_prob = 0.5
+    config.data.color_jitter_prob = 0.8
+    config.data.grayscale_prob = 0.2
+    config.data.blur_prob = 0.5  # 0 switches blur off (CIFAR)
+    return config

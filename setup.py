@@ -1,0 +1,37 @@
+"""simclr_jax: a TPU-first JAX/Flax training system for SimCLR (v1 and v2)."""
+
+import setuptools
+
+# TensorFlow only feeds the tf.data input pipeline; the CPU build avoids it grabbing
+# accelerators (and CUDA libraries) that JAX owns.
+TENSORFLOW = [
+    "tensorflow-cpu>=2.16; sys_platform == 'linux' and platform_machine == 'x86_64'",
+    "tensorflow>=2.16; sys_platform != 'linux' or platform_machine != 'x86_64'",
+]
+
+setuptools.setup(
+    name="simclr_jax",
+    version="0.1.0",
+    description="SimCLR v1/v2 contrastive pretraining in JAX/Flax for TPU pods and CPUs.",
+    packages=setuptools.find_packages(include=["simclr_jax", "simclr_jax.*"]),
+    package_data={"simclr_jax": ["data/bundled/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.10",
+        "tensorboard>=2.16",
+        "tensorflow-datasets>=4.9.4",
+        "numpy>=1.26",
+        "pillow>=10",
+        "absl-py>=1.4",
+        *TENSORFLOW,
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5"],
+        "tpu": ["jax[tpu]>=0.6"],
+    },
+)
