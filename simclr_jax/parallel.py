@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -81,3 +84,65 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for key, value in batch.items()
     }
+
+
+def _on_multihost_tpu_vm(environ: Mapping[str, str]) -> bool:
+    """True on a worker of a multi-host Cloud TPU VM slice (set by the TPU runtime)."""
+    return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_seconds: int = 300,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """Starts multi-process JAX when the run spans hosts; returns whether it did.
+
+    Explicit arguments (CPU/GPU clusters, the simulated pod) win; on a multi-host Cloud TPU VM
+    slice JAX detects everything itself; a single host needs nothing.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if coordinator_address is None and num_processes is None and process_id is None:
+        if not _on_multihost_tpu_vm(environ):
+            return False
+        jax.distributed.initialize(initialization_timeout=timeout_seconds)
+        return True
+    if coordinator_address is None or num_processes is None or process_id is None:
+        raise ValueError(
+            "A multi-process run needs all of coordinator_address, num_processes and "
+            f"process_id; got {coordinator_address!r}, {num_processes!r}, {process_id!r}."
+        )
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process_id={process_id} is out of range for num_processes={num_processes}; "
+            f"use 0..{num_processes - 1}."
+        )
+    # CPU devices need a collectives backend to talk across processes (only the CPU client
+    # reads this flag, so it is harmless on TPU and GPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_seconds,
+    )
+    return True
+
+
+REMOTE_PREFIXES = ("gs://", "s3://", "/gcs/")
+
+
+def warn_if_host_local(workdir: str) -> str | None:
+    """Warns when a multi-host run writes to a path other hosts cannot see; returns the text."""
+    if jax.process_count() == 1 or str(workdir).startswith(REMOTE_PREFIXES):
+        return None
+    message = (
+        f"workdir={workdir!r} looks host-local but this run has {jax.process_count()} "
+        "processes: each host would write its own partial checkpoints. Use a shared path "
+        "(gs://bucket/dir on Cloud TPU) unless this directory is a shared file system."
+    )
+    logging.warning(message)
+    return message
