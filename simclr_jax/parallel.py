@@ -146,3 +146,26 @@ def warn_if_host_local(workdir: str) -> str | None:
     )
     logging.warning(message)
     return message
+
+
+def fsdp_sharding(shape: Sequence[int], mesh: Mesh, min_size: int) -> NamedSharding:
+    """Shards an array's largest evenly divisible dimension over `data` if it has >= min_size
+    elements (FSDP); smaller arrays (BN, biases) stay replicated where they cost nothing."""
+    replicas = data_axis_size(mesh)
+    if min_size <= 0 or replicas == 1 or int(np.prod(shape)) < min_size:
+        return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % replicas == 0:
+            spec = [None] * len(shape)
+            spec[dim] = DATA_AXIS
+            return NamedSharding(mesh, PartitionSpec(*spec))
+    return replicated(mesh)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int = 0) -> Any:
+    """Shardings for a train state (params, optimizer state): replicated, or FSDP when
+    `fsdp_min_size` > 0. The step function is the same either way; jit inserts the gathers."""
+    return jax.tree.map(
+        lambda leaf: fsdp_sharding(getattr(leaf, "shape", ()), mesh, fsdp_min_size),
+        abstract_state,
+    )

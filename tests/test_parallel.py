@@ -70,3 +70,18 @@ def test_bad_distributed_arguments_fail_before_connecting(kwargs, match):
 
 def test_host_local_workdir_warning_only_on_multihost():
     assert parallel.warn_if_host_local("/tmp/run") is None  # one process here
+
+
+def test_fsdp_shards_large_arrays_and_replicates_small_ones():
+    mesh = parallel.create_mesh()
+    tree = {
+        "kernel": jax.ShapeDtypeStruct((3, 3, 64, 128), np.float32),
+        "odd": jax.ShapeDtypeStruct((3, 3, 7, 9), np.float32),
+        "scale": jax.ShapeDtypeStruct((128,), np.float32),
+    }
+    shardings = parallel.state_shardings(tree, mesh, fsdp_min_size=1024)
+    assert shardings["kernel"].spec == jax.sharding.PartitionSpec(None, None, None, "data")
+    assert shardings["odd"].spec == jax.sharding.PartitionSpec()  # nothing divides by 8
+    assert shardings["scale"].spec == jax.sharding.PartitionSpec()  # below min size
+    replicated = parallel.state_shardings(tree, mesh)
+    assert all(s.spec == jax.sharding.PartitionSpec() for s in replicated.values())
