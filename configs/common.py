@@ -28,7 +28,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.init_checkpoint = ""  # a workdir or its checkpoints/ directory
     config.init_checkpoint_step = -1  # -1: latest
 
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    # fsdp_min_size > 0 shards parameters and optimizer state with at least that many elements
+    # over the data axis (FSDP) for models that do not fit replicated; 0 replicates everything.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp_min_size": 0})
 
     config.model = ml_collections.ConfigDict()
     config.model.resnet_depth = 50  # 18 34 50 101 152 200
