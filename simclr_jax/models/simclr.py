@@ -1,0 +1,145 @@
+"""The SimCLR model (encoder + projection head + classifier) and its config-driven factory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simclr_jax.models.heads import (
+    ProjectionHead,
+    supervised_head,
+    validate_head_args,
+    validate_num_classes,
+)
+from simclr_jax.models.resnet import ResNet, is_integer, resolve_dtype, validate_encoder_args
+
+MODES = ("pretrain", "finetune")
+MODEL_FIELDS = (
+    "resnet_depth",
+    "width_multiplier",
+    "sk_ratio",
+    "se_ratio",
+    "cifar_stem",
+    "bn_momentum",
+    "bn_epsilon",
+    "dtype",
+    "proj_head_mode",
+    "num_proj_layers",
+    "proj_out_dim",
+    "ft_proj_selector",
+    "fine_tune_after_block",
+    "zero_init_logits_layer",
+)
+
+
+class SimCLR(nn.Module):
+    """Encoder f, projection head g and a linear classifier.
+
+    mode 'pretrain': the classifier is the online linear probe on stop_gradient(h), so it never
+    changes the encoder. mode 'finetune': the classifier reads hiddens[ft_proj_selector] of the
+    projection head (0 = h) with gradients flowing back (up to the encoder's frozen part).
+    Submodule names: 'encoder', 'projection_head', 'classifier'.
+    """
+
+    encoder: ResNet
+    projection_head: ProjectionHead
+    num_classes: int
+    mode: str = "pretrain"
+    ft_proj_selector: int = 0
+    zero_init_logits_layer: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """images (N, H, W, 3) in [0, 1] -> dict(h=(N, C), z=(N, proj_dim), logits), float32."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; choose one of {MODES}")
+        h = self.encoder(images, train=train)
+        z, hiddens = self.projection_head(h, train=train)
+        if self.mode == "pretrain":
+            probe_input = jax.lax.stop_gradient(h)
+        else:
+            probe_input = hiddens[self.ft_proj_selector]
+        logits = supervised_head(self.num_classes, self.zero_init_logits_layer)(probe_input)
+        return {
+            "h": h.astype(jnp.float32),
+            "z": z.astype(jnp.float32),
+            "logits": logits.astype(jnp.float32),
+        }
+
+
+def _read_fields(model_config: Any) -> dict[str, Any]:
+    """Reads every model.* field the model needs; ValueError naming any that is missing."""
+    missing = [f for f in MODEL_FIELDS if f not in model_config]
+    if missing:
+        raise ValueError(
+            f"model config is missing field(s) {', '.join('model.' + f for f in missing)}; "
+            "start from configs.common.get_base_config().model"
+        )
+    return {f: model_config[f] for f in MODEL_FIELDS}
+
+
+def validate_model_config(model_config: Any, *, num_classes: int, mode: str = "pretrain") -> None:
+    """Raises ValueError naming the first bad field; nothing is built or compiled."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not supported; choose one of {', '.join(MODES)}")
+    validate_num_classes(num_classes)
+    c = _read_fields(model_config)
+    validate_encoder_args(
+        resnet_depth=c["resnet_depth"],
+        width_multiplier=c["width_multiplier"],
+        sk_ratio=c["sk_ratio"],
+        se_ratio=c["se_ratio"],
+        bn_momentum=c["bn_momentum"],
+        bn_epsilon=c["bn_epsilon"],
+        fine_tune_after_block=c["fine_tune_after_block"],
+    )
+    resolve_dtype(c["dtype"])
+    validate_head_args(
+        proj_head_mode=c["proj_head_mode"],
+        num_proj_layers=c["num_proj_layers"],
+        proj_out_dim=c["proj_out_dim"],
+        ft_proj_selector=c["ft_proj_selector"],
+    )
+    for field in ("cifar_stem", "zero_init_logits_layer"):
+        if not isinstance(c[field], (bool, np.bool_)):
+            raise ValueError(f"model.{field}={c[field]!r} must be True or False")
+
+
+def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain") -> SimCLR:
+    """Validates model_config (a ConfigDict or mapping of model.* fields) and builds SimCLR.
+
+    model.fine_tune_after_block only acts in mode 'finetune'; pretraining never freezes layers.
+    """
+    validate_model_config(model_config, num_classes=num_classes, mode=mode)
+    c = _read_fields(model_config)
+    as_int = lambda v: int(v) if is_integer(v) else v
+    encoder = ResNet(
+        depth=int(c["resnet_depth"]),
+        width_multiplier=int(c["width_multiplier"]),
+        sk_ratio=float(c["sk_ratio"]),
+        se_ratio=float(c["se_ratio"]),
+        cifar_stem=bool(c["cifar_stem"]),
+        bn_momentum=float(c["bn_momentum"]),
+        bn_epsilon=float(c["bn_epsilon"]),
+        dtype=resolve_dtype(c["dtype"]),
+        fine_tune_after_block=int(c["fine_tune_after_block"]) if mode == "finetune" else -1,
+    )
+    head = ProjectionHead(
+        mode=c["proj_head_mode"],
+        num_layers=as_int(c["num_proj_layers"]),
+        out_dim=int(c["proj_out_dim"]),
+        bn_momentum=float(c["bn_momentum"]),
+        bn_epsilon=float(c["bn_epsilon"]),
+    )
+    return SimCLR(
+        encoder=encoder,
+        projection_head=head,
+        num_classes=int(num_classes),
+        mode=mode,
+        ft_proj_selector=int(c["ft_proj_selector"]),
+        zero_init_logits_layer=bool(c["zero_init_logits_layer"]),
+    )
