@@ -1,0 +1,335 @@
+"""SimCLR augmentations as pure TensorFlow ops with explicit stateless seeds.
+
+Every op takes a `seed` (int32/int64 tensor of shape [2]) and draws its randomness with
+`tf.random.stateless_*`, so the same (image, seed) gives the same output eagerly and inside
+tf.data, and a pipeline can make each example's augmentation a function of (seed, position).
+Images are float32 in [0, 1], shape (H, W, 3); no mean/std normalization (as the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+MIN_OBJECT_COVERED = 0.1
+MAX_CROP_ATTEMPTS = 100
+BLUR_SIGMA_RANGE = (0.1, 2.0)
+EVAL_CROP_PROPORTION = 0.875
+BRIGHTNESS_MODES = ("simclrv2", "simclrv1")
+AUGMENTATIONS = ("simclr", "crop_flip", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """The data_config fields the augmentations read, validated once."""
+
+    image_size: int = 224
+    crop_min_area: float = 0.08
+    flip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    color_jitter_strength: float = 1.0
+    brightness_mode: str = "simclrv2"
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"data.image_size={self.image_size!r} must be a positive integer.")
+        if not 0.0 < self.crop_min_area <= 1.0:
+            raise ValueError(f"data.crop_min_area={self.crop_min_area!r} must be in (0, 1].")
+        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name}={value!r} must be a probability in [0, 1].")
+        if self.color_jitter_strength < 0:
+            raise ValueError(
+                f"data.color_jitter_strength={self.color_jitter_strength!r} must be >= 0."
+            )
+        if self.brightness_mode not in BRIGHTNESS_MODES:
+            raise ValueError(
+                f"data.brightness_mode={self.brightness_mode!r}; allowed: {BRIGHTNESS_MODES}."
+            )
+
+    @classmethod
+    def from_config(cls, data_config: Any) -> AugmentParams:
+        """Reads the augmentation fields of `config.data` (missing fields keep defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {n: data_config[n] for n in names if n in data_config}
+        if "image_size" in values:
+            values["image_size"] = int(values["image_size"])
+        return cls(**values)
+
+
+def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
+    """Splits a [2] stateless seed into `num` independent [2] seeds (shape [num, 2])."""
+    return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=num)
+
+
+def _uniform(seed: tf.Tensor, minval: float | tf.Tensor = 0.0, maxval: float | tf.Tensor = 1.0):
+    return tf.random.stateless_uniform([], seed=seed, minval=minval, maxval=maxval)
+
+
+def _apply_with_prob(
+    prob: float, seed: tf.Tensor, fn, image: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Applies fn(image) with probability `prob`; returns (image, applied)."""
+    applied = _uniform(seed) < prob
+    return tf.cond(applied, lambda: fn(image), lambda: image), applied
+
+
+# ---------------------------------------------------------------- crop and resize
+
+
+def sample_crop_window(
+    image_shape: tf.Tensor,
+    seed: tf.Tensor,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_ratio_range: tuple[float, float] = ASPECT_RATIO_RANGE,
+    min_object_covered: float = MIN_OBJECT_COVERED,
+    max_attempts: int = MAX_CROP_ATTEMPTS,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Inception-style crop window (whole image as fallback); returns ([y, x], [h, w])."""
+    bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        _hw1(image_shape),
+        bounding_boxes=bbox,
+        seed=seed,
+        min_object_covered=min_object_covered,
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin[:2], size[:2]
+
+
+def _hw1(image_shape: tf.Tensor) -> tf.Tensor:
+    image_shape = tf.cast(image_shape, tf.int32)
+    return tf.stack([image_shape[0], image_shape[1], tf.constant(1, tf.int32)])
+
+
+def to_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] (or float [0, 1]) -> float32 [0, 1]."""
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Bicubic resize to (size, size) as float32 clipped to [0, 1]; no-op at that size."""
+    image = to_float(image)
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+    resized = tf.cond(
+        same,
+        lambda: image,
+        lambda: tf.clip_by_value(tf.image.resize(image, [size, size], method="bicubic"), 0.0, 1.0),
+    )
+    return tf.ensure_shape(resized, [size, size, 3])
+
+
+def random_crop_resize(
+    image: tf.Tensor, seed: tf.Tensor, size: int, crop_min_area: float = 0.08
+) -> tf.Tensor:
+    """Random resized crop (crop first, then one bicubic resize of the window)."""
+    begin, crop_size = sample_crop_window(tf.shape(image), seed, area_range=(crop_min_area, 1.0))
+    crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop_size, [-1]], 0))
+    return resize(crop, size)
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
+    """Horizontal flip with probability `prob`."""
+    return _apply_with_prob(prob, seed, lambda x: tf.reverse(x, axis=[1]), image)[0]
+
+
+# ---------------------------------------------------------------- colour
+
+
+def jitter_ranges(strength: float) -> dict[str, float]:
+    """The reference's max deltas for colour jitter of strength s."""
+    return {
+        "brightness": 0.8 * strength,
+        "contrast": 0.8 * strength,
+        "saturation": 0.8 * strength,
+        "hue": 0.2 * strength,
+    }
+
+
+def adjust_brightness(image: tf.Tensor, seed: tf.Tensor, max_delta: float, mode: str) -> tf.Tensor:
+    """simclrv2: x * U[max(0, 1-b), 1+b]; simclrv1: x + U[-b, b]."""
+    if mode == "simclrv2":
+        factor = _uniform(seed, max(0.0, 1.0 - max_delta), 1.0 + max_delta)
+        return image * factor
+    if mode == "simclrv1":
+        return image + _uniform(seed, -max_delta, max_delta)
+    raise ValueError(f"data.brightness_mode={mode!r}; allowed: {BRIGHTNESS_MODES}.")
+
+
+def color_jitter(
+    image: tf.Tensor, seed: tf.Tensor, strength: float, brightness_mode: str = "simclrv2"
+) -> tf.Tensor:
+    """Brightness, contrast, saturation and hue in random order, clipped after each."""
+    deltas = jitter_ranges(strength)
+    order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(split_seed(seed, 5))
+    c, s, h = deltas["contrast"], deltas["saturation"], deltas["hue"]
+    ops = [
+        lambda x: adjust_brightness(x, b_seed, deltas["brightness"], brightness_mode),
+        lambda x: tf.image.adjust_contrast(x, _uniform(c_seed, 1.0 - c, 1.0 + c)),
+        lambda x: tf.image.adjust_saturation(x, _uniform(s_seed, 1.0 - s, 1.0 + s)),
+        lambda x: tf.image.adjust_hue(x, _uniform(h_seed, -h, h)),
+    ]
+    order = tf.argsort(tf.random.stateless_uniform([4], seed=order_seed))
+    for i in range(4):
+        image = tf.switch_case(order[i], [lambda f=f, x=image: f(x) for f in ops])
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+
+def to_grayscale(image: tf.Tensor) -> tf.Tensor:
+    """Luma tiled back to three channels."""
+    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def random_color_distortion(image: tf.Tensor, seed: tf.Tensor, params: AugmentParams) -> tf.Tensor:
+    """Colour jitter with p=color_jitter_prob, then grayscale with p=grayscale_prob."""
+    jitter_seed, jitter_apply_seed, gray_seed = tf.unstack(split_seed(seed, 3))
+    image, _ = _apply_with_prob(
+        params.color_jitter_prob,
+        jitter_apply_seed,
+        lambda x: color_jitter(
+            x, jitter_seed, params.color_jitter_strength, params.brightness_mode
+        ),
+        image,
+    )
+    return random_grayscale(image, gray_seed, params.grayscale_prob)
+
+
+def random_grayscale(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.2) -> tf.Tensor:
+    """Grayscale (tiled to 3 channels) with probability `prob`."""
+    return _apply_with_prob(prob, seed, to_grayscale, image)[0]
+
+
+# ---------------------------------------------------------------- blur
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """image_size // 10 made odd (the reference: radius (image_size // 10) // 2)."""
+    return 2 * ((image_size // 10) // 2) + 1
+
+
+def gaussian_kernel_1d(sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+    """Normalized 1-D Gaussian taps, shape (kernel_size,)."""
+    radius = kernel_size // 2
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    taps = tf.exp(-tf.square(x) / (2.0 * tf.square(tf.cast(sigma, tf.float32))))
+    return taps / tf.reduce_sum(taps)
+
+
+def _blur_matrix(taps: tf.Tensor, n: int) -> tf.Tensor:
+    """(B, K) taps -> (B, n, n) banded matrices M with M[i, j] = taps[j - i + K // 2]; rows
+    simply miss the taps that fall outside the image, which is zero padding."""
+    radius = taps.shape[-1] // 2
+    offsets = tf.range(n)[None, :] - tf.range(n)[:, None] + radius  # (n, n)
+    inside = tf.logical_and(offsets >= 0, offsets <= 2 * radius)
+    gathered = tf.gather(taps, tf.clip_by_value(offsets, 0, 2 * radius), axis=1)
+    return tf.where(inside[None], gathered, 0.0)
+
+
+def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+    """Separable Gaussian blur with zero padding, one sigma per image.
+
+    `images` is (H, W, C) with a scalar sigma, or (B, H, W, C) with sigma of shape (B,).
+    Each 1-D pass is a matmul with a banded (Toeplitz) matrix: on CPUs this is several times
+    faster than a depthwise convolution with a large kernel, and batches vectorize for free.
+    """
+    single = images.shape.rank == 3
+    if single:
+        images, sigma = images[None], tf.reshape(sigma, [1])
+    images = tf.cast(images, tf.float32)
+    shape = tf.shape(images)
+    taps = tf.map_fn(
+        lambda s: gaussian_kernel_1d(s, kernel_size),
+        tf.reshape(tf.cast(sigma, tf.float32), [-1]),
+        fn_output_signature=tf.TensorSpec([kernel_size], tf.float32),
+    )
+    rows, cols = _blur_matrix(taps, shape[1]), _blur_matrix(taps, shape[2])
+    out = tf.einsum("bij,bjwc->biwc", rows, images)
+    out = tf.einsum("bwj,bhjc->bhwc", cols, out)
+    out = tf.ensure_shape(tf.clip_by_value(out, 0.0, 1.0), images.shape)
+    return out[0] if single else out
+
+
+def sample_blur_sigma(seed: tf.Tensor) -> tf.Tensor:
+    """sigma ~ U(0.1, 2.0)."""
+    return _uniform(seed, *BLUR_SIGMA_RANGE)
+
+
+def random_blur(image: tf.Tensor, seed: tf.Tensor, prob: float, image_size: int) -> tf.Tensor:
+    """Gaussian blur with probability `prob`, sigma ~ U(0.1, 2), kernel image_size//10 odd."""
+    if prob <= 0.0:
+        return image
+    apply_seed, sigma_seed = tf.unstack(split_seed(seed, 2))
+    kernel = blur_kernel_size(image_size)
+    return _apply_with_prob(
+        prob,
+        apply_seed,
+        lambda x: gaussian_blur(x, sample_blur_sigma(sigma_seed), kernel),
+        image,
+    )[0]
+
+
+# ---------------------------------------------------------------- full transforms
+
+
+def simclr_view(image: tf.Tensor, seed: tf.Tensor, params: AugmentParams) -> tf.Tensor:
+    """One pretraining view: crop+resize, flip, colour distortion, blur (per data_config)."""
+    crop_seed, flip_seed, color_seed, blur_seed = tf.unstack(split_seed(seed, 4))
+    image = random_crop_resize(image, crop_seed, params.image_size, params.crop_min_area)
+    image = random_flip(image, flip_seed, params.flip_prob)
+    image = random_color_distortion(image, color_seed, params)
+    image = random_blur(image, blur_seed, params.blur_prob, params.image_size)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def crop_flip_view(image: tf.Tensor, seed: tf.Tensor, params: AugmentParams) -> tf.Tensor:
+    """Fine-tune / linear-eval train transform: crop+resize and flip only."""
+    crop_seed, flip_seed = tf.unstack(split_seed(seed, 2))
+    image = random_crop_resize(image, crop_seed, params.image_size, params.crop_min_area)
+    return random_flip(image, flip_seed, params.flip_prob)
+
+
+def eval_transform(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Center crop keeping 0.875 of the shorter side, then resize; no crop for <= 32 px."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+
+    def center_crop() -> tf.Tensor:
+        side = tf.cast(
+            tf.round(EVAL_CROP_PROPORTION * tf.cast(tf.minimum(h, w), tf.float32)), tf.int32
+        )
+        top, left = (h - side + 1) // 2, (w - side + 1) // 2
+        return tf.slice(image, [top, left, 0], [side, side, -1])
+
+    small = tf.logical_and(h <= 32, w <= 32)
+    cropped = tf.cond(small, lambda: image, center_crop)
+    return resize(cropped, image_size)
+
+
+def fixed_size_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
+    """The whole image resized to (size, size) as uint8 (no-op at that size): for augmenting
+    on the accelerator (simclr_jax.data.jax_augment), which needs one shape per batch."""
+    return tf.image.convert_image_dtype(resize(image, size), tf.uint8, saturate=True)
+
+
+def make_view_fn(augmentation: str, params: AugmentParams) -> Callable:
+    """The per-view transform: 'simclr' (pretraining), 'crop_flip' (fine-tune), or 'none'
+    (uint8 image_size x image_size images, augmented later on the device)."""
+    if augmentation == "none":
+        return lambda image, seed: fixed_size_uint8(image, params.image_size)
+    if augmentation == "simclr":
+        return lambda image, seed: simclr_view(image, seed, params)
+    if augmentation == "crop_flip":
+        return lambda image, seed: crop_flip_view(image, seed, params)
+    raise ValueError(f"augmentation={augmentation!r}; allowed: {AUGMENTATIONS}.")

@@ -1,0 +1,621 @@
+"""Per-process tf.data input pipelines that yield numpy batches (see CONTEXT.md, Data).
+
+Order and randomness (both modes): each process owns a disjoint shard of the examples
+(`indices[process_index::process_count]` for folders and the bundled sample;
+`tfds.even_splits` for TFDS). Within its shard a process walks epoch after epoch, each in the
+order of a permutation seeded by (seed, process_index, epoch); its i-th example overall gets the
+augmentation seed fold_in(seed, i * process_count + process_index), and its batch k is examples
+[k*b, (k+1)*b). So batch k depends only on (seed, k) (for a fixed number of processes), and
+start_step=k starts the stream at example k*b without decoding anything before it.
+`data.deterministic` additionally keeps tf.data's parallel map in order; without it the map may
+return elements out of order (faster), so batches mix neighbouring examples.
+Folders and the bundled sample are shuffled by a full permutation of the indices, so
+data.shuffle_buffer is only used for TFDS sources.
+Caveats: a skipped corrupt file shifts later examples by one row; TFDS sources are read as a
+stream (files in a seeded order, then a seeded shuffle buffer), so start_step there is honoured
+by `skip` (it reads and drops k*b records) and the order is exact only with deterministic=True.
+
+Eval: each process takes a contiguous block of the split (np.array_split / tfds.even_splits),
+decodes it with the eval transform and appends mask-0 rows so that every process yields the same
+number of full batches.
+
+Decoding (make_decoder): fast in-graph decode for complete-looking JPEG/PNG/GIF files, Pillow
+for the rest; corrupt files are skipped, logged with their path and listed in
+`iterator.skipped_files` (data.skip_corrupt=False: ValueError naming the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from simclr_jax.data import augment, sources
+
+AUTOTUNE = tf.data.AUTOTUNE
+PAD_LABEL = 0  # label of padding rows in eval batches (mask 0.0)
+_CORRUPT_MARK = "corrupt or truncated image"
+
+
+class DatasetInfo(NamedTuple):
+    """Number of classes and examples per split of the configured source."""
+
+    num_classes: int
+    num_examples: dict[str, int]
+    class_names: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class SkippedFiles:
+    """Collects corrupt files that were skipped, naming each in the logs."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def add(self, name: str, error: Exception) -> None:
+        """Records and logs one skipped file."""
+        self.names.append(name)
+        logging.warning(
+            "Skipping %s %s (%d skipped so far): %s", _CORRUPT_MARK, name, len(self.names), error
+        )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _pil_to_rgb_uint8(contents: bytes) -> np.ndarray:
+    """Decodes any image Pillow reads to (H, W, 3) uint8; 16-bit data scaled, not clipped."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(contents)) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(img, dtype=np.float64)
+            array = np.round(array * (255.0 / (65535.0 if array.max() > 255 else 255.0)))
+            return np.repeat(np.clip(array, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _looks_complete(contents: tf.Tensor) -> tf.Tensor:
+    """Cheap in-graph test: a JPEG/PNG/GIF with its end marker (truncated files fail it)."""
+    n = tf.strings.length(contents)
+    head = tf.strings.substr(contents, 0, 8)
+    tail2 = tf.strings.substr(contents, tf.maximum(n - 2, 0), 2)
+    tail12 = tf.strings.substr(contents, tf.maximum(n - 12, 0), 12)
+    jpeg = tf.logical_and(
+        tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff"), tf.equal(tail2, b"\xff\xd9")
+    )
+    png = tf.logical_and(
+        tf.equal(head, b"\x89PNG\r\n\x1a\n"), tf.equal(tail12, b"\x00\x00\x00\x00IEND\xaeB`\x82")
+    )
+    gif = tf.logical_and(
+        tf.equal(tf.strings.substr(head, 0, 4), b"GIF8"),
+        tf.equal(tf.strings.substr(tail2, 1, 1), b";"),
+    )
+    return tf.logical_or(jpeg, tf.logical_or(png, gif))
+
+
+def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
+    """decode(contents, name) -> (uint8 (H, W, 3) image, ok).
+
+    Complete-looking JPEG/PNG/GIF files take the fast in-graph decoder (grayscale, CMYK,
+    RGBA, palette and 16-bit images all come out as 8-bit RGB). Anything else (truncated,
+    trailing bytes, BMP/WebP, garbage) goes through Pillow in a py_function, which either
+    decodes it or records the file as skipped (or raises when skip_corrupt is False).
+    """
+
+    def slow_decode(contents: tf.Tensor, name: tf.Tensor):
+        path = name.numpy().decode("utf-8", "replace")
+        try:
+            return _pil_to_rgb_uint8(contents.numpy()), True
+        except Exception as error:  # Pillow raises many types for bad files
+            if not skip_corrupt:
+                raise ValueError(
+                    f"{_CORRUPT_MARK} {path}: {error}. Delete or replace the file, or set "
+                    "data.skip_corrupt=True to skip it."
+                ) from None
+            skipped.add(path, error)
+            return np.zeros((1, 1, 3), np.uint8), False
+
+    def decode(contents: tf.Tensor, name: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def fast():
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+            return tf.ensure_shape(image, [None, None, 3]), tf.constant(True)
+
+        def slow():
+            image, ok = tf.py_function(slow_decode, [contents, name], [tf.uint8, tf.bool])
+            return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(ok, [])
+
+        return tf.cond(_looks_complete(contents), fast, slow)
+
+    return decode
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    import jax
+
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_index={index} must be in [0, process_count={count}).")
+    return index, count
+
+
+def per_process_batch(batch_size: int, process_count: int, field: str = "batch_size") -> int:
+    """The rows each process produces; the global batch must split evenly over processes."""
+    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"{field}={batch_size!r} must be a positive integer.")
+    if batch_size % process_count:
+        raise ValueError(
+            f"{field}={batch_size} is not divisible by the {process_count} processes; "
+            f"use a multiple of {process_count}."
+        )
+    return batch_size // process_count
+
+
+def shard_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+    """The examples a process trains on: disjoint across processes, together all of them."""
+    return np.arange(num_examples)[process_index::process_count]
+
+
+def _example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
+    """The augmentation seed of one example from (seed, global example position)."""
+    base = tf.constant([seed, 0x5EED], dtype=tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_optimization.map_parallelization = True
+    # One thread per op: tf.data's own parallelism is what scales the input pipeline.
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+_DECODER_ERRORS = ("DecodeImage", "jpeg::Uncompress", "Unknown image file format", "PNG", "GIF")
+MAX_FILES_TO_SCAN = 200_000
+
+
+def find_undecodable(source: sources.IndexedSource, limit: int = 5) -> list[str]:
+    """Names (up to `limit`) of records the in-graph decoder rejects; for error messages only
+    (slow: decodes every record eagerly)."""
+    bad: list[str] = []
+    for record, name in zip(source.records[:MAX_FILES_TO_SCAN], source.names(), strict=False):
+        contents = tf.io.read_file(record) if source.records_are_paths else tf.constant(record)
+        try:
+            tf.io.decode_image(contents, channels=3, expand_animations=False)
+        except tf.errors.OpError:
+            bad.append(str(name))
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+class NumpyIterator:
+    """Iterator of numpy batches; `skipped_files` names the corrupt files skipped so far."""
+
+    def __init__(
+        self, dataset: tf.data.Dataset, skipped: SkippedFiles, source: sources.Source | None = None
+    ) -> None:
+        self._iterator = dataset.as_numpy_iterator()
+        self._source = source
+        self.skipped_files = skipped.names
+        self.element_spec = dataset.element_spec
+
+    def __iter__(self) -> NumpyIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self._iterator)
+        except tf.errors.OpError as error:
+            raise self._explain(error) from None
+
+    def _explain(self, error: tf.errors.OpError) -> Exception:
+        """A ValueError naming the bad file for decode failures; other errors unchanged."""
+        if _CORRUPT_MARK in error.message:
+            start = error.message.index(_CORRUPT_MARK)
+            return ValueError(error.message[start:].splitlines()[0])
+        if not any(key in error.message for key in _DECODER_ERRORS):
+            return error
+        names = []
+        if isinstance(self._source, sources.IndexedSource):
+            names = find_undecodable(self._source)  # only on this fatal path
+        where = f" in {', '.join(names)}" if names else ""
+        return ValueError(
+            f"{_CORRUPT_MARK}{where}: {error.message.splitlines()[0][-200:]}. Delete or "
+            "replace the file, or set data.skip_corrupt=True to skip it."
+        )
+
+
+# ---------------------------------------------------------------- indexed sources
+
+
+def _record_loader(source: sources.IndexedSource) -> Callable:
+    """index -> (contents, label, name) for an indexed source, inside tf.data."""
+    records = tf.constant(list(source.records), dtype=tf.string)
+    names = (
+        tf.constant(list(source.names()), dtype=tf.string)
+        if not source.records_are_paths
+        else records
+    )
+    labels = tf.constant(source.labels, dtype=tf.int32)
+
+    def load(index: tf.Tensor):
+        record = tf.gather(records, index)
+        contents = tf.io.read_file(record) if source.records_are_paths else record
+        return contents, tf.gather(labels, index), tf.gather(names, index)
+
+    return load
+
+
+def _epoch_stream(shard: np.ndarray, seed: int, salt: int, start: int) -> tf.data.Dataset:
+    """(example index, shard position) forever, each epoch in a seeded permutation order,
+    starting at shard position `start` (whole epochs before it are never materialized)."""
+    n = len(shard)
+    shard_t = tf.constant(shard, dtype=tf.int64)
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64),
+            seed=tf.stack([tf.constant(seed, tf.int64) * 1_000_003 + salt, e]),
+        )
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.gather(shard_t, order), e * n + tf.range(n, dtype=tf.int64))
+        )
+
+    return tf.data.Dataset.counter(start // n).flat_map(epoch).skip(start % n)
+
+
+def _indexed_train_dataset(
+    source: sources.IndexedSource,
+    params: augment.AugmentParams,
+    *,
+    local_batch: int,
+    num_views: int,
+    augmentation: str,
+    seed: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    skip_corrupt: bool,
+    skipped: SkippedFiles,
+) -> tf.data.Dataset:
+    shard = shard_indices(source.num_examples, process_index, process_count)
+    if len(shard) == 0:
+        raise ValueError(
+            f"{source.description} has {source.num_examples} examples, fewer than the "
+            f"{process_count} processes."
+        )
+    load, decode = _record_loader(source), make_decoder(skip_corrupt, skipped)
+    view_fn = augment.make_view_fn(augmentation, params)
+
+    @tf.autograph.experimental.do_not_convert
+    def element(index, position):
+        contents, label, name = load(index)
+        image, ok = decode(contents, name)
+        seed_t = _example_seed(seed, position * process_count + process_index)
+        view_seeds = augment.split_seed(seed_t, num_views)
+        views = [view_fn(image, view_seeds[v]) for v in range(num_views)]
+        image = tf.stack(views) if num_views > 1 else views[0]
+        return {"image": image, "label": label}, ok
+
+    ds = _epoch_stream(shard, seed, process_index, start_step * local_batch)
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
+    ds = _drop_failed(ds, skip_corrupt)
+    return ds.batch(local_batch, drop_remainder=True)
+
+
+def _indexed_eval_dataset(
+    source: sources.IndexedSource,
+    image_size: int,
+    *,
+    local_batch: int,
+    process_index: int,
+    process_count: int,
+    skip_corrupt: bool,
+    skipped: SkippedFiles,
+) -> tuple[tf.data.Dataset, int]:
+    shards = np.array_split(np.arange(source.num_examples), process_count)
+    num_batches = math.ceil(max(len(s) for s in shards) / local_batch)
+    load, decode = _record_loader(source), make_decoder(skip_corrupt, skipped)
+
+    @tf.autograph.experimental.do_not_convert
+    def element(index):
+        contents, label, name = load(index)
+        image, ok = decode(contents, name)
+        example = {
+            "image": augment.eval_transform(image, image_size),
+            "label": label,
+            "mask": tf.constant(1.0),
+        }
+        return example, ok
+
+    ds = tf.data.Dataset.from_tensor_slices(shards[process_index].astype(np.int64))
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _drop_failed(ds, skip_corrupt)
+    return _pad_and_batch(ds, image_size, local_batch, num_batches), num_batches
+
+
+def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
+    return ok
+
+
+def _without_flag(example: dict, ok: tf.Tensor) -> dict:
+    return example
+
+
+def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
+    """Drops (example, ok=False) elements (skipped corrupt files) and the flag.
+
+    Safety net: a file that looks complete (end marker present) but still fails the in-graph
+    decoder (e.g. a damaged header) raises inside the map; with skip_corrupt tf.data drops it
+    and logs the decoder's message ("Ignoring error"), which cannot name the file.
+    """
+    if skip_corrupt:
+        ds = ds.ignore_errors(log_warning=True)
+    return ds.filter(_is_ok).map(_without_flag)
+
+
+def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_batches: int):
+    """Appends mask-0 rows so every process yields exactly num_batches full batches."""
+    pad = {
+        "image": tf.zeros([image_size, image_size, 3], tf.float32),
+        "label": tf.constant(PAD_LABEL, tf.int32),
+        "mask": tf.constant(0.0),
+    }
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    return ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+
+
+# ---------------------------------------------------------------- TFDS sources
+
+
+def _tfds_dataset(
+    source: sources.TfdsSource, split: str, *, shuffle_files: bool, seed: int, deterministic: bool
+) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds
+
+    read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(deterministic))
+    ds = source.builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle_files,
+        read_config=read_config,
+        decoders={"image": tfds.decode.SkipDecoding()},  # decoded by our robust decoder
+    )
+    if source.name_filter is not None:
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(sorted(source.name_filter)), tf.ones(len(source.name_filter), tf.int32)
+            ),
+            default_value=0,
+        )
+        ds = ds.filter(lambda ex: table.lookup(tf.strings.split(ex["file_name"], "/")[-1]) > 0)
+    return ds
+
+
+def _tfds_name(example: dict) -> tf.Tensor:
+    return example["file_name"] if "file_name" in example else tf.constant("tfds-example")
+
+
+def _host_tfds_splits(source: sources.TfdsSource, process_count: int) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    return tfds.even_splits(source.split, n=process_count, drop_remainder=False)
+
+
+def _tfds_train_dataset(
+    source,
+    params,
+    *,
+    local_batch,
+    num_views,
+    augmentation,
+    seed,
+    start_step,
+    process_index,
+    process_count,
+    skip_corrupt,
+    skipped,
+    shuffle_buffer,
+    deterministic,
+) -> tf.data.Dataset:
+    split = _host_tfds_splits(source, process_count)[process_index]
+    ds = _tfds_dataset(
+        source, split, shuffle_files=True, seed=seed + process_index, deterministic=deterministic
+    )
+    ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + process_index).enumerate()
+    decode = make_decoder(skip_corrupt, skipped)
+    view_fn = augment.make_view_fn(augmentation, params)
+
+    @tf.autograph.experimental.do_not_convert
+    def element(position, example):
+        image, ok = decode(example["image"], _tfds_name(example))
+        seed_t = _example_seed(seed, position * process_count + process_index)
+        view_seeds = augment.split_seed(seed_t, num_views)
+        views = [view_fn(image, view_seeds[v]) for v in range(num_views)]
+        image = tf.stack(views) if num_views > 1 else views[0]
+        return {"image": image, "label": tf.cast(example["label"], tf.int32)}, ok
+
+    ds = ds.skip(start_step * local_batch)  # a stream: resuming means reading past it
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
+    ds = _drop_failed(ds, skip_corrupt)
+    return ds.batch(local_batch, drop_remainder=True)
+
+
+def _tfds_eval_dataset(
+    source, image_size, *, local_batch, process_index, process_count, skip_corrupt, skipped
+) -> tuple[tf.data.Dataset, int]:
+    splits = _host_tfds_splits(source, process_count)
+    counts = [source.builder.info.splits[s].num_examples for s in splits]
+    num_batches = math.ceil(max(counts) / local_batch)
+    ds = _tfds_dataset(
+        source, splits[process_index], shuffle_files=False, seed=0, deterministic=True
+    )
+    decode = make_decoder(skip_corrupt, skipped)
+
+    @tf.autograph.experimental.do_not_convert
+    def element(example):
+        image, ok = decode(example["image"], _tfds_name(example))
+        return {
+            "image": augment.eval_transform(image, image_size),
+            "label": tf.cast(example["label"], tf.int32),
+            "mask": tf.constant(1.0),
+        }, ok
+
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _drop_failed(ds, skip_corrupt)
+    return _pad_and_batch(ds, image_size, local_batch, num_batches), num_batches
+
+
+# ---------------------------------------------------------------- public API
+
+
+def get_dataset_info(data_config: Any) -> DatasetInfo:
+    """Classes and example counts of data_config.train_split and eval_split (and, for the
+    bundled sample, 'train' and 'test'); validates the source before anything runs."""
+    splits = [
+        ("data.train_split", data_config.train_split),
+        ("data.eval_split", data_config.eval_split),
+    ]
+    if data_config.source == "bundled":
+        splits += [("split", name) for name in sources.BUNDLED_SPLITS]
+    counts, num_classes, class_names = {}, 0, ()
+    for field, split in splits:
+        if not split or split in counts:
+            continue
+        source = sources.get_source(
+            data_config,
+            split,
+            supervised=False,
+            field=field,
+            use_label_subset=field == "data.train_split",
+        )
+        counts[split] = int(source.num_examples)
+        num_classes = max(num_classes, source.num_classes)
+        class_names = class_names or getattr(source, "class_names", ())
+    return DatasetInfo(num_classes=num_classes, num_examples=counts, class_names=class_names)
+
+
+def make_train_iterator(
+    data_config: Any,
+    *,
+    split: str,
+    batch_size: int,
+    num_views: int,
+    augmentation: str,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> NumpyIterator:
+    """Infinite iterator of this process's training batches (batch_size is GLOBAL):
+    {'image': (b, V, H, W, 3) or (b, H, W, 3) float32 in [0, 1], 'label': (b,) int32};
+    augmentation='none' gives uint8 (b, H, W, 3) images for on-device augmentation."""
+    index, count = _process(process_index, process_count)
+    local_batch = per_process_batch(batch_size, count)
+    if augmentation not in augment.AUGMENTATIONS:
+        raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}.")
+    if num_views < 1:
+        raise ValueError(f"num_views={num_views!r} must be >= 1 (2 for pretraining).")
+    if augmentation == "none" and num_views != 1:
+        raise ValueError(
+            f"num_views={num_views} with augmentation='none': views are made on the device; "
+            "use num_views=1."
+        )
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step!r} must be >= 0.")
+    params = augment.AugmentParams.from_config(data_config)
+    supervised = augmentation == "crop_flip"
+    source = sources.get_source(
+        data_config, split, supervised=supervised, field="split", use_label_subset=True
+    )
+    deterministic = bool(data_config.get("deterministic", False))
+    skipped = SkippedFiles()
+    common = dict(
+        local_batch=local_batch,
+        num_views=num_views,
+        augmentation=augmentation,
+        seed=int(seed),
+        start_step=int(start_step),
+        process_index=index,
+        process_count=count,
+        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
+        skipped=skipped,
+    )
+    if isinstance(source, sources.TfdsSource):
+        ds = _tfds_train_dataset(
+            source,
+            params,
+            shuffle_buffer=int(data_config.shuffle_buffer),
+            deterministic=deterministic,
+            **common,
+        )
+    else:
+        ds = _indexed_train_dataset(source, params, **common)
+    ds = ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+    return NumpyIterator(ds, skipped, source)
+
+
+@dataclasses.dataclass
+class EvalData:
+    """One pass over an eval split: re-iterable, `num_batches` equal on every process, each
+    example exactly once over all processes, padding rows with mask 0.0."""
+
+    dataset: tf.data.Dataset
+    num_batches: int
+    num_examples: int
+    skipped: SkippedFiles
+    source: sources.Source | None = None
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Corrupt files skipped so far (named in the logs as well)."""
+        return self.skipped.names
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return NumpyIterator(self.dataset, self.skipped, self.source)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def make_eval_iterator(
+    data_config: Any,
+    *,
+    split: str,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalData:
+    """Eval pass over `split` with the eval transform (batch_size is GLOBAL)."""
+    index, count = _process(process_index, process_count)
+    local_batch = per_process_batch(batch_size, count)
+    image_size = augment.AugmentParams.from_config(data_config).image_size
+    source = sources.get_source(data_config, split, supervised=True, field="split")
+    skipped = SkippedFiles()
+    common = dict(
+        local_batch=local_batch,
+        process_index=index,
+        process_count=count,
+        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
+        skipped=skipped,
+    )
+    if isinstance(source, sources.TfdsSource):
+        ds, num_batches = _tfds_eval_dataset(source, image_size, **common)
+    else:
+        ds, num_batches = _indexed_eval_dataset(source, image_size, **common)
+    ds = ds.prefetch(AUTOTUNE).with_options(_options(True))
+    return EvalData(ds, num_batches, int(source.num_examples), skipped, source)

@@ -1,0 +1,236 @@
+"""Augmentation ops: ranges, rates and exact values against NumPy re-derivations."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simclr_jax.data import augment
+
+N_DRAWS = 1000
+
+
+def _seeds(n, offset=0):
+    return [tf.constant([7, offset + i], tf.int64) for i in range(n)]
+
+
+def _random_images(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    # Smooth-ish images with structure so every op changes them.
+    base = rng.random((n, size // 4, size // 4, 3)).astype(np.float32)
+    return np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)
+
+
+def _numpy_blur(image, sigma, kernel_size):
+    radius = kernel_size // 2
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-(x**2) / (2 * sigma**2))
+    taps /= taps.sum()
+    padded = np.pad(image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)))
+    h, w = image.shape[:2]
+    vertical = sum(taps[k] * padded[k : k + h, :, :] for k in range(kernel_size))
+    out = sum(taps[k] * vertical[:, k : k + w, :] for k in range(kernel_size))
+    return np.clip(out, 0, 1)
+
+
+def test_crop_window_sampler_ranges():
+    height, width = 300, 600  # aspect 2: the whole-image fallback is out of range
+    sample = tf.function(
+        lambda s: augment.sample_crop_window(tf.constant([height, width, 3]), s, (0.08, 1.0))
+    )
+    areas, aspects, fallbacks = [], [], 0
+    for seed in _seeds(N_DRAWS):
+        begin, size = (t.numpy() for t in sample(seed))
+        assert np.all(begin >= 0) and np.all(begin + size <= [height, width])
+        if tuple(size) == (height, width):
+            fallbacks += 1
+            continue
+        areas.append(size[0] * size[1] / (height * width))
+        aspects.append(size[1] / size[0])
+    areas, aspects = np.array(areas), np.array(aspects)
+    assert fallbacks < N_DRAWS * 0.05
+    # min_object_covered=0.1 of the whole-image box lifts the effective minimum area to 0.1.
+    assert areas.min() >= 0.1 - 0.01 and areas.max() <= 1.0
+    assert areas.min() < 0.15 and areas.max() > 0.6  # the range is really explored
+    slack = 1.0 / 30  # integer rounding of h and w
+    assert aspects.min() >= 3 / 4 - slack and aspects.max() <= 4 / 3 + slack
+    assert aspects.min() < 0.8 and aspects.max() > 1.25
+
+
+def test_crop_min_area_is_respected():
+    sample = tf.function(
+        lambda s: augment.sample_crop_window(tf.constant([200, 200, 3]), s, (0.5, 1.0))
+    )
+    areas = [np.prod(sample(s)[1].numpy()) / 200**2 for s in _seeds(300)]
+    assert min(areas) >= 0.5 - 0.01
+
+
+def test_random_crop_resize_shape_and_small_input():
+    tiny = tf.random.stateless_uniform([8, 6, 3], seed=[0, 1])  # smaller than the crop
+    out = augment.random_crop_resize(tiny, tf.constant([1, 2]), 32)
+    assert out.shape == (32, 32, 3)
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+
+
+def test_flip_rate():
+    image = tf.reshape(tf.range(4 * 5 * 3, dtype=tf.float32) / 60.0, [4, 5, 3])
+    flip = tf.function(lambda s: augment.random_flip(image, s, 0.5))
+    flipped = [not np.array_equal(flip(s).numpy(), image.numpy()) for s in _seeds(N_DRAWS)]
+    assert abs(np.mean(flipped) - 0.5) < 0.06
+    assert np.array_equal(flip(_seeds(1)[0]).numpy().shape, image.shape)
+    mirrored = augment.random_flip(image, _seeds(1)[0], 1.0).numpy()
+    np.testing.assert_array_equal(mirrored, image.numpy()[:, ::-1])
+
+
+@pytest.mark.parametrize("jitter_prob", [0.0, 1.0])
+def test_grayscale_rate_with_and_without_jitter(jitter_prob):
+    params = augment.AugmentParams(image_size=8, color_jitter_prob=jitter_prob, blur_prob=0.0)
+    image = tf.constant(_random_images(1, 8)[0])
+    distort = tf.function(lambda s: augment.random_color_distortion(image, s, params))
+    gray = []
+    for seed in _seeds(600):
+        out = distort(seed).numpy()
+        gray.append(np.allclose(out[..., 0], out[..., 1]) and np.allclose(out[..., 1], out[..., 2]))
+    assert abs(np.mean(gray) - 0.2) < 0.05
+
+
+def test_blur_matches_numpy_and_rate():
+    image_size = 64
+    kernel = augment.blur_kernel_size(image_size)
+    assert kernel == 7 and augment.blur_kernel_size(224) == 23 and augment.blur_kernel_size(32) == 3
+    images = _random_images(3, image_size, seed=1)
+    sigmas = np.array([0.1, 0.9, 2.0], np.float32)
+    batched = augment.gaussian_blur(tf.constant(images), tf.constant(sigmas), kernel).numpy()
+    for i in range(3):
+        expected = _numpy_blur(images[i], sigmas[i], kernel)
+        np.testing.assert_allclose(batched[i], expected, atol=1e-5)
+        single = augment.gaussian_blur(tf.constant(images[i]), sigmas[i], kernel).numpy()
+        np.testing.assert_allclose(single, expected, atol=1e-5)
+    blur = tf.function(lambda s: augment.random_blur(tf.constant(images[0]), s, 0.5, image_size))
+    changed = [not np.allclose(blur(s).numpy(), images[0]) for s in _seeds(400)]
+    assert abs(np.mean(changed) - 0.5) < 0.07
+    off = augment.random_blur(tf.constant(images[0]), _seeds(1)[0], 0.0, image_size)
+    np.testing.assert_array_equal(off.numpy(), images[0])
+
+
+@pytest.mark.parametrize("mode", ["simclrv2", "simclrv1"])
+def test_brightness_bounded_by_strength(mode):
+    strength = 0.5
+    b = augment.jitter_ranges(strength)["brightness"]
+    assert augment.jitter_ranges(strength) == pytest.approx(
+        {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
+    )
+    image = tf.fill([2, 2, 3], 0.5)
+    adjust = tf.function(lambda s: augment.adjust_brightness(image, s, b, mode))
+    values = np.array([float(adjust(s)[0, 0, 0]) for s in _seeds(500)])
+    if mode == "simclrv2":
+        factors = values / 0.5
+        assert factors.min() >= 1 - b - 1e-6 and factors.max() <= 1 + b + 1e-6
+        assert factors.min() < 1 - 0.9 * b and factors.max() > 1 + 0.9 * b
+    else:
+        deltas = values - 0.5
+        assert deltas.min() >= -b - 1e-6 and deltas.max() <= b + 1e-6
+        assert deltas.min() < -0.9 * b and deltas.max() > 0.9 * b
+
+
+def test_color_jitter_zero_strength_is_identity_and_bounded():
+    image = tf.constant(_random_images(1, 16)[0])
+    same = augment.color_jitter(image, tf.constant([3, 4]), 0.0)
+    np.testing.assert_allclose(same.numpy(), image.numpy(), atol=2e-6)
+    jitter = tf.function(lambda s: augment.color_jitter(image, s, 1.0))
+    outs = np.stack([jitter(s).numpy() for s in _seeds(50)])
+    assert outs.min() >= 0.0 and outs.max() <= 1.0
+    # Brightness alone moves the mean at most by the factor range; all four change pixels.
+    assert np.abs(outs - image.numpy()).mean() > 0.02
+
+
+def test_jitter_brightness_and_contrast_factors_within_strength():
+    # A gray two-pixel image: saturation and hue leave it alone, brightness (x * b) scales the
+    # mean by b and contrast (mean + c * (x - mean)) scales the spread by c; both must lie in
+    # [1 - 0.8 s, 1 + 0.8 s] whatever the random order.
+    strength = 0.5
+    limit = 0.8 * strength
+    image = tf.constant([[[0.2] * 3, [0.3] * 3]], tf.float32)
+    jitter = tf.function(lambda s: augment.color_jitter(image, s, strength))
+    b_factors, c_factors = [], []
+    for seed in _seeds(300):
+        out = jitter(seed).numpy()
+        np.testing.assert_allclose(out[..., 0], out[..., 2], atol=1e-6)  # still gray
+        b = out[..., 0].mean() / 0.25
+        b_factors.append(b)
+        c_factors.append((out[0, 1, 0] - out[0, 0, 0]) / 0.1 / b)
+    for factors in (np.array(b_factors), np.array(c_factors)):
+        assert factors.min() >= 1 - limit - 1e-4 and factors.max() <= 1 + limit + 1e-4
+        assert factors.min() < 1 - 0.8 * limit and factors.max() > 1 + 0.8 * limit
+
+
+def test_simclr_view_range_views_differ_and_seeded():
+    params = augment.AugmentParams(image_size=32, blur_prob=0.5, color_jitter_strength=0.5)
+    image = tf.constant(_random_images(1, 48, seed=2)[0])
+    view = tf.function(lambda s: augment.simclr_view(image, s, params))
+    first, second = view(tf.constant([0, 1])).numpy(), view(tf.constant([0, 2])).numpy()
+    assert first.shape == (32, 32, 3) and first.dtype == np.float32
+    assert first.min() >= 0.0 and first.max() <= 1.0
+    assert not np.allclose(first, second)
+    np.testing.assert_array_equal(first, view(tf.constant([0, 1])).numpy())
+
+
+def _ops(params):
+    return {
+        "crop": lambda x, s: augment.random_crop_resize(x, s, params.image_size),
+        "flip": lambda x, s: augment.random_flip(x, s, 0.5),
+        "jitter": lambda x, s: augment.color_jitter(x, s, 1.0),
+        "grayscale": lambda x, s: augment.random_grayscale(x, s, 0.5),
+        "blur": lambda x, s: augment.random_blur(x, s, 1.0, params.image_size),
+        "simclr": lambda x, s: augment.simclr_view(x, s, params),
+        "crop_flip": lambda x, s: augment.crop_flip_view(x, s, params),
+    }
+
+
+@pytest.mark.parametrize("name", list(_ops(augment.AugmentParams(image_size=32))))
+def test_eager_equals_tf_data(name):
+    params = augment.AugmentParams(image_size=32, blur_prob=1.0)
+    op = _ops(params)[name]
+    images = _random_images(4, 32, seed=3)
+    seeds = np.array([[5, i] for i in range(4)], np.int64)
+    eager = np.stack([op(tf.constant(images[i]), tf.constant(seeds[i])).numpy() for i in range(4)])
+    ds = tf.data.Dataset.from_tensor_slices((images, seeds)).map(op, num_parallel_calls=2)
+    graph = np.stack(list(ds.as_numpy_iterator()))
+    np.testing.assert_allclose(eager, graph, atol=1e-6)
+
+
+def test_eval_transform_center_crop_and_small_images():
+    image64 = _random_images(1, 64, seed=4)[0]
+    out = augment.eval_transform(tf.constant(image64), 56).numpy()
+    np.testing.assert_array_equal(out, image64[4:60, 4:60])  # 0.875 * 64 = 56, centred
+    resized = augment.eval_transform(tf.constant(image64), 32).numpy()
+    expected = tf.image.resize(image64[4:60, 4:60], [32, 32], method="bicubic").numpy()
+    np.testing.assert_allclose(resized, np.clip(expected, 0, 1), atol=1e-6)
+    image32 = _random_images(1, 32, seed=5)[0]
+    np.testing.assert_array_equal(augment.eval_transform(tf.constant(image32), 32), image32)
+    uint8 = (image32 * 255).astype(np.uint8)
+    np.testing.assert_allclose(augment.eval_transform(uint8, 32).numpy(), uint8 / 255.0, atol=1e-6)
+
+
+def test_params_validation():
+    with pytest.raises(ValueError, match="brightness_mode"):
+        augment.AugmentParams(brightness_mode="v3")
+    with pytest.raises(ValueError, match="blur_prob"):
+        augment.AugmentParams(blur_prob=1.5)
+    with pytest.raises(ValueError, match="augmentation"):
+        augment.make_view_fn("mixup", augment.AugmentParams())
+
+
+def test_jitter_hue_shift_within_strength():
+    # One pixel: contrast (around the image mean) does nothing, multiplicative brightness and
+    # saturation keep the hue, so the hue moves by the hue delta alone: |delta| <= 0.2 s.
+    strength = 0.5
+    pixel = tf.constant([[[0.5, 0.4, 0.35]]], tf.float32)
+    hue_in = tf.image.rgb_to_hsv(pixel)[0, 0, 0].numpy()
+    jitter = tf.function(lambda s: tf.image.rgb_to_hsv(augment.color_jitter(pixel, s, strength)))
+    shifts = []
+    for seed in _seeds(300):
+        delta = jitter(seed)[0, 0, 0].numpy() - hue_in
+        shifts.append((delta + 0.5) % 1.0 - 0.5)  # hue is circular
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= 0.2 * strength + 1e-4
+    assert shifts.min() < -0.08 and shifts.max() > 0.08
