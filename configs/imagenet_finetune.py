@@ -1,0 +1,56 @@
+"""ImageNet semi-supervised fine-tuning (SimCLRv2): restore encoder + first head layer, train all.
+
+Args: the label fraction 1pct | 10pct | 100pct (default 10pct), a model token as in
+imagenet_pretrain (default r50_1x), optional v1|v2, runlocal. Comma separated, e.g.
+'1pct,r152_3x_sk'. v2: classifier on the first projection-head layer (ft_proj_selector 1);
+v1: on h. LARS, lr 0.005 x sqrt(B) (0.16 at B=1024), no weight decay, no warmup, zero-initialized
+classifier; 60 epochs for 1%, 30 for 10% and 100%. Pass --config.init_checkpoint=<pretrain workdir>.
+"""
+
+from __future__ import annotations
+
+try:
+    from configs import common, presets
+except ImportError:  # loaded by path from outside the repository root
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs import common, presets
+
+import ml_collections
+
+FRACTIONS = ("1pct", "10pct", "100pct")
+EPOCHS = {"1pct": 60, "10pct": 30, "100pct": 30}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """ImageNet fine-tuning config from 'fraction[,model][,v1|v2][,runlocal]'."""
+    args = presets.parse_args(arg, allowed=FRACTIONS)
+    fraction = str(args.get("variant", "10pct"))
+    model = str(args.get("model", "r50_1x"))
+    version = str(args.get("version", "v1" if model in ("r50_2x", "r50_4x") else "v2"))
+    config = common.get_base_config()
+    config.mode = "finetune"
+    presets.set_model(config, model)
+    config.model.num_proj_layers = 2 if version == "v1" else 3
+    config.model.fine_tune_after_block = -1
+    config.model.ft_proj_selector = 0 if version == "v1" else 1
+    config.model.zero_init_logits_layer = True
+    config.data.source = "tfds"
+    config.data.name = "imagenet2012"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.label_subset = "" if fraction == "100pct" else fraction
+    config.train_batch_size = 1024
+    config.eval_batch_size = 1024
+    config.train_epochs = EPOCHS[fraction]
+    config.warmup_epochs = 0.0
+    config.optim.optimizer = "lars"
+    config.optim.learning_rate = 0.005
+    config.optim.lr_scaling = "sqrt"
+    config.optim.weight_decay = 0.0
+    config.checkpoint_every_steps = 5000
+    if args["runlocal"]:
+        presets.apply_runlocal(config)
+    return config

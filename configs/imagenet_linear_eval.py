@@ -1,0 +1,49 @@
+"""ImageNet linear evaluation: frozen encoder (BN in inference mode), linear classifier on h.
+
+Args: a model token as in imagenet_pretrain (default r50_1x), optional v1|v2 and runlocal.
+Nesterov momentum, lr 0.1 x B/256, no weight decay, batch 4096, 90 epochs, crop + flip.
+Pass --config.init_checkpoint=<pretraining workdir> (same model token).
+"""
+
+from __future__ import annotations
+
+try:
+    from configs import common, presets
+except ImportError:  # loaded by path from outside the repository root
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs import common, presets
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """ImageNet linear-eval config from 'model[,v1|v2][,runlocal]'."""
+    args = presets.parse_args(arg)
+    model = str(args.get("model", "r50_1x"))
+    version = str(args.get("version", "v1" if model in ("r50_2x", "r50_4x") else "v2"))
+    config = common.get_base_config()
+    config.mode = "linear_eval"
+    presets.set_model(config, model)
+    config.model.num_proj_layers = 2 if version == "v1" else 3
+    config.model.fine_tune_after_block = 4
+    config.model.ft_proj_selector = 0
+    config.data.source = "tfds"
+    config.data.name = "imagenet2012"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.train_batch_size = 4096
+    config.eval_batch_size = 1024
+    config.train_epochs = 90
+    config.warmup_epochs = 0.0
+    config.optim.optimizer = "momentum"
+    config.optim.nesterov = True
+    config.optim.learning_rate = 0.1
+    config.optim.lr_scaling = "linear"
+    config.optim.weight_decay = 0.0
+    config.checkpoint_every_steps = 5000
+    if args["runlocal"]:
+        presets.apply_runlocal(config)
+    return config

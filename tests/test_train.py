@@ -1,0 +1,259 @@
+"""Training system: 1 vs 8 devices, exact resume, NaN stop, and the smoke pipeline end to end."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from simclr_jax import checkpoint, evaluate, parallel, train
+from simclr_jax.models import create_model
+
+IMAGE_SIZE = 16
+
+
+def tiny_config(mode="pretrain", **overrides):
+    """Smoke config shrunk for tests: 16 px, batch 16, a few steps, deterministic data."""
+    config = smoke.get_config(mode)
+    config.data.image_size = IMAGE_SIZE
+    config.train_batch_size = 16
+    config.eval_batch_size = 200
+    config.train_steps = 4
+    config.warmup_steps = 1
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.knn_eval = False
+    config.knn_k = 20
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def read_variables(workdir, step=-1):
+    """Params and batch stats of a workdir's checkpoint as NumPy trees."""
+    manager, step = checkpoint.open_for_restore(workdir, step)
+    import ml_collections
+
+    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
+    _, variables = evaluate.restore_model(manager, step, saved, parallel.create_mesh())
+    return jax.device_get(variables)
+
+
+def assert_trees_close(a, b, rtol, atol=0.0):
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def one_pretrain_step(devices, batch):
+    """Initial state and one pretraining step on a mesh over `devices`."""
+    config = tiny_config()
+    config.model.num_classes = 10
+    mesh = parallel.create_mesh(devices=devices)
+    durations = train.Durations(total_steps=10, warmup_steps=2, steps_per_epoch=1.0)
+    model = create_model(config.model, num_classes=10)
+    tx, schedule = train.create_optimizer(config, durations)
+    state, shardings = train.create_train_state(model, tx, mesh, image_size=IMAGE_SIZE, seed=0)
+    # Step 0 has LR 0 during warmup; take two steps so the update is not trivially zero.
+    step = train.make_pretrain_step(
+        model, tx, schedule, mesh, shardings, num_classes=10, temperature=0.2
+    )
+    for _ in range(2):
+        state, metrics = step(state, parallel.host_batch_to_global(batch, mesh))
+    return jax.device_get((state.params, state.batch_stats, metrics))
+
+
+def test_one_step_on_8_devices_equals_1_device(devices):
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.random((16, 2, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    params1, stats1, metrics1 = one_pretrain_step(devices[:1], batch)
+    params8, stats8, metrics8 = one_pretrain_step(devices, batch)
+    assert_trees_close(metrics1, metrics8, rtol=1e-5, atol=1e-6)
+    assert_trees_close(stats1, stats8, rtol=1e-5, atol=1e-6)
+    assert_trees_close(params1, params8, rtol=1e-5, atol=1e-6)
+    # The probe sees stop_gradient(h): its loss must not move the encoder (sanity on metrics).
+    assert metrics1["grad_norm"] > 0 and np.isfinite(metrics1["loss"])
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """4 steps straight == 2 steps, interrupted, then resumed for 2 (deterministic data)."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train.train_and_evaluate(tiny_config(), straight)
+
+    real_save = checkpoint.save
+
+    def save_then_stop(manager, step, state_tree, meta):
+        saved = real_save(manager, step, state_tree, meta)
+        if step == 2:
+            raise KeyboardInterrupt("simulated preemption after step 2")
+        return saved
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config(), resumed)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert checkpoint.open_for_restore(resumed)[1] == 2
+    results = train.train_and_evaluate(tiny_config(), resumed)
+    assert results["step"] == 4
+    a, b = read_variables(straight), read_variables(resumed)
+    assert_trees_close(a, b, rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_batches = train.global_batches
+
+    def poisoned(iterator, mesh):
+        for step, batch in enumerate(real_batches(iterator, mesh), start=1):
+            if step == 3:
+                batch = dict(batch, image=batch["image"] * np.float32(np.nan))
+            yield batch
+
+    monkeypatch.setattr(train, "global_batches", poisoned)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train.train_and_evaluate(tiny_config(train_steps=6), workdir)
+    manager, latest = checkpoint.open_for_restore(workdir)
+    assert latest == 2 and manager.all_steps() == [2]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(read_variables(workdir)))
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
+def run(mode, workdir, **overrides):
+    config = smoke.get_config(mode)
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    results = train.train_and_evaluate(config, str(workdir))
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["mode"] == mode and on_disk["step"] == results["step"]
+    return results
+
+
+def save_random_encoder(workdir):
+    """A checkpoint of the smoke model straight from its initializer (no training)."""
+    config = smoke.get_config("pretrain")
+    config.model.num_classes = 10
+    model = create_model(config.model, num_classes=10)
+    tx, _ = train.create_optimizer(config, train.Durations(10, 1, 1.0))
+    state, _ = train.create_train_state(
+        model, tx, parallel.create_mesh(), image_size=config.data.image_size, seed=1
+    )
+    manager = checkpoint.create_manager(workdir, keep=1)
+    checkpoint.save(manager, 0, state.to_tree(), train.checkpoint_meta(config, 0))
+    manager.wait_until_finished()
+    manager.close()
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    """Smoke pretrain -> linear eval -> finetune -> eval, plus the random-encoder baseline.
+
+    Observed on 2 shared CPU cores: linear-eval top-1 0.351 after 150 pretraining steps vs
+    0.138 for the same protocol on a randomly initialized encoder (chance 0.10); kNN top-1
+    0.335 vs 0.212. The asserted margins (> 0.2 absolute, > random + 0.05) leave room for
+    platform noise.
+    """
+    pre = run("pretrain", tmp_path / "pretrain")
+    assert np.isfinite(pre["loss"]) and pre["knn_top1"] > 0.1
+    embed, saved_config = evaluate.load_embedder(str(tmp_path / "pretrain"))
+    size = saved_config.data.image_size
+    h = embed(np.random.default_rng(0).random((3, size, size, 3), dtype=np.float32))
+    assert h.shape == (3, 512) and np.isfinite(h).all()
+    lin = run("linear_eval", tmp_path / "linear", init_checkpoint=str(tmp_path / "pretrain"))
+    save_random_encoder(tmp_path / "random")
+    base = run(
+        "linear_eval",
+        tmp_path / "linear_random",
+        init_checkpoint=str(tmp_path / "random"),
+    )
+    print(f"linear eval top-1: pretrained {lin['top1']:.3f} vs random {base['top1']:.3f}")
+    # The encoder is frozen (BN in inference mode too): its kNN accuracy cannot change.
+    np.testing.assert_allclose(lin["knn_top1"], pre["knn_top1"], atol=1e-6)
+    assert lin["top1"] > 0.1 + 0.1
+    assert lin["top1"] > base["top1"] + 0.05
+    fine = run(  # a few cheap steps: this checks restore + training + eval, not accuracy
+        "finetune",
+        tmp_path / "finetune",
+        init_checkpoint=str(tmp_path / "pretrain"),
+        knn_eval=False,
+        train_steps=6,
+        train_batch_size=64,
+    )
+    again = run(
+        "eval", tmp_path / "eval", init_checkpoint=str(tmp_path / "finetune"), knn_eval=False
+    )
+    assert again["checkpoint_mode"] == "finetune"
+    np.testing.assert_allclose(again["top1"], fine["top1"], atol=1e-6)
+
+
+def numpy_knn_top1(queries, bank, bank_labels, num_classes, k, temperature):
+    """Independent weighted-kNN re-derivation."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    predictions = []
+    for row in q @ b.T:
+        nearest = np.argsort(-row)[:k]
+        votes = np.zeros(num_classes)
+        for j in nearest:
+            votes[bank_labels[j]] += np.exp(row[j] / temperature)
+        predictions.append(np.argmax(votes))
+    return np.array(predictions)
+
+
+def test_knn_matches_numpy_and_ignores_padding(devices):
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(40, 6)).astype(np.float32)
+    bank_labels = rng.integers(0, 4, 40).astype(np.int32)
+    queries = rng.normal(size=(16, 6)).astype(np.float32)
+    labels = rng.integers(0, 4, 16).astype(np.int32)
+    want = numpy_knn_top1(queries, bank[:32], bank_labels[:32], 4, k=5, temperature=0.1)
+    # Rows 32.. of the bank are padding; pad them with vectors equal to the queries so that
+    # they would win every vote if the mask were ignored.
+    bank[32:] = queries[:8] * 10
+    bank_mask = (np.arange(40) < 32).astype(np.float32)
+    query_mask = (np.arange(16) < 12).astype(np.float32)
+    result = evaluate.knn_accuracy(
+        (bank, bank_labels, bank_mask),
+        (queries, labels, query_mask),
+        num_classes=4,
+        k=5,
+        temperature=0.1,
+        query_batch=8,
+    )
+    expected = np.mean((want == labels)[:12])
+    np.testing.assert_allclose(result["knn_top1"], expected, atol=1e-6)
+
+
+def test_frozen_parameters_follow_fine_tune_after_block():
+    config = tiny_config("finetune")
+    config.model.num_classes = 10
+    config.model.fine_tune_after_block = 2
+    config.model.ft_proj_selector = 1
+    model = create_model(config.model, num_classes=10, mode="finetune")
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    )["params"]
+    labels = train.param_labels(params, config)
+    enc = labels["encoder"]
+    assert {
+        enc["stem"]["conv1"]["conv"]["kernel"],
+        enc["stage2"]["block0"]["conv1"]["conv"]["kernel"],
+    } == {"frozen"}
+    assert enc["stage3"]["block0"]["conv1"]["conv"]["kernel"] == "trainable"
+    head = labels["projection_head"]
+    assert head["layer1"]["dense"]["kernel"] == "trainable"
+    assert head["layer2"]["dense"]["kernel"] == "frozen"
+    assert labels["classifier"]["kernel"] == "trainable"
