@@ -453,6 +453,35 @@ def test_tfds_errors(monkeypatch, tmp_path):
         sources.tfds_source("fake", "", "bogus")
 
 
+def test_label_subset_file_keeps_only_listed_images(cifar_root, tmp_path):
+    listed = ["0001.jpg", "0042.jpg"]  # names exist in every class folder
+    names = tmp_path / "subset.txt"
+    names.write_text("\n".join(listed) + "\n")
+    config = _data_config(source="folder", data_dir=cifar_root, label_subset=str(names))
+    subset = sources.get_source(config, "train", supervised=True, use_label_subset=True)
+    assert subset.num_examples == 20
+    assert sorted({Path(p).name for p in subset.records}) == listed
+    assert np.bincount(subset.labels).tolist() == [2] * 10
+    # The eval split is never filtered.
+    full = sources.get_source(config, "train", supervised=True)
+    assert full.num_examples == 50_000
+    names.write_text("nothing_like_this.jpg\n")
+    with pytest.raises(ValueError, match="label_subset matches no file"):
+        sources.get_source(config, "train", supervised=True, use_label_subset=True)
+
+
+def test_imagenet_percent_subsets_use_the_subset_builder(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    requested = []
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir: requested.append(name))
+    sources._tfds_builder("imagenet2012", "", "10pct")
+    sources._tfds_builder("imagenet2012", "", "")
+    assert requested == ["imagenet2012_subset/10pct", "imagenet2012"]
+    with pytest.raises(ValueError, match="only defined for imagenet2012"):
+        sources._tfds_builder("cifar10", "", "1pct")
+
+
 # ---------------------------------------------------------------- preview
 
 
