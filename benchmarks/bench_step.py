@@ -1,36 +1,33 @@
-"""Times one jitted SimCLR pretraining step: compile, step time, images/s, FLOPs, memory.
+"""Times the project's own SimCLR pretraining step (train.make_pretrain_step): compile, step
+time, images/s, FLOPs, memory; with --input=pipeline each step also pulls its batch from the
+real tf.data pipeline (bundled sample, two augmented views), so the two can be compared.
 
-The step is a deliberately small stand-in for the training helper's train step (to be
-replaced by it once `simclr_jax/train.py` lands): forward of both views as one interleaved
-batch of 2B images, NT-Xent over the mesh, online linear-probe cross entropy on
-stop_gradient(h), backward, LARS update, batch statistics update, state donated.
-
-    python benchmarks/bench_step.py --configs r18_32,r50_224 --steps 5
+    python benchmarks/bench_step.py --configs r18_32,r50_224 --steps 5 [--input pipeline]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 # Run as a script from anywhere: `configs` is a top-level folder, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.common import get_base_config
-from simclr_jax import losses, optim, parallel
+from simclr_jax import data, parallel, train
 from simclr_jax.models import create_model
 
 # name -> (resnet_depth, cifar_stem, image_size, batch, num_classes, temperature)
@@ -66,98 +63,77 @@ def build_config(name: str, batch: int | None) -> ml_collections.ConfigDict:
     config.model.num_proj_layers = 3
     config.model.num_classes = num_classes
     config.data.image_size = image_size
+    # --input=pipeline reads the bundled 32 px sample; 224 px uses the ImageNet augmentation.
+    config.data.source, config.data.train_split = "bundled", "train"
+    config.data.blur_prob = 0.5 if image_size > 32 else 0.0
+    config.data.color_jitter_strength = 1.0 if image_size > 32 else 0.5
     config.train_batch_size = batch or default_batch
     config.loss.temperature = temperature
     config.optim.optimizer = "lars"
     return config
 
 
-def make_step(config: ml_collections.ConfigDict, model: Any, tx: Any, mesh: Any):
-    """Returns the pure pretraining step (state, images (B,2,H,W,3), labels) -> (state, metrics)."""
-    num_classes = config.model.num_classes
-
-    def step(state: dict[str, Any], images: jax.Array, labels: jax.Array):
-        batch = images.shape[0]
-        views = images.reshape((2 * batch, *images.shape[2:]))
-
-        def loss_fn(params):
-            outputs, new_vars = model.apply(
-                {"params": params, "batch_stats": state["batch_stats"]},
-                views,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            z = outputs["z"].reshape(batch, 2, -1)
-            contrast, metrics = losses.nt_xent(
-                z[:, 0],
-                z[:, 1],
-                mesh,
-                temperature=config.loss.temperature,
-                hidden_norm=config.loss.hidden_norm,
-            )
-            probe = losses.softmax_cross_entropy(
-                outputs["logits"], jnp.repeat(labels, 2), num_classes
-            )
-            return contrast + probe, (new_vars["batch_stats"], metrics)
-
-        grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-        }
-        return new_state, metrics
-
-    return step
+def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[Any]:
+    """The same random global batch every step: the step alone, no input pipeline."""
+    rng = np.random.default_rng(0)
+    size, batch = config.data.image_size, config.train_batch_size
+    host = {
+        "image": rng.uniform(size=(batch, 2, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, config.model.num_classes, size=batch).astype(np.int32),
+    }
+    return itertools.repeat(parallel.host_batch_to_global(host, mesh))
 
 
-def run_benchmark(name: str, batch: int | None, steps: int) -> Result:
-    """Compiles and times the step for one benchmark configuration."""
+def pipeline_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[Any]:
+    """Batches from the tf.data pipeline on the bundled sample (crop-resized to image_size)."""
+    iterator = data.make_train_iterator(
+        config.data,
+        split="train",
+        batch_size=config.train_batch_size,
+        num_views=2,
+        augmentation="simclr",
+        seed=0,
+    )
+    return train.global_batches(iterator, mesh)
+
+
+def run_benchmark(name: str, batch: int | None, steps: int, input_kind: str) -> Result:
+    """Compiles and times train.py's pretraining step for one benchmark configuration."""
     config = build_config(name, batch)
-    batch_size, size = config.train_batch_size, config.data.image_size
+    batch_size = config.train_batch_size
     mesh = parallel.create_mesh()
     parallel.check_batch_size(batch_size, mesh, "train_batch_size")
     model = create_model(config.model, num_classes=config.model.num_classes, mode="pretrain")
-    tx, _ = optim.create_optimizer(
-        config.optim, batch_size=batch_size, total_steps=1000, warmup_steps=10
+    tx, schedule = train.create_optimizer(config, train.Durations(1000, 10, 1.0))
+    state, shardings = train.create_train_state(
+        model, tx, mesh, image_size=config.data.image_size, seed=0
     )
-    rng = np.random.default_rng(0)
-    images = rng.uniform(size=(batch_size, 2, size, size, 3)).astype(np.float32)
-    labels = rng.integers(0, config.model.num_classes, size=batch_size).astype(np.int32)
-    images, labels = (jax.device_put(a, parallel.batch_sharding(mesh)) for a in (images, labels))
-
-    replicated = parallel.replicated(mesh)
-
-    def init(key):
-        variables = model.init(key, jnp.zeros((2, size, size, 3), jnp.float32), train=False)
-        return {
-            "params": variables["params"],
-            "batch_stats": variables["batch_stats"],
-            "opt_state": tx.init(variables["params"]),
-        }
-
-    state = jax.jit(init, out_shardings=replicated)(jax.random.key(0))
-    step = jax.jit(
-        make_step(config, model, tx, mesh),
-        in_shardings=(replicated, parallel.batch_sharding(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    step = train.make_pretrain_step(
+        model,
+        tx,
+        schedule,
+        mesh,
+        shardings,
+        num_classes=config.model.num_classes,
+        temperature=config.loss.temperature,
+        hidden_norm=config.loss.hidden_norm,
     )
+    batches = (pipeline_batches if input_kind == "pipeline" else synthetic_batches)(config, mesh)
+    first = next(batches)
 
     start = time.perf_counter()
-    compiled = step.lower(state, images, labels).compile()
+    compiled = step.lower(state, first).compile()
     compile_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    state, metrics = compiled(state, images, labels)
+    state, metrics = compiled(state, first)
     jax.block_until_ready((state, metrics))
     first_step_s = time.perf_counter() - start
 
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, images, labels)
+        state, metrics = compiled(state, next(batches))
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
@@ -169,7 +145,7 @@ def run_benchmark(name: str, batch: int | None, steps: int) -> Result:
     device_bytes = memory.temp_size_in_bytes + memory.argument_size_in_bytes
     max_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return Result(
-        name=name,
+        name=f"{name} ({input_kind})",
         batch=batch_size,
         compile_s=compile_s,
         first_step_s=first_step_s,
@@ -223,6 +199,12 @@ def main() -> None:
     parser.add_argument("--configs", default="r18_32,r50_224", help="comma-separated names")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     parser.add_argument("--batch", type=int, default=None, help="override the global batch")
+    parser.add_argument(
+        "--input",
+        default="synthetic",
+        choices=("synthetic", "pipeline"),
+        help="synthetic: one device-resident batch (step only); pipeline: tf.data every step",
+    )
     args = parser.parse_args()
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
     unknown = [name for name in names if name not in BENCHMARKS]
@@ -234,7 +216,7 @@ def main() -> None:
     print(f"devices: {jax.devices()}; load average before: {os.getloadavg()}")
     results = []
     for name in names:
-        results.append(run_benchmark(name, args.batch, args.steps))
+        results.append(run_benchmark(name, args.batch, args.steps, args.input))
         print(markdown_table(results[-1:], args.steps), flush=True)
     print(f"\nload average after: {os.getloadavg()}")
     print(markdown_table(results, args.steps))
