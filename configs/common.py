@@ -63,7 +63,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.trust_coefficient = 0.001  # LARS eta
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "tfds"  # bundled | tfds | folder
+    # tfdata: tf.data decodes and augments on the host. jax: TF-free loader (Pillow, NumPy) and
+    # the augmentation, crop included, on the accelerator; no TensorFlow is imported, and
+    # metrics go to metrics.jsonl instead of TensorBoard (no tfds source).
+    config.data.backend = "tfdata"
+    config.data.source = "tfds"  # bundled | tfds | folder | numpy (backend=jax only)
     config.data.name = "imagenet2012"  # tfds builder name (source=tfds)
     config.data.data_dir = ""  # tfds data_dir or image-folder root; local or gs://
     config.data.train_split = "train"

@@ -17,11 +17,76 @@ def is_writer_process() -> bool:
     return jax.process_index() == 0
 
 
-def create_writer(workdir: str | epath.Path) -> metric_writers.MetricWriter:
-    """TensorBoard event files + logging on process 0, logging only elsewhere."""
-    return metric_writers.create_default_writer(
-        str(workdir), just_logging=not is_writer_process(), asynchronous=True
-    )
+METRICS_FILE = "metrics.jsonl"
+
+
+def create_writer(
+    workdir: str | epath.Path, *, tensorboard: bool = True
+) -> metric_writers.MetricWriter:
+    """Logging everywhere; on process 0 also workdir/metrics.jsonl and, when `tensorboard`,
+    TensorBoard event files (those need TensorFlow, so the TF-free path turns them off)."""
+    writers: list[metric_writers.MetricWriter] = [metric_writers.LoggingWriter()]
+    if is_writer_process():
+        writers.append(JsonLinesWriter(epath.Path(workdir) / METRICS_FILE))
+        if tensorboard:
+            from clu.metric_writers.tf.summary_writer import SummaryWriter
+
+            writers.append(SummaryWriter(str(workdir)))
+    return metric_writers.AsyncMultiWriter(writers)
+
+
+class JsonLinesWriter(metric_writers.MetricWriter):
+    """Scalars (and hparams) as one JSON object per line: {"step": s, "name": value, ...}.
+
+    Needs no TensorFlow. The whole file is rewritten at each write (a few hundred short lines
+    per run), which works on gs:// where appending does not, and a resumed run keeps the lines
+    already there. Images, audio, text and histograms are not written.
+    """
+
+    def __init__(self, path: str | epath.Path) -> None:
+        self._path = epath.Path(path)
+        self._lines = self._path.read_text().splitlines() if self._path.exists() else []
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self._lines.append(json.dumps(to_jsonable(record)))
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.write_text("\n".join(self._lines) + "\n")
+
+    def write_scalars(self, step: int, scalars: Any) -> None:
+        """One line with the step and every scalar as a float."""
+        values = {str(k): float(np.asarray(v)) for k, v in sorted(scalars.items())}
+        self._append({"step": int(step), **values})
+
+    def write_hparams(self, hparams: Any) -> None:
+        """One line {"hparams": {...}}."""
+        self._append({"hparams": dict(hparams)})
+
+    def write_summaries(self, step: int, values: Any, metadata: Any = None) -> None:
+        """Scalar-valued summaries only."""
+        scalars = {k: v for k, v in values.items() if np.ndim(v) == 0}
+        if scalars:
+            self.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Any) -> None:
+        """Not written (JSON lines hold scalars)."""
+
+    def write_videos(self, step: int, videos: Any) -> None:
+        """Not written."""
+
+    def write_audios(self, step: int, audios: Any, *, sample_rate: int) -> None:
+        """Not written."""
+
+    def write_texts(self, step: int, texts: Any) -> None:
+        """Not written."""
+
+    def write_histograms(self, step: int, arrays: Any, num_buckets: Any = None) -> None:
+        """Not written."""
+
+    def flush(self) -> None:
+        """Every write is already on disk."""
+
+    def close(self) -> None:
+        """Nothing held open."""
 
 
 def write_json(path: str | epath.Path, payload: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import pytest
 from simclr_jax import parallel
 from simclr_jax.data import jax_augment as ja
 
-BASE = ja.AugmentParams()  # the ImageNet defaults of configs/common.py
+BASE = ja.JaxAugmentParams()  # the ImageNet defaults of configs/common.py
 N_DRAWS = 4000
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
 
@@ -24,7 +24,7 @@ gaussian_blur = jax.jit(ja.gaussian_blur, static_argnums=(2,))
 color_jitter = jax.jit(ja.color_jitter, static_argnames=("strength", "brightness_mode"))
 
 
-def _params(**changes) -> ja.AugmentParams:
+def _params(**changes) -> ja.JaxAugmentParams:
     return dataclasses.replace(BASE, **changes)
 
 
@@ -38,11 +38,11 @@ def _within_binomial(hits: np.ndarray, p: float, sigmas: float = 4.0) -> bool:
 
 
 @functools.cache
-def _draws_fn(params: ja.AugmentParams):
+def _draws_fn(params: ja.JaxAugmentParams):
     return jax.jit(jax.vmap(lambda k: ja.sample_view_draws(k, params, 16, 16)))
 
 
-def _draws(params: ja.AugmentParams, n: int, seed: int = 0) -> ja.ViewDraws:
+def _draws(params: ja.JaxAugmentParams, n: int, seed: int = 0) -> ja.ViewDraws:
     return _draws_fn(params)(_keys(n, seed))
 
 

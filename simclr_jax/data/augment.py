@@ -133,10 +133,16 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
 def random_crop_resize(
     image: tf.Tensor, seed: tf.Tensor, size: int, crop_min_area: float = 0.08
 ) -> tf.Tensor:
-    """Random resized crop (crop first, then one bicubic resize of the window)."""
+    """Random resized crop (crop first, then one bicubic resize of the window), NOT clipped.
+
+    The reference resizes without clipping and clips once the colour distortion is done, so
+    bicubic overshoot reaches the jitter (and its clips) as in the authors' code; the views
+    are clipped in simclr_view / crop_flip_view. jax_augment.py does the same.
+    """
     begin, crop_size = sample_crop_window(tf.shape(image), seed, area_range=(crop_min_area, 1.0))
     crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop_size, [-1]], 0))
-    return resize(crop, size)
+    resized = tf.image.resize(to_float(crop), [size, size], method="bicubic")
+    return tf.ensure_shape(resized, [size, size, 3])
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
@@ -289,6 +295,8 @@ def simclr_view(image: tf.Tensor, seed: tf.Tensor, params: AugmentParams) -> tf.
     image = random_crop_resize(image, crop_seed, params.image_size, params.crop_min_area)
     image = random_flip(image, flip_seed, params.flip_prob)
     image = random_color_distortion(image, color_seed, params)
+    # The reference clips here (end of preprocess_for_train), then blurs and clips again.
+    image = tf.clip_by_value(image, 0.0, 1.0)
     image = random_blur(image, blur_seed, params.blur_prob, params.image_size)
     return tf.clip_by_value(image, 0.0, 1.0)
 
@@ -297,7 +305,7 @@ def crop_flip_view(image: tf.Tensor, seed: tf.Tensor, params: AugmentParams) -> 
     """Fine-tune / linear-eval train transform: crop+resize and flip only."""
     crop_seed, flip_seed = tf.unstack(split_seed(seed, 2))
     image = random_crop_resize(image, crop_seed, params.image_size, params.crop_min_area)
-    return random_flip(image, flip_seed, params.flip_prob)
+    return tf.clip_by_value(random_flip(image, flip_seed, params.flip_prob), 0.0, 1.0)
 
 
 def eval_transform(image: tf.Tensor, image_size: int) -> tf.Tensor:

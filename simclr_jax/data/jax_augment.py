@@ -22,6 +22,8 @@ produce the same distribution of views:
   clamped).
 - Resize: bicubic (Keys, a = -0.5), half-pixel centres, no antialiasing, taps outside the crop
   window dropped and the weights renormalized, i.e. `tf.image.resize(crop, method="bicubic")`.
+  Not clipped: as in the reference (and augment.random_crop_resize), bicubic overshoot goes
+  into the colour jitter, and the view is clipped after jitter/grayscale, before the blur.
 - Colour: brightness (simclrv2: x * U[max(0, 1-b), 1+b]; simclrv1: x + U[-b, b]), contrast
   (`tf.image.adjust_contrast`: around each channel's mean), saturation
   (`tf.image.adjust_saturation`: HSV saturation scaled and clipped to [0, 1]), hue
@@ -56,8 +58,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
-class AugmentParams:
-    """Validated, hashable augmentation settings (field names as in `config.data`)."""
+class JaxAugmentParams:
+    """Validated, hashable augmentation settings (field names as in `config.data`); named
+    apart from augment.AugmentParams (the tf.data path's, which also holds image_size)."""
 
     crop_min_area: float = 0.08
     flip_prob: float = 0.5
@@ -81,9 +84,9 @@ class ViewDraws(NamedTuple):
     blur_sigma: jax.Array  # float32
 
 
-def augment_params(data_config: Any) -> AugmentParams:
-    """Reads and validates the augmentation fields of `config.data` (or an AugmentParams)."""
-    fields = {f.name: getattr(data_config, f.name) for f in dataclasses.fields(AugmentParams)}
+def augment_params(data_config: Any) -> JaxAugmentParams:
+    """Reads and validates the augmentation fields of `config.data` (or a JaxAugmentParams)."""
+    fields = {f.name: getattr(data_config, f.name) for f in dataclasses.fields(JaxAugmentParams)}
     for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob"):
         if not 0.0 <= fields[name] <= 1.0:
             raise ValueError(f"data.{name}={fields[name]!r} must be a probability in [0, 1].")
@@ -99,7 +102,7 @@ def augment_params(data_config: Any) -> AugmentParams:
         raise ValueError(
             f"data.brightness_mode={fields['brightness_mode']!r} must be one of {BRIGHTNESS_MODES}."
         )
-    return AugmentParams(**fields)
+    return JaxAugmentParams(**fields)
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -360,7 +363,9 @@ def _scale(uniform: jax.Array, low: Any, high: Any) -> jax.Array:
     return low + uniform * (high - low)
 
 
-def sample_view_draws(key: jax.Array, params: AugmentParams, height: int, width: int) -> ViewDraws:
+def sample_view_draws(
+    key: jax.Array, params: JaxAugmentParams, height: int, width: int
+) -> ViewDraws:
     """Draws every random decision of one view of an (height, width) image from one key."""
     # One random call per view: each threefry call costs about a second of XLA compile time.
     crop_size = 4 * MAX_CROP_ATTEMPTS
@@ -391,7 +396,7 @@ def to_float_image(image: jax.Array) -> jax.Array:
 
 
 def apply_view(
-    image: jax.Array, draws: ViewDraws, params: AugmentParams, image_size: int
+    image: jax.Array, draws: ViewDraws, params: JaxAugmentParams, image_size: int
 ) -> jax.Array:
     """Pixels of one SimCLR view: crop+resize, flip, jitter, grayscale, clip, blur, clip."""
     view = crop_resize_flip(to_float_image(image), draws.window, image_size, draws.flip)

@@ -27,61 +27,32 @@ for the rest; corrupt files are skipped, logged with their path and listed in
 from __future__ import annotations
 
 import dataclasses
-import io
-import logging
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax.data import augment, sources
+from simclr_jax.data import augment, common, sources
+
+# Shared with the TF-free pipeline (numpy_pipeline.py); re-exported under their old names.
+from simclr_jax.data.common import (  # noqa: F401
+    PAD_LABEL,
+    DatasetInfo,
+    SkippedFiles,
+    get_dataset_info,
+    per_process_batch,
+    shard_indices,
+)
 
 AUTOTUNE = tf.data.AUTOTUNE
-PAD_LABEL = 0  # label of padding rows in eval batches (mask 0.0)
-_CORRUPT_MARK = "corrupt or truncated image"
-
-
-class DatasetInfo(NamedTuple):
-    """Number of classes and examples per split of the configured source."""
-
-    num_classes: int
-    num_examples: dict[str, int]
-    class_names: tuple[str, ...] = ()
+_CORRUPT_MARK = common.CORRUPT_MARK
+_pil_to_rgb_uint8 = common.pil_to_rgb_uint8
+_process = common.resolve_process
 
 
 # ---------------------------------------------------------------- decoding
-
-
-class SkippedFiles:
-    """Collects corrupt files that were skipped, naming each in the logs."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def add(self, name: str, error: Exception) -> None:
-        """Records and logs one skipped file."""
-        self.names.append(name)
-        logging.warning(
-            "Skipping %s %s (%d skipped so far): %s", _CORRUPT_MARK, name, len(self.names), error
-        )
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _pil_to_rgb_uint8(contents: bytes) -> np.ndarray:
-    """Decodes any image Pillow reads to (H, W, 3) uint8; 16-bit data scaled, not clipped."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(contents)) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(img, dtype=np.float64)
-            array = np.round(array * (255.0 / (65535.0 if array.max() > 255 else 255.0)))
-            return np.repeat(np.clip(array, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def _looks_complete(contents: tf.Tensor) -> tf.Tensor:
@@ -140,33 +111,6 @@ def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    import jax
-
-    index = jax.process_index() if process_index is None else int(process_index)
-    count = jax.process_count() if process_count is None else int(process_count)
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"process_index={index} must be in [0, process_count={count}).")
-    return index, count
-
-
-def per_process_batch(batch_size: int, process_count: int, field: str = "batch_size") -> int:
-    """The rows each process produces; the global batch must split evenly over processes."""
-    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"{field}={batch_size!r} must be a positive integer.")
-    if batch_size % process_count:
-        raise ValueError(
-            f"{field}={batch_size} is not divisible by the {process_count} processes; "
-            f"use a multiple of {process_count}."
-        )
-    return batch_size // process_count
-
-
-def shard_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
-    """The examples a process trains on: disjoint across processes, together all of them."""
-    return np.arange(num_examples)[process_index::process_count]
 
 
 def _example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
@@ -483,30 +427,11 @@ def _tfds_eval_dataset(
 # ---------------------------------------------------------------- public API
 
 
-def get_dataset_info(data_config: Any) -> DatasetInfo:
-    """Classes and example counts of data_config.train_split and eval_split (and, for the
-    bundled sample, 'train' and 'test'); validates the source before anything runs."""
-    splits = [
-        ("data.train_split", data_config.train_split),
-        ("data.eval_split", data_config.eval_split),
-    ]
-    if data_config.source == "bundled":
-        splits += [("split", name) for name in sources.BUNDLED_SPLITS]
-    counts, num_classes, class_names = {}, 0, ()
-    for field, split in splits:
-        if not split or split in counts:
-            continue
-        source = sources.get_source(
-            data_config,
-            split,
-            supervised=False,
-            field=field,
-            use_label_subset=field == "data.train_split",
+def _check_not_arrays(source: sources.Source) -> None:
+    if isinstance(source, sources.ArraySource):
+        raise ValueError(
+            "data.source='numpy' is read by data.backend='jax' only; set data.backend='jax'."
         )
-        counts[split] = int(source.num_examples)
-        num_classes = max(num_classes, source.num_classes)
-        class_names = class_names or getattr(source, "class_names", ())
-    return DatasetInfo(num_classes=num_classes, num_examples=counts, class_names=class_names)
 
 
 def make_train_iterator(
@@ -542,6 +467,7 @@ def make_train_iterator(
     source = sources.get_source(
         data_config, split, supervised=supervised, field="split", use_label_subset=True
     )
+    _check_not_arrays(source)
     deterministic = bool(data_config.get("deterministic", False))
     skipped = SkippedFiles()
     common = dict(
@@ -605,6 +531,7 @@ def make_eval_iterator(
     local_batch = per_process_batch(batch_size, count)
     image_size = augment.AugmentParams.from_config(data_config).image_size
     source = sources.get_source(data_config, split, supervised=True, field="split")
+    _check_not_arrays(source)
     skipped = SkippedFiles()
     common = dict(
         local_batch=local_batch,

@@ -1,17 +1,26 @@
-"""Where examples come from: the bundled sample, image folders, and TFDS builders.
+"""Where examples come from: the bundled sample, image folders, NumPy arrays and TFDS builders.
 
-Two kinds of source:
+Three kinds of source:
 - `IndexedSource` (bundled sample, image folders): a list of records (file paths, or encoded
   image bytes for the bundled sample) plus labels, read by index. Files are only listed here;
-  they are read and decoded inside tf.data, so no dataset is ever held in memory.
+  they are read and decoded by the input pipeline, so no dataset is ever held in memory.
+- `ArraySource` (data.source='numpy', data.backend='jax' only): decoded uint8 images in a
+  .npz file or memory-mapped .npy files, read by row.
 - `TfdsSource`: a TFDS builder and split, read as a stream (per-host sub-splits via
   `tfds.even_splits`).
 
-Split syntax for folders and the bundled sample: '<subdir>' or '<subdir>[start:end]', where the
-slice applies to each class's files sorted by name (ints, or percentages such as '[:90%]').
-The CIFAR-10 validation split used by this project is the last 500 images of every class:
+This module imports no TensorFlow (tensorflow_datasets only when a TFDS source is built), so the
+TF-free pipeline (numpy_pipeline.py) shares every listing, slicing and label rule with tf.data.
+
+Split syntax for folders, arrays and the bundled sample: '<subdir>' or '<subdir>[start:end]',
+where the slice applies to each class's files sorted by name (ints, or percentages such as
+'[:90%]'). The CIFAR-10 validation split used by this project is the last 500 images of every
+class:
     data.source='folder', data.data_dir=<extracted tarball>, train_split='train[:4500]',
     eval_split='train[4500:]'
+NumPy arrays: data.data_dir is a .npz file with '<split>_images' (N, H, W, 3) uint8 and
+'<split>_labels' (N,) int (optional: unlabeled, label -1; optional 'class_names'), or a folder
+with <split>_images.npy and <split>_labels.npy (memory-mapped: rows are read when used).
 """
 
 from __future__ import annotations
@@ -26,9 +35,9 @@ import re
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+from etils import epath
 
-SOURCES = ("bundled", "tfds", "folder")
+SOURCES = ("bundled", "tfds", "folder", "numpy")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 BUNDLED_FILE = "cifar10_sample.npz"
 BUNDLED_SPLITS = ("train", "test")
@@ -74,7 +83,28 @@ class TfdsSource:
     name_filter: frozenset[str] | None = None  # label_subset given as a file of image names
 
 
-Source = IndexedSource | TfdsSource
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+    """Decoded uint8 images (N, H, W, 3), possibly memory-mapped; `rows` are this split's."""
+
+    description: str
+    images: np.ndarray
+    rows: np.ndarray  # int64 rows of `images` in this split (after slicing)
+    labels: np.ndarray  # int32 per row of the split, -1 for unlabeled
+    class_names: tuple[str, ...]
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in the split."""
+        return len(self.rows)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 for unlabeled arrays)."""
+        return len(self.class_names)
+
+
+Source = IndexedSource | ArraySource | TfdsSource
 
 
 # ---------------------------------------------------------------- split syntax
@@ -158,12 +188,16 @@ def _is_image(name: str) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _list_folder(directory: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    """(loose image files, {class subdir: sorted image files}) of one directory (gfile)."""
-    entries = sorted(tf.io.gfile.listdir(directory))
-    subdirs = [e.rstrip("/") for e in entries if tf.io.gfile.isdir(os.path.join(directory, e))]
-    loose = tuple(e for e in entries if _is_image(e))
+    """(loose image files, {class subdir: sorted image files}) of one directory.
+
+    epath, not tf.io.gfile, so that listing needs no TensorFlow (data.backend='jax'); for
+    gs:// paths epath itself uses gfile when TensorFlow is installed.
+    """
+    entries = sorted(epath.Path(directory).iterdir(), key=lambda p: p.name)
+    subdirs = [e.name for e in entries if e.is_dir()]
+    loose = tuple(e.name for e in entries if _is_image(e.name))
     classes = {
-        d: tuple(sorted(f for f in tf.io.gfile.listdir(os.path.join(directory, d)) if _is_image(f)))
+        d: tuple(sorted(f.name for f in epath.Path(directory, d).iterdir() if _is_image(f.name)))
         for d in subdirs
     }
     return loose, {d: files for d, files in classes.items() if files}
@@ -178,7 +212,7 @@ def folder_source(
         raise ValueError("data.data_dir is empty; source='folder' needs the image-folder root.")
     name, start, end = parse_split(split, field)
     directory = os.path.join(data_dir, name) if name else data_dir
-    if not tf.io.gfile.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise ValueError(
             f"{field}={split!r}: folder {directory!r} does not exist; expected "
             "data.data_dir/<split>/<class>/<image> (or a flat folder of images)."
@@ -217,6 +251,64 @@ def folder_source(
     )
 
 
+# ---------------------------------------------------------------- NumPy arrays
+
+
+@functools.lru_cache(maxsize=4)
+def _load_arrays(data_dir: str, name: str) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+    """(images, labels or None, class names) of split `name`; .npy files memory-mapped."""
+    path = epath.Path(data_dir)
+    if data_dir.endswith(".npz") and path.is_file():
+        with path.open("rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        labels = arrays.get(f"{name}_labels")
+        names = tuple(str(c) for c in arrays.get("class_names", ()))
+        return arrays.get(f"{name}_images"), labels, names
+    if path.is_dir() and (path / f"{name}_images.npy").exists():
+        images = np.load(str(path / f"{name}_images.npy"), mmap_mode="r")
+        labels_path = path / f"{name}_labels.npy"
+        labels = np.load(str(labels_path)) if labels_path.exists() else None
+        return images, labels, ()
+    return None, None, ()
+
+
+def array_source(data_dir: str, split: str, *, supervised: bool, field: str = "split"):
+    """Decoded images from a .npz file or a folder of .npy files (see the module docstring)."""
+    name, start, end = parse_split(split, field)
+    images, labels, class_names = _load_arrays(data_dir, name) if data_dir else (None, None, ())
+    if images is None:
+        raise ValueError(
+            f"{field}={split!r}: data.source='numpy' found no {name}_images array in "
+            f"data.data_dir={data_dir!r}; give a .npz file with '{name}_images' / "
+            f"'{name}_labels' or a folder with {name}_images.npy / {name}_labels.npy."
+        )
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"{field}={split!r}: {name}_images has shape {images.shape} and dtype "
+            f"{images.dtype}; expected uint8 RGB images (N, H, W, 3)."
+        )
+    if labels is None:
+        labels = np.full(len(images), -1, np.int32)
+    if labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"{field}={split!r}: {name}_labels has shape {labels.shape}, expected "
+            f"({len(images)},), one label per image."
+        )
+    labels = labels.astype(np.int32)
+    keep: list[int] = []
+    for label in np.unique(labels):  # per-class slicing, as for folders (rows in file order)
+        keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
+    rows = np.array(sorted(keep), dtype=np.int64)
+    if not class_names and labels.max(initial=-1) >= 0:
+        class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
+    if supervised and len(class_names) < 2:
+        raise ValueError(
+            f"{field}={split!r}: {name}_labels names {len(class_names)} class(es); supervised "
+            "training/eval needs labelled arrays with at least 2 classes."
+        )
+    return ArraySource(f"numpy:{data_dir}:{split}", images, rows, labels[rows], class_names)
+
+
 # ---------------------------------------------------------------- TFDS
 
 
@@ -242,12 +334,12 @@ def _tfds_builder(name: str, data_dir: str, label_subset: str):
 
 def read_name_list(path: str) -> frozenset[str]:
     """Image names (one per line, e.g. 'n01440764_10026.JPEG') from a label_subset file."""
-    if not tf.io.gfile.exists(path):
+    if not epath.Path(path).exists():
         raise ValueError(
             f"data.label_subset={path!r} is neither {LABEL_SUBSETS} nor an existing file "
             "listing image names (one per line)."
         )
-    with tf.io.gfile.GFile(path) as f:
+    with epath.Path(path).open() as f:
         names = frozenset(os.path.basename(line.strip()) for line in f if line.strip())
     if not names:
         raise ValueError(f"data.label_subset={path!r} lists no image names.")
@@ -319,6 +411,10 @@ def get_source(
     if kind == "folder":
         source = folder_source(data_config.data_dir, split, supervised=supervised, field=field)
         return _filter_by_names(source, read_name_list(subset)) if subset else source
+    if kind == "numpy":
+        if subset:
+            raise ValueError("data.label_subset is not supported for data.source='numpy'.")
+        return array_source(data_config.data_dir, split, supervised=supervised, field=field)
     if kind == "tfds":
         return tfds_source(
             data_config.name, data_config.data_dir, split, label_subset=subset, field=field

@@ -1,0 +1,122 @@
+"""config.data.backend picks the input path; both yield the same batches to the train step.
+
+- 'tfdata' (default): tf.data decodes and augments on the host (pipeline.py); the step gets
+  float32 views.
+- 'jax': TensorFlow is never imported. The host decodes and batches uint8 images
+  (numpy_pipeline.py) and the device makes the views (jax_augment.py): the whole augmentation,
+  random resized crop included, runs in its own jit right before the train step, sharded like
+  the batch, so each device augments its own examples. Why the crop is on the device too:
+  the host then ships one uint8 image per example instead of two float32 views (8x fewer
+  bytes) and does almost no work, which is what starves accelerator hosts; jax_augment turns
+  the variable-size crop window into fixed-shape resampling matmuls.
+Both modules are imported lazily, so only the chosen path's dependencies load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from simclr_jax import parallel
+from simclr_jax.data import common
+
+_AUGMENT_SALT = 0x5EED  # device augmentation keys: fold_in(key(seed), salt), then example ids
+
+
+def make_device_augment(
+    data_config: Any, mesh: Mesh, *, num_views: int, augmentation: str, seed: int
+):
+    """Jitted fn(global uint8 images, ids) -> views, sharded on 'data': (B, V, S, S, 3) for
+    pretraining, (B, S, S, 3) when num_views == 1 (the supervised steps' layout)."""
+    from simclr_jax.data import jax_augment
+
+    augment = jax_augment.make_augment_fn(
+        data_config,
+        mesh,
+        image_size=int(data_config.image_size),
+        num_views=num_views,
+        augmentation=augmentation,
+    )
+
+    def views(images: jax.Array, ids: jax.Array) -> jax.Array:
+        # The key is built inside the jit: a constant, so no host array is passed around
+        # (multi-process runs need every input to be a global array).
+        key = jax.random.fold_in(jax.random.key(seed), _AUGMENT_SALT)
+        out = augment(key, images, ids)
+        return out[:, 0] if num_views == 1 else out
+
+    batch = parallel.batch_sharding(mesh)
+    return jax.jit(views, in_shardings=(batch, batch), out_shardings=batch)
+
+
+def make_batch_augmenter(
+    data_config: Any, mesh: Mesh, *, num_views: int, augmentation: str, seed: int
+) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]]:
+    """fn(global batch) -> global batch of views: the device augmentation for backend 'jax'
+    (drops the ids), the identity for tf.data (its batches are views already)."""
+    if common.backend(data_config) == "tfdata":
+        return lambda batch: batch
+    augment = make_device_augment(
+        data_config, mesh, num_views=num_views, augmentation=augmentation, seed=seed
+    )
+    # Dispatch is asynchronous: the host goes on to the next batch while this one augments.
+    return lambda batch: {"image": augment(batch["image"], batch["id"]), "label": batch["label"]}
+
+
+def make_train_batches(
+    data_config: Any,
+    mesh: Mesh,
+    *,
+    split: str,
+    batch_size: int,
+    num_views: int,
+    augmentation: str,
+    seed: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, jax.Array]]:
+    """Global train batches {'image': views, 'label'} on `mesh` from the configured backend;
+    batch k depends only on (seed, k) (tf.data: with data.deterministic)."""
+    iterator = make_train_iterator(
+        data_config,
+        split=split,
+        batch_size=batch_size,
+        num_views=num_views,
+        augmentation=augmentation,
+        seed=seed,
+        start_step=start_step,
+    )
+    augment = make_batch_augmenter(
+        data_config, mesh, num_views=num_views, augmentation=augmentation, seed=seed
+    )
+    return (augment(parallel.host_batch_to_global(batch, mesh)) for batch in iterator)
+
+
+def make_eval_iterator(data_config: Any, **kwargs: Any):
+    """One eval pass from the configured backend (same batches and padding either way)."""
+    if common.backend(data_config) == "tfdata":
+        from simclr_jax.data import pipeline
+
+        return pipeline.make_eval_iterator(data_config, **kwargs)
+    from simclr_jax.data import numpy_pipeline
+
+    return numpy_pipeline.make_eval_iterator(data_config, **kwargs)
+
+
+def make_train_iterator(
+    data_config: Any, *, num_views: int, augmentation: str, **kwargs: Any
+) -> Iterator[dict[str, Any]]:
+    """Host train batches of the configured backend: tf.data views, or (backend 'jax') uint8
+    images with ids, which make_device_augment turns into views on the device."""
+    if common.backend(data_config) == "tfdata":
+        from simclr_jax.data import pipeline
+
+        return pipeline.make_train_iterator(
+            data_config, num_views=num_views, augmentation=augmentation, **kwargs
+        )
+    from simclr_jax.data import numpy_pipeline
+
+    supervised = augmentation == "crop_flip"
+    return numpy_pipeline.make_train_iterator(data_config, supervised=supervised, **kwargs)
