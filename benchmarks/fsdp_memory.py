@@ -132,11 +132,15 @@ def main() -> None:
         "| outputs (aliased) | GFLOP/step (per device) | compile s |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, min_size in (("replicated", 0), (f"FSDP (>= {args.fsdp_min_size})", args.fsdp_min_size)):
+    for name, min_size in (
+        ("replicated", 0),
+        (f"FSDP (>= {args.fsdp_min_size})", args.fsdp_min_size),
+    ):
         r = analyse(config, min_size)
         print(
             f"| {name} | {r['params_m']:.1f} | {r['state_gib']:.2f} | {r['param_gib']:.2f} "
-            f"| {r['args_gib']:.2f} | {r['temp_gib']:.2f} | {r['out_gib']:.2f} ({r['alias_gib']:.2f}) "
+            f"| {r['args_gib']:.2f} | {r['temp_gib']:.2f} "
+            f"| {r['out_gib']:.2f} ({r['alias_gib']:.2f}) "
             f"| {r['gflop']:.1f} | {r['compile_s']:.0f} |",
             flush=True,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from simclr_jax import parallel, train
+from simclr_jax import parallel, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
@@ -18,6 +18,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds to wait for the coordinator and every process."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,11 +28,20 @@ def main(argv: list[str]) -> None:
     """Starts multi-host JAX when needed and runs train.train_and_evaluate."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.initialize_distributed(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        timeout_seconds=_DISTRIBUTED_TIMEOUT.value,
+    )
     config = _CONFIG.value
     config.lock()
     logging.info("Config:\n%s", config)
-    train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except preemption.Preempted as stop:
+        # Exit status 0: the scheduler relaunches the job and it resumes from this checkpoint.
+        logging.warning("%s", stop)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -120,6 +122,22 @@ def initialize_distributed(
             f"process_id={process_id} is out of range for num_processes={num_processes}; "
             f"use 0..{num_processes - 1}."
         )
+    host, port = split_address(coordinator_address)
+    if process_id != 0:
+        # JAX aborts the process with a bare DEADLINE_EXCEEDED when the coordinator never
+        # answers; checking the port first turns that into an error that names the fix.
+        wait_for_coordinator(host, port, timeout_seconds)
+    # Failures past this point (a missing process, mismatched --num_processes) abort inside
+    # JAX after timeout_seconds; this line is what explains them in the log.
+    logging.warning(
+        "Joining a %d-process run as process %d via coordinator %s; waiting up to %d s for "
+        "every process. A DEADLINE_EXCEEDED abort means a process did not start or was given "
+        "a different --num_processes / --coordinator_address.",
+        num_processes,
+        process_id,
+        coordinator_address,
+        timeout_seconds,
+    )
     # CPU devices need a collectives backend to talk across processes (only the CPU client
     # reads this flag, so it is harmless on TPU and GPU).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -130,6 +148,35 @@ def initialize_distributed(
         initialization_timeout=timeout_seconds,
     )
     return True
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); ValueError naming the expected form otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"coordinator_address={address!r} must be host:port, e.g. 10.0.0.2:8476 "
+            "(process 0's address and a free port)."
+        )
+    return host.strip("[]"), int(port)
+
+
+def wait_for_coordinator(host: str, port: int, timeout_seconds: float) -> None:
+    """Returns once a TCP connection to the coordinator opens; TimeoutError after the timeout."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no coordinator answered at {host}:{port} within {timeout_seconds} s. "
+                    "Start process 0 (--process_id=0) with the same --coordinator_address, "
+                    "check the address and that the port is open between hosts, or raise "
+                    "--distributed_timeout_s."
+                ) from error
+            time.sleep(0.5)
 
 
 REMOTE_PREFIXES = ("gs://", "s3://", "/gcs/")

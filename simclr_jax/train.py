@@ -23,7 +23,16 @@ import optax
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from simclr_jax import checkpoint, data, evaluate, losses, metrics, optim, parallel
+from simclr_jax import (
+    checkpoint,
+    data,
+    evaluate,
+    losses,
+    metrics,
+    optim,
+    parallel,
+    preemption,
+)
 from simclr_jax.models import create_model, num_head_outputs, validate_model_config
 from simclr_jax.train_state import TrainState
 
@@ -407,9 +416,13 @@ def train_loop(
     manager: Any,
     writer: metric_writers.MetricWriter,
     on_eval: Callable[[TrainState], dict[str, float]] | None = None,
+    watcher: preemption.PreemptionWatcher | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs steps up to total_steps: logs, checks losses are finite before every save, saves
-    every checkpoint_every_steps and at the end. Returns the state and the last train metrics."""
+    every checkpoint_every_steps and at the end. Returns the state and the last train metrics.
+
+    On a preemption notice (`watcher`) it saves at the step all processes agree on and raises
+    preemption.Preempted; the caller waits for that save to finish."""
     total = durations.total_steps
     start = int(jax.device_get(state.step))
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=30)
@@ -420,8 +433,12 @@ def train_loop(
         buffer.add(step, step_metrics)
         ticked_steps += 1
         report(step)
-        save_now = step == total or (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        # Asked at every step on every process: the sync protocol needs each step id.
+        preempted = watcher is not None and watcher.reached_sync_point(step)
+        save_now = (
+            preempted
+            or step == total
+            or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
         )
         if save_now or step % log_every == 0:
             last = buffer.flush()  # raises FloatingPointError before any save
@@ -432,6 +449,8 @@ def train_loop(
             tick, ticked_steps = time.time(), 0
         if save_now:
             checkpoint.save(manager, step, state.to_tree(), checkpoint_meta(config, step))
+        if preempted and step < total:
+            raise preemption.Preempted(step)
         if on_eval and config.eval_every_steps and step % config.eval_every_steps == 0:
             writer.write_scalars(step, {f"eval/{k}": v for k, v in on_eval(state).items()})
     return state, last
@@ -492,6 +511,15 @@ def run_training(
             seed=int(config.seed),
             start_step=int(jax.device_get(state.step)),
         )
+        # data.backend='jax' yields uint8 images: the views (crop included) are made in a jit
+        # right before the step, on each device's shard. tf.data batches pass through.
+        to_views = data.make_batch_augmenter(
+            config.data,
+            mesh,
+            num_views=2 if pretrain else 1,
+            augmentation="simclr" if pretrain else "crop_flip",
+            seed=int(config.seed),
+        )
         logging.info(
             "mode=%s: %d steps (%.1f steps/epoch, warmup %d), global batch %d on %d devices.",
             config.mode,
@@ -501,17 +529,20 @@ def run_training(
             config.train_batch_size,
             mesh.size,
         )
-        state, last = train_loop(
-            state,
-            train_step,
-            global_batches(iterator, mesh),
-            config=config,
-            durations=durations,
-            manager=manager,
-            writer=writer,
-            on_eval=lambda s: evaluate_model(model, s.variables(), config, mesh, knn=False),
-        )
+        with preemption.PreemptionWatcher() as watcher:
+            state, last = train_loop(
+                state,
+                train_step,
+                map(to_views, global_batches(iterator, mesh)),
+                config=config,
+                durations=durations,
+                manager=manager,
+                writer=writer,
+                on_eval=lambda s: evaluate_model(model, s.variables(), config, mesh, knn=False),
+                watcher=watcher,
+            )
     finally:
+        # Also on preemption: the agreed step's checkpoint must be complete before exiting.
         manager.wait_until_finished()
         manager.close()
     results = evaluate_model(model, state.variables(), config, mesh, knn=bool(config.knn_eval))
@@ -547,7 +578,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if metrics.is_writer_process():
         workdir.mkdir(parents=True, exist_ok=True)
     metrics.write_json(workdir / "config.json", config.to_dict())
-    writer = metrics.create_writer(workdir)
+    # TensorBoard files need TensorFlow: the TF-free backend writes metrics.jsonl only.
+    writer = metrics.create_writer(workdir, tensorboard=config.data.get("backend") != "jax")
     started = time.time()
     if config.mode == "eval":
         results = run_eval(config, workdir, mesh)

@@ -90,3 +90,30 @@ def test_local_workdir_warns(sub):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "not a gs:// path" in result.stderr
+
+
+SIMULATOR = Path(__file__).parents[1] / "launch" / "simulate_pod.py"
+
+
+def test_simulated_pod_dry_run_prints_one_command_per_process():
+    out = subprocess.run(
+        [sys.executable, str(SIMULATOR), "--num_processes", "2", "--devices_per_process", "4",
+         "--config", "configs/smoke.py:pretrain", "--workdir", "/tmp/pod", "--port", "12345",
+         "--dry_run", "--", "--config.train_steps=8"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = [shlex.split(line) for line in out.splitlines()]
+    assert len(lines) == 2
+    for pid, cmd in enumerate(lines):
+        assert cmd[0] == "XLA_FLAGS=--xla_force_host_platform_device_count=4"
+        assert cmd[2:4] == ["-m", "simclr_jax.main"]
+        assert {"--config=configs/smoke.py:pretrain", "--workdir=/tmp/pod",
+                "--coordinator_address=127.0.0.1:12345", "--num_processes=2",
+                f"--process_id={pid}", "--config.train_steps=8"} <= set(cmd)  # fmt: skip
+
+
+def test_simulated_pod_help():
+    out = subprocess.run(
+        [sys.executable, str(SIMULATOR), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--num_processes" in out and "--dry_run" in out

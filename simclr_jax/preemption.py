@@ -1,0 +1,77 @@
+"""Preemption notices (SIGTERM, as spot / preemptible TPU VMs send): every process agrees on
+one step, the training loop saves a checkpoint there and stops; the relaunched job resumes.
+
+Multi-process runs use JAX's preemption sync manager: `jax.distributed.initialize` installs a
+SIGTERM listener, tells every process when any one of them is notified, and
+`reached_preemption_sync_point(step)` turns True on all of them at the same step. A single
+process needs no agreement: a Python SIGTERM handler sets a flag the loop checks every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from jax._src import distributed
+from jax.experimental import multihost_utils
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint at the agreed step is saved: the run stopped, not finished."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step}; relaunch resumes")
+        self.step = step
+
+
+def _distributed_mode() -> str:
+    """'sync' when jax.distributed runs with its preemption sync manager (which then owns
+    SIGTERM), 'unsynced' when it runs without one, 'single' for one process."""
+    # jax._src: the public API has no "is jax.distributed initialized?" query.
+    state = distributed.global_state
+    if state.client is None:
+        return "single"
+    return "sync" if state.preemption_sync_manager is not None else "unsynced"
+
+
+class PreemptionWatcher:
+    """Answers, once per step and identically on every process: save and stop at this step?"""
+
+    def __init__(self) -> None:
+        self._mode = _distributed_mode()
+        self._notified = threading.Event()
+        self._previous: Any = None
+        if self._mode == "unsynced":
+            # A per-process flag would make processes stop at different steps and hang the
+            # rest in a collective; keep SIGTERM fatal and rely on the periodic checkpoints.
+            logging.warning(
+                "jax_enable_preemption_service is off: SIGTERM will not save a checkpoint."
+            )
+        # Python can only install handlers from the main thread; elsewhere SIGTERM keeps
+        # its existing meaning.
+        elif self._mode == "single" and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint after the current step.")
+        self._notified.set()
+
+    def reached_sync_point(self, step: int) -> bool:
+        """True at the step where every process saves and stops (call it at every step)."""
+        if self._mode == "sync":
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._notified.is_set()
+
+    def close(self) -> None:
+        """Restores the SIGTERM handler that was there before."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> PreemptionWatcher:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

@@ -1,0 +1,208 @@
+"""Runs `simclr_jax.main` in a subprocess for the multi-host and preemption tests, with hooks
+that kill or preempt it at a chosen step; also the helpers the tests launch it with.
+
+    SIMCLR_TEST_DEVICES=4 python tests/pod_worker.py --config=... --workdir=... [main.py flags]
+
+Hooks (environment variables, all optional):
+  SIMCLR_TEST_SIGTERM_AT=k      this process sends itself SIGTERM when step k has run
+  SIMCLR_TEST_KILL_AT=k         SIGKILL when step k has run (no clean-up of any kind)
+  SIMCLR_TEST_KILL_IN_SAVE=k    SIGKILL while checkpoint k is being committed (files written,
+                                not yet renamed to its final name)
+  SIMCLR_TEST_SAME_GLOBAL_BATCH=1  every process feeds its rows of the batch ONE process would
+                                see, so runs with different process counts train on equal data
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_PREFIX = "SIMCLR_TEST_"
+
+
+# ------------------------------------------------------------------ helpers for the tests
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for the loopback coordinator)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_flags(workdir: str | Path, **overrides: object) -> list[str]:
+    """main.py flags for a tiny deterministic pretraining run (R18 width 1, 16 px, batch 16)."""
+    config = {
+        "data.image_size": 16,
+        "train_batch_size": 16,
+        "eval_batch_size": 48,
+        "data.eval_split": "test[:10]",
+        "train_steps": 6,
+        "warmup_steps": 1,
+        "log_every_steps": 1,
+        "checkpoint_every_steps": 2,
+        "keep_checkpoints": 10,
+        "knn_eval": False,
+        **overrides,
+    }
+    return [
+        "--config=configs/smoke.py:pretrain",
+        f"--workdir={workdir}",
+        *(f"--config.{key}={value}" for key, value in config.items()),
+    ]
+
+
+def worker_env(devices: int, cache_dir: str | Path, **hooks: object) -> dict[str, str]:
+    """Environment of one worker: its device count, a shared compilation cache, hooks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(
+        {
+            f"{ENV_PREFIX}DEVICES": str(devices),
+            "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            # Relaunches then skip compiling: most of a relaunch's cost on 2 CPU cores.
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            # The pytest process (conftest.py) runs with this precision; runs compared
+            # bit for bit must compile the same programs.
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in hooks.items()})
+    return env
+
+
+def start(flags: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Starts one worker (same interpreter), its stdout and stderr going to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *flags],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit codes of every process; kills them all if they outlive `timeout` (no hangs)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+    return codes
+
+
+def run_pod(
+    num_processes: int,
+    devices_per_process: int,
+    flags: list[str],
+    cache_dir: Path,
+    log_dir: Path,
+    *,
+    timeout: float = 300,
+    hooks_for: dict[int, dict[str, object]] | None = None,
+    extra_flags: list[str] = (),
+) -> tuple[list[int], list[str]]:
+    """Runs a simulated pod (loopback coordinator) to the end; (exit codes, logs)."""
+    port, procs, logs = free_port(), [], []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for pid in range(num_processes):
+        hooks = (hooks_for or {}).get(pid, {})
+        distributed = (
+            [
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={num_processes}",
+                f"--process_id={pid}",
+            ]
+            if num_processes > 1
+            else []
+        )
+        logs.append(log_dir / f"process{pid}.log")
+        env = worker_env(devices_per_process, cache_dir, **hooks)
+        procs.append(start([*flags, *distributed, *extra_flags], env, logs[-1]))
+    codes = wait_all(procs, timeout)
+    return codes, [path.read_text() for path in logs]
+
+
+# ------------------------------------------------------------------ the worker itself
+
+
+def _hook(name: str) -> int | None:
+    value = os.environ.get(ENV_PREFIX + name)
+    return int(value) if value else None
+
+
+def install_hooks() -> None:
+    """Patches the library (in this process only) as the environment asks."""
+    from simclr_jax import data, metrics
+
+    sigterm_at, kill_at = _hook("SIGTERM_AT"), _hook("KILL_AT")
+    real_add = metrics.MetricBuffer.add
+
+    def add(self, step, step_metrics):
+        real_add(self, step, step_metrics)
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == sigterm_at:
+            print(f"test hook: SIGTERM at step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    metrics.MetricBuffer.add = add
+
+    kill_in_save = _hook("KILL_IN_SAVE")
+    if kill_in_save is not None:
+        from orbax.checkpoint._src.path import atomicity
+
+        real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(self, *args, **kwargs):
+            if self.get_final().name == str(kill_in_save):
+                print(f"test hook: SIGKILL while committing {self.get()}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await real_finalize(self, *args, **kwargs)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+    if os.environ.get(ENV_PREFIX + "SAME_GLOBAL_BATCH"):
+        real_iterator = data.make_train_iterator
+
+        def same_global_batch(*args, **kwargs):
+            import jax
+
+            index, count = jax.process_index(), jax.process_count()
+            batches = real_iterator(*args, **kwargs, process_index=0, process_count=1)
+            for batch in batches:
+                rows = len(next(iter(batch.values()))) // count
+                yield {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}
+
+        data.make_train_iterator = same_global_batch
+
+
+def main() -> None:
+    """Sets the device count before JAX starts, installs the hooks, runs main.py."""
+    devices = os.environ.get(ENV_PREFIX + "DEVICES", "1")
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    sys.path.insert(0, str(REPO))
+    install_hooks()
+    from absl import app
+
+    from simclr_jax import main as cli
+
+    app.run(cli.main)
+
+
+if __name__ == "__main__":
+    main()

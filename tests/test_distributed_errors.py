@@ -1,0 +1,81 @@
+"""Bad multi-process start-up ends with a clear error within a bounded time, never a hang.
+
+Each case starts `parallel.initialize_distributed` in fresh processes (a process can join only
+one distributed run) with a 3-5 s timeout instead of the default 300 s."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from pod_worker import REPO, free_port
+
+SCRIPT = """
+import sys
+from simclr_jax import parallel
+import logging
+logging.basicConfig()
+address, count, pid, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+parallel.initialize_distributed(address, count, pid, timeout_seconds=timeout)
+"""
+BOUND_S = 90  # generous for 2 busy CPU cores; without timeouts these cases hang forever
+
+
+def start(address, count, pid, timeout):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin"}
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, address, str(count), str(pid), str(timeout)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc):
+    """(exit code, output); the process is killed and the test fails if it outlives BOUND_S."""
+    try:
+        out, _ = proc.communicate(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"no error within {BOUND_S} s: {proc.communicate()[0][-2000:]}")
+    return proc.returncode, out
+
+
+def test_coordinator_that_never_answers():
+    started = time.monotonic()
+    code, out = finish(start(f"127.0.0.1:{free_port()}", 2, 1, 3))
+    assert code != 0
+    assert "TimeoutError: no coordinator answered at 127.0.0.1:" in out, out[-2000:]
+    assert "Start process 0 (--process_id=0)" in out
+    assert time.monotonic() - started < BOUND_S
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:notaport", ":1234"])
+def test_malformed_coordinator_address_is_rejected_up_front(address):
+    code, out = finish(start(address, 2, 1, 3))
+    assert code != 0 and "must be host:port" in out, out[-2000:]
+
+
+def test_process_id_out_of_range():
+    code, out = finish(start("127.0.0.1:1234", 2, 2, 3))
+    assert code != 0 and "process_id=2 is out of range for num_processes=2" in out, out[-2000:]
+
+
+def test_mismatched_process_counts_abort_both_with_an_explanation():
+    """Process 0 expects 2 processes, the other claims to be process 2 of 3: the coordinator
+    rejects it at once and process 0 gives up after its timeout. Both exit non-zero (JAX
+    aborts) after logging which flags to compare."""
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    first = start(address, 2, 0, 5)
+    time.sleep(1)  # the coordinator (process 0) listens first, as on a pod
+    second = start(address, 3, 2, 5)
+    (code0, out0), (code2, out2) = finish(first), finish(second)
+    assert code0 != 0 and code2 != 0
+    assert "Unexpected task registered with task=2" in out2, out2[-2000:]
+    assert "DEADLINE_EXCEEDED" in out0, out0[-2000:]
+    for out in (out0, out2):
+        assert "a different --num_processes / --coordinator_address" in out
+    assert time.monotonic() - started < BOUND_S

@@ -1,0 +1,79 @@
+"""SIGTERM in one process: the training loop saves at the step it lands on, waits for nothing
+else, raises Preempted, and the handler it replaced comes back. No model is compiled: the loop
+runs a stand-in step (the real step and multi-process agreement are in test_multihost.py)."""
+
+import os
+import signal
+
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from clu import metric_writers
+
+from simclr_jax import checkpoint, preemption, train
+from simclr_jax.train_state import TrainState
+
+
+def fake_step(state, batch):
+    """A train step without a model: the step counter moves, the loss is finite."""
+    return state.replace(step=state.step + 1, params={"w": state.params["w"] + 1.0}), {
+        "loss": jnp.float32(1.0)
+    }
+
+
+def run_loop(workdir, sigterm_at=None, total=10):
+    """train_loop with the stand-in step; SIGTERMs this process after step `sigterm_at`."""
+    config = ml_collections.ConfigDict(
+        {
+            "mode": "pretrain",
+            "log_every_steps": 100,
+            "checkpoint_every_steps": 4,
+            "train_batch_size": 8,
+            "eval_every_steps": 0,
+        }
+    )
+
+    def step(state, batch):
+        new_state, metrics = fake_step(state, batch)
+        if int(new_state.step) == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return new_state, metrics
+
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.zeros(3)}, {}, {})
+    manager = checkpoint.create_manager(workdir, keep=10)
+    try:
+        with preemption.PreemptionWatcher() as watcher:
+            return train.train_loop(
+                state,
+                step,
+                iter(lambda: {}, None),
+                config=config,
+                durations=train.Durations(total, 0, 1.0),
+                manager=manager,
+                writer=metric_writers.LoggingWriter(),
+                watcher=watcher,
+            )
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def test_sigterm_saves_at_that_step_and_raises(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(preemption.Preempted, match="step 6") as stopped:
+        run_loop(tmp_path, sigterm_at=6)
+    assert stopped.value.step == 6
+    manager, latest = checkpoint.open_for_restore(tmp_path)
+    assert latest == 6 and manager.all_steps() == [4, 6]  # periodic save + the agreed step
+    assert signal.getsignal(signal.SIGTERM) == before  # handler restored after the loop
+
+
+def test_no_signal_runs_to_the_end(tmp_path):
+    state, _ = run_loop(tmp_path)
+    assert int(state.step) == 10
+    assert checkpoint.open_for_restore(tmp_path)[0].all_steps() == [4, 8, 10]
+
+
+def test_watcher_without_signal_never_fires():
+    with preemption.PreemptionWatcher() as watcher:
+        assert not any(watcher.reached_sync_point(step) for step in range(1, 5))
