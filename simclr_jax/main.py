@@ -21,6 +21,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout_s", 300, "Seconds to wait for the coordinator and every process."
 )
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "Seconds after which a vanished process stops the others."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +36,7 @@ def main(argv: list[str]) -> None:
         _NUM_PROCESSES.value,
         _PROCESS_ID.value,
         timeout_seconds=_DISTRIBUTED_TIMEOUT.value,
+        heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
     )
     config = _CONFIG.value
     config.lock()

@@ -99,18 +99,24 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     timeout_seconds: int = 300,
+    heartbeat_timeout_seconds: int = 100,
     environ: Mapping[str, str] | None = None,
 ) -> bool:
     """Starts multi-process JAX when the run spans hosts; returns whether it did.
 
     Explicit arguments (CPU/GPU clusters, the simulated pod) win; on a multi-host Cloud TPU VM
-    slice JAX detects everything itself; a single host needs nothing.
+    slice JAX detects everything itself; a single host needs nothing. A process that vanishes
+    later (a preempted host that never comes back) makes the others abort after
+    heartbeat_timeout_seconds instead of waiting in a collective forever.
     """
     environ = dict(os.environ if environ is None else environ)
     if coordinator_address is None and num_processes is None and process_id is None:
         if not _on_multihost_tpu_vm(environ):
             return False
-        jax.distributed.initialize(initialization_timeout=timeout_seconds)
+        jax.distributed.initialize(
+            initialization_timeout=timeout_seconds,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        )
         return True
     if coordinator_address is None or num_processes is None or process_id is None:
         raise ValueError(
@@ -146,6 +152,7 @@ def initialize_distributed(
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=timeout_seconds,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
     return True
 

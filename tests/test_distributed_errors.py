@@ -16,15 +16,26 @@ from simclr_jax import parallel
 import logging
 logging.basicConfig()
 address, count, pid, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-parallel.initialize_distributed(address, count, pid, timeout_seconds=timeout)
+parallel.initialize_distributed(
+    address, count, pid, timeout_seconds=timeout, heartbeat_timeout_seconds=timeout
+)
+if len(sys.argv) > 5:  # 'vanish': this host dies after joining; the others wait, or notice
+    import os
+    import time
+
+    time.sleep(1)
+    if pid == 1:
+        os._exit(0)
+    time.sleep(120)
+    print("still waiting", flush=True)
 """
 BOUND_S = 90  # generous for 2 busy CPU cores; without timeouts these cases hang forever
 
 
-def start(address, count, pid, timeout):
+def start(address, count, pid, timeout, *extra):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/usr/bin:/bin"}
     return subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, address, str(count), str(pid), str(timeout)],
+        [sys.executable, "-c", SCRIPT, address, str(count), str(pid), str(timeout), *extra],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -78,4 +89,19 @@ def test_mismatched_process_counts_abort_both_with_an_explanation():
     assert "DEADLINE_EXCEEDED" in out0, out0[-2000:]
     for out in (out0, out2):
         assert "a different --num_processes / --coordinator_address" in out
+    assert time.monotonic() - started < BOUND_S
+
+
+def test_a_host_that_never_comes_back_stops_the_others():
+    """Process 1 joins, then vanishes (as a preempted host that is not replaced): process 0,
+    instead of waiting forever, aborts once the heartbeat timeout (5 s here) has passed."""
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    survivor = start(address, 2, 0, 5, "vanish")
+    time.sleep(1)
+    vanished = start(address, 2, 1, 5, "vanish")
+    (code0, out0), (code1, _) = finish(survivor), finish(vanished)
+    assert code1 == 0
+    assert code0 != 0 and "still waiting" not in out0
+    assert "another task died" in out0, out0[-2000:]
     assert time.monotonic() - started < BOUND_S
