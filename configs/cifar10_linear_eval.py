@@ -24,28 +24,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The CIFAR-10 linear-eval config; arg 'runlocal' for the tiny CPU variant."""
     args = presets.parse_args(arg)
     config = common.get_base_config()
-    config.mode = "linear_eval"
-    config.data.source = "folder"
-    config.data.name = "cifar10"
-    config.data.train_split = "train[:4500]"
-    config.data.eval_split = "train[4500:]"
-    config.data.image_size = 32
-    config.data.shuffle_buffer = 50_000
+    presets.cifar10_data(config)
+    presets.linear_eval_protocol(config)
     config.model.resnet_depth = 18
     config.model.width_multiplier = 1
     config.model.cifar_stem = True
     config.model.num_proj_layers = 2
-    config.model.fine_tune_after_block = 4
-    config.model.ft_proj_selector = 0
     config.train_batch_size = 512
     config.eval_batch_size = 1000
     config.train_epochs = 100
-    config.warmup_epochs = 0.0
-    config.optim.optimizer = "momentum"
-    config.optim.nesterov = True
-    config.optim.learning_rate = 0.1
-    config.optim.lr_scaling = "linear"
-    config.optim.weight_decay = 0.0
     if args["runlocal"]:
         presets.apply_runlocal(config)
     return config

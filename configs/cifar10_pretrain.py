@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = presets.parse_args(arg)
     config = common.get_base_config()
     config.mode = "pretrain"
-    cifar10_data(config)
+    presets.cifar10_data(config)
     config.model.resnet_depth = 18
     config.model.width_multiplier = 1
     config.model.cifar_stem = True
@@ -45,16 +45,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args["runlocal"]:
         presets.apply_runlocal(config)
     return config
-
-
-def cifar10_data(config: ml_collections.ConfigDict) -> None:
-    """CIFAR-10 image folder with the last 500 images of each class held out for validation."""
-    config.data.source = "folder"
-    config.data.name = "cifar10"
-    config.data.data_dir = ""
-    config.data.train_split = "train[:4500]"
-    config.data.eval_split = "train[4500:]"
-    config.data.image_size = 32
-    config.data.color_jitter_strength = 0.5
-    config.data.blur_prob = 0.0
-    config.data.shuffle_buffer = 50_000

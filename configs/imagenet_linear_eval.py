@@ -25,11 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = str(args.get("model", "r50_1x"))
     version = str(args.get("version", "v1" if model in ("r50_2x", "r50_4x") else "v2"))
     config = common.get_base_config()
-    config.mode = "linear_eval"
+    presets.linear_eval_protocol(config)
     presets.set_model(config, model)
     config.model.num_proj_layers = 2 if version == "v1" else 3
-    config.model.fine_tune_after_block = 4
-    config.model.ft_proj_selector = 0
     config.data.source = "tfds"
     config.data.name = "imagenet2012"
     config.data.train_split = "train"
@@ -37,12 +35,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train_batch_size = 4096
     config.eval_batch_size = 1024
     config.train_epochs = 90
-    config.warmup_epochs = 0.0
-    config.optim.optimizer = "momentum"
-    config.optim.nesterov = True
-    config.optim.learning_rate = 0.1
-    config.optim.lr_scaling = "linear"
-    config.optim.weight_decay = 0.0
     config.checkpoint_every_steps = 5000
     if args["runlocal"]:
         presets.apply_runlocal(config)

@@ -44,6 +44,34 @@ def set_model(config: ml_collections.ConfigDict, token: str) -> None:
     config.model.sk_ratio = SK_RATIO if match.group(3) else 0.0
 
 
+def cifar10_data(config: ml_collections.ConfigDict) -> None:
+    """CIFAR-10 image folder with the last 500 images of each class held out for validation.
+    Pass --config.data.data_dir=<dir holding train/> (extract ../shared/data's tarball)."""
+    config.data.source = "folder"
+    config.data.name = "cifar10"
+    config.data.data_dir = ""
+    config.data.train_split = "train[:4500]"
+    config.data.eval_split = "train[4500:]"
+    config.data.image_size = 32
+    config.data.color_jitter_strength = 0.5
+    config.data.blur_prob = 0.0
+    config.data.shuffle_buffer = 50_000
+
+
+def linear_eval_protocol(config: ml_collections.ConfigDict) -> None:
+    """The reference linear evaluation: frozen encoder (BN in inference mode), classifier on h,
+    Nesterov momentum, lr 0.1 x B/256, no weight decay, no warmup."""
+    config.mode = "linear_eval"
+    config.model.fine_tune_after_block = 4
+    config.model.ft_proj_selector = 0
+    config.warmup_epochs = 0.0
+    config.optim.optimizer = "momentum"
+    config.optim.nesterov = True
+    config.optim.learning_rate = 0.1
+    config.optim.lr_scaling = "linear"
+    config.optim.weight_decay = 0.0
+
+
 def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     """Tiny CPU variant: bundled sample, ResNet-18 at 32 px, a handful of steps, no sharding
     demands (the smallest batch that still splits over 8 simulated devices)."""
