@@ -52,9 +52,7 @@ def main() -> None:
     model = create_model(config.model, num_classes=config.model.num_classes, mode="pretrain")
     tx, schedule = train.create_optimizer(config, train.Durations(1000, 10, 1.0))
     state, shardings = train.create_train_state(model, tx, mesh, image_size=224, seed=0)
-    step = train.make_pretrain_step(
-        model, tx, schedule, mesh, shardings, num_classes=1000, temperature=0.1
-    )
+    step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
     augment = data.make_device_augment(
         config.data, mesh, num_views=2, augmentation="simclr", seed=0
     )

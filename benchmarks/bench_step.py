@@ -108,16 +108,7 @@ def run_benchmark(name: str, batch: int | None, steps: int, input_kind: str) -> 
     state, shardings = train.create_train_state(
         model, tx, mesh, image_size=config.data.image_size, seed=0
     )
-    step = train.make_pretrain_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        shardings,
-        num_classes=config.model.num_classes,
-        temperature=config.loss.temperature,
-        hidden_norm=config.loss.hidden_norm,
-    )
+    step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
     batches = (pipeline_batches if input_kind == "pipeline" else synthetic_batches)(config, mesh)
     first = next(batches)
 

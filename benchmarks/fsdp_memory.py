@@ -75,16 +75,7 @@ def analyse(config, fsdp_min_size: int) -> dict[str, float]:
     tx, schedule = train.create_optimizer(config, train.Durations(1000, 10, 1.0))
     state = abstract_state(config, model, tx)
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size)
-    step = train.make_pretrain_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        shardings,
-        num_classes=num_classes,
-        temperature=float(config.loss.temperature),
-        hidden_norm=bool(config.loss.hidden_norm),
-    )
+    step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
     size, batch = int(config.data.image_size), int(config.train_batch_size)
     data = parallel.batch_sharding(mesh)
     batch_spec = {

@@ -22,45 +22,68 @@ Variables = dict[str, Any]
 
 
 def make_eval_step(model: Any, mesh: jax.sharding.Mesh, num_classes: int) -> Callable:
-    """jit(variables, batch) -> masked sums: loss, top-1, top-5 hits, example count."""
+    """jit(variables, batch) -> (masked sums: loss, top-1, top-5 hits, example count; h)."""
     top5 = min(5, num_classes)
 
-    def eval_step(variables: Variables, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def eval_step(variables: Variables, batch: dict[str, jax.Array]):
         out = model.apply(variables, batch["image"], train=False)
         logits, labels, mask = out["logits"], batch["label"], batch["mask"]
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-        return {
+        sums = {
             "loss": jnp.sum(nll * mask),
             "top1": jnp.sum(losses.topk_correct(logits, labels, 1) * mask),
             "top5": jnp.sum(losses.topk_correct(logits, labels, top5) * mask),
             "count": jnp.sum(mask),
         }
+        return sums, out["h"]
 
     # Variables keep whatever sharding the state has (replicated or FSDP); batches arrive
     # already sharded on 'data' from host_batch_to_global.
-    return jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+    return jax.jit(
+        eval_step, out_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh))
+    )
 
 
-def classification_metrics(
+def evaluate_split(
     eval_step: Callable,
     variables: Variables,
     eval_data: Iterable[dict[str, np.ndarray]],
     mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """Top-1/top-5 accuracy and mean loss over one full pass of an eval split."""
+    *,
+    keep_features: bool = False,
+) -> tuple[dict[str, float], tuple[jax.Array, jax.Array, jax.Array] | None]:
+    """Top-1/top-5 accuracy and mean loss over one full pass of an eval split, plus, when
+    keep_features, its (h, labels, mask) for kNN, so the split is decoded and run once."""
     totals: dict[str, float] = {}
+    feats, labels, masks = [], [], []
     for host_batch in eval_data:
-        sums = eval_step(variables, parallel.host_batch_to_global(host_batch, mesh))
+        batch = parallel.host_batch_to_global(host_batch, mesh)
+        sums, h = eval_step(variables, batch)
         for key, value in jax.device_get(sums).items():
             totals[key] = totals.get(key, 0.0) + float(value)
+        if keep_features:
+            feats.append(h)
+            labels.append(batch["label"])
+            masks.append(batch["mask"])
     count = max(totals.get("count", 0.0), 1.0)
-    return {
+    metrics = {
         "eval_loss": totals.get("loss", 0.0) / count,
         "top1": totals.get("top1", 0.0) / count,
         "top5": totals.get("top5", 0.0) / count,
         "num_eval_examples": int(totals.get("count", 0.0)),
     }
+    return metrics, (_concat(feats, labels, masks, mesh) if keep_features else None)
+
+
+def _concat(
+    feats: list[jax.Array], labels: list[jax.Array], masks: list[jax.Array], mesh: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-batch global arrays -> whole-split global arrays sharded on 'data'."""
+    concat = jax.jit(
+        lambda xs: jnp.concatenate(xs, axis=0), out_shardings=parallel.batch_sharding(mesh)
+    )
+    return concat(feats), concat(labels), concat(masks)
 
 
 def make_embed_fn(model: Any, mesh: jax.sharding.Mesh) -> Callable:
@@ -85,10 +108,7 @@ def extract_features(
         feats.append(embed_fn(variables, batch["image"]))
         labels.append(batch["label"])
         masks.append(batch["mask"])
-    concat = jax.jit(
-        lambda xs: jnp.concatenate(xs, axis=0), out_shardings=parallel.batch_sharding(mesh)
-    )
-    return concat(feats), concat(labels), concat(masks)
+    return _concat(feats, labels, masks, mesh)
 
 
 def knn_class_scores(

@@ -305,6 +305,30 @@ def make_supervised_step(
     return _jit_step(step_fn, mesh, state_shardings)
 
 
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+    state_shardings: Any,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted step config.mode trains with: SimCLR pretraining or supervised."""
+    num_classes = int(config.model.num_classes)
+    if config.mode == "pretrain":
+        return make_pretrain_step(
+            model,
+            tx,
+            schedule,
+            mesh,
+            state_shardings,
+            num_classes=num_classes,
+            temperature=float(config.loss.temperature),
+            hidden_norm=bool(config.loss.hidden_norm),
+        )
+    return make_supervised_step(model, tx, schedule, mesh, state_shardings, num_classes=num_classes)
+
+
 # ------------------------------------------------------------------ evaluation
 
 
@@ -323,7 +347,9 @@ def evaluate_model(
         config.data, split=config.data.eval_split, batch_size=config.eval_batch_size
     )
     eval_step = evaluate.make_eval_step(model, mesh, num_classes)
-    results = evaluate.classification_metrics(eval_step, variables, eval_data, mesh)
+    results, eval_features = evaluate.evaluate_split(
+        eval_step, variables, eval_data, mesh, keep_features=knn
+    )
     if knn:
         embed = evaluate.make_embed_fn(model, mesh)
         bank_data = data.make_eval_iterator(
@@ -331,7 +357,7 @@ def evaluate_model(
         )
         results |= evaluate.knn_accuracy(
             evaluate.extract_features(embed, variables, bank_data, mesh),
-            evaluate.extract_features(embed, variables, eval_data, mesh),
+            eval_features,
             num_classes=num_classes,
             k=int(config.knn_k),
             temperature=float(config.knn_temperature),
@@ -487,21 +513,7 @@ def run_training(
     try:
         state = restore_or_initialize(state, manager, config)
         pretrain = config.mode == "pretrain"
-        if pretrain:
-            train_step = make_pretrain_step(
-                model,
-                tx,
-                schedule,
-                mesh,
-                shardings,
-                num_classes=num_classes,
-                temperature=float(config.loss.temperature),
-                hidden_norm=bool(config.loss.hidden_norm),
-            )
-        else:
-            train_step = make_supervised_step(
-                model, tx, schedule, mesh, shardings, num_classes=num_classes
-            )
+        train_step = make_train_step(config, model, tx, schedule, mesh, shardings)
         iterator = data.make_train_iterator(
             config.data,
             split=config.data.train_split,

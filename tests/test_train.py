@@ -74,7 +74,7 @@ def test_one_step_on_8_devices_equals_1_device(devices):
     assert_trees_close(metrics1, metrics8, rtol=1e-5, atol=1e-6)
     assert_trees_close(stats1, stats8, rtol=1e-5, atol=1e-6)
     assert_trees_close(params1, params8, rtol=1e-5, atol=1e-6)
-    # The probe sees stop_gradient(h): its loss must not move the encoder (sanity on metrics).
+    # The comparison above means something only if the step moved the parameters.
     assert metrics1["grad_norm"] > 0 and np.isfinite(metrics1["loss"])
 
 
