@@ -33,6 +33,8 @@ setuptools.setup(
     extras_require={
         # `python -m simclr_jax.visualize curves` draws with matplotlib.
         "plots": ["matplotlib>=3.8"],
+        # benchmarks/compare_peers.py: the PyTorch / lightly side of the comparison.
+        "peers": ["torch>=2.4", "torchvision>=0.19", "lightly>=1.5"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "matplotlib>=3.8"],
         "tpu": ["jax[tpu]>=0.6"],
     },

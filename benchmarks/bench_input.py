@@ -6,7 +6,7 @@
 Cases: CIFAR-10 JPEG folder at 32 px without blur (the shared tarball, extracted to a temp dir
 unless --cifar_dir is given); 224 px with blur on 256x256 JPEGs made by upscaling CIFAR-10 images
 (bicubic, quality 90) into a temp folder, so decode cost is that of a real 256 px JPEG.
-Prints a markdown table with reference numbers from other SimCLR pipelines.
+Prints a markdown table; benchmarks/compare_peers.py sets it beside lightly's DataLoader.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ import numpy as np  # noqa: E402
 TARBALL = (
     pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-train-jpeg.tar.gz"
 )
-REFERENCE = {  # images/s, two views per image, from the issue
-    "32": "TF2 reference 3,478; PyTorch 949",
-    "224": "TF2 reference 47 (blur on model side); PyTorch 181",
-}
 
 
 def extract_cifar(tmp: pathlib.Path) -> pathlib.Path:
@@ -122,16 +118,15 @@ def main() -> None:
             rows.append((size, blur, batch, deterministic, rate, per_cpu_second))
         print(f"\nInput pipeline, pretraining (2 views/image), {os.cpu_count()} CPU cores\n")
         print(
-            "| case | batch | deterministic | images/s | images per CPU-second "
-            "| references (images/s) |"
+            "| case | batch | deterministic | images/s | images per CPU-second |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|")
         for size, blur, batch, deterministic, rate, per_cpu_second in rows:
             case = f"{size} px, {'blur' if blur else 'no blur'}"
             source = "CIFAR-10 JPEG folder" if size == 32 else "256 px JPEGs (upscaled CIFAR)"
             print(
                 f"| {case}, {source} | {batch} | {deterministic} | {rate:,.0f} | "
-                f"{per_cpu_second:,.0f} | {REFERENCE[str(size)]} |"
+                f"{per_cpu_second:,.0f} |"
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
