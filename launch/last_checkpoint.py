@@ -1,6 +1,6 @@
 """Prints the newest complete checkpoint step of a workdir (run on a worker by tpu.py status).
 
-    python launch/last_checkpoint.py WORKDIR        # WORKDIR local or gs://
+python launch/last_checkpoint.py WORKDIR        # WORKDIR local or gs://
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ def complete_steps(workdir: str) -> list[int]:
         return []
     steps = []
     for path in root.iterdir():
-        if path.name.isdigit() and (
-            "://" not in workdir or (path / "commit_success.txt").exists()
-        ):
+        if path.name.isdigit() and ("://" not in workdir or (path / "commit_success.txt").exists()):
             steps.append(int(path.name))
     return sorted(steps)
 

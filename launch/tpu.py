@@ -41,7 +41,7 @@ RUNTIME_VERSIONS = {
     "v5p": "v2-alpha-tpuv5",
     "v6e": "v2-alpha-tpuv6e",
 }
-# Remote paths: "$HOME/..." (double quotes keep the expansion and survive no spaces issue).
+# Remote paths, double-quoted so that $HOME expands on the worker (and could hold spaces).
 SRC = '"$HOME/simclr_jax"'
 VENV = '"$HOME/simclr_jax_venv"'
 PYTHON = '"$HOME/simclr_jax_venv/bin/python"'
@@ -153,8 +153,8 @@ def preflight_remote() -> str:
     """Fails unless install finished on this worker and no run is going."""
     return (
         f"[ -f {MARKER} ] || {{ echo 'simclr_jax is not installed here (run install)' >&2; "
-        f"exit 3; }}; if {_running_test()}; then echo \"a run is already going "
-        f"(pid $(cat {PID})); stop it first\" >&2; exit 3; fi; echo \"ready: $(cat {MARKER})\""
+        f'exit 3; }}; if {_running_test()}; then echo "a run is already going '
+        f'(pid $(cat {PID})); stop it first" >&2; exit 3; fi; echo "ready: $(cat {MARKER})"'
     )
 
 
@@ -174,32 +174,40 @@ def train_argv(args: argparse.Namespace, worker: int, num_workers: int, coordina
     return " ".join([*map(shlex.quote, env), PYTHON, shlex.join(argv)])
 
 
-def run_remote(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
-    """Starts the run in its own session (it survives the ssh session) logging to LOG."""
-    # The inner shell traps TERM (not ignores it, so Python keeps its own handler) to outlive
-    # `stop`'s signal to the group and write the exit status to the log.
-    inner = (
+def run_inner(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
+    """The detached shell: trains, then logs the exit status."""
+    # It traps TERM (a trap, not an ignore, so Python keeps its own handler) to outlive `stop`'s
+    # signal to the process group and still write the exit status to the log.
+    return (
         f"trap : TERM; {train_argv(args, worker, num_workers, coordinator)}; code=$?; "
         'echo "=== exited with status $code at $(date -u +%FT%TZ)"; exit $code'
     )
+
+
+def run_remote(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
+    """Starts the run in its own session (it survives the ssh session) logging to LOG."""
+    inner = run_inner(args, worker, num_workers, coordinator)
     return (
         f"cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
         f'echo "=== worker {worker}: start at $(date -u +%FT%TZ)" >> {LOG} && '
         f"{{ setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 < /dev/null & "
-        f"echo $! > {PID}; }} && echo \"started pid $(cat {PID})\""
+        f'echo $! > {PID}; }} && echo "started pid $(cat {PID})"'
     )
 
 
 def status_remote(worker: int) -> str:
     """Alive or not, the last log line and, on worker 0, the last checkpoint step."""
     checkpoint = (
-        f'; [ -f {WORKDIR_FILE} ] && {PYTHON} {SRC}/launch/last_checkpoint.py "$(cat {WORKDIR_FILE})"'
+        f"; [ -f {WORKDIR_FILE} ] && "
+        f'{PYTHON} {SRC}/launch/last_checkpoint.py "$(cat {WORKDIR_FILE})"'
         if worker == 0
         else ""
     )
+    progress = f"grep -E ' step [0-9]+/[0-9]+ ' {LOG} 2>/dev/null | tail -n 1"
     return (
         f'if {_running_test()}; then echo "running (pid $(cat {PID}))"; else echo "not running"; '
-        f'fi; echo "last log line: $(tail -n 1 {LOG} 2>/dev/null)"{checkpoint}; true'
+        f'fi; echo "last progress: $({progress})"; '
+        f'echo "last log line: $(tail -n 1 {LOG} 2>/dev/null)"{checkpoint}; true'
     )
 
 
@@ -326,17 +334,19 @@ def do_install(args: argparse.Namespace) -> None:
     """Copies this commit and the lock file to every worker and builds its venv there."""
     workers = list(range(len(endpoints(args))))
     commit = run_local(args, ["git", "-C", str(REPO), "rev-parse", "HEAD"], "git rev-parse")
-    archive = Path(tempfile.mkdtemp()) / ARCHIVE_NAME
-    run_local(args, ["git", "-C", str(REPO), "archive", "--format=tar.gz",
-                     f"--output={archive}", "HEAD"], "git archive")  # fmt: skip
-    lock = Path(tempfile.mkdtemp()) / LOCK_NAME
-    if not args.dry_run:
+    if not Path(args.lock).is_file():
+        raise LaunchError(f"--lock={args.lock}: no such file; run `bash requirements/lock.sh`.")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive, lock = Path(tmp) / ARCHIVE_NAME, Path(tmp) / LOCK_NAME
+        run_local(args, ["git", "-C", str(REPO), "archive", "--format=tar.gz",
+                         f"--output={archive}", "HEAD"], "git archive")  # fmt: skip
         shutil.copyfile(args.lock, lock)
-    for local in (archive, lock):
-        run_local(args, _tpu_vm(args, "scp", str(local), f"{args.name}:~/", "--worker=all"),
-                  f"copying {local.name} to the workers")  # fmt: skip
+        for local in (archive, lock):
+            run_local(args, _tpu_vm(args, "scp", str(local), f"{args.name}:~/", "--worker=all"),
+                      f"copying {local.name} to the workers")  # fmt: skip
     on_workers(args, workers, lambda w: install_remote(args, commit.strip() or "HEAD"), "install")
-    print(f"installed on {len(workers)} worker(s)", flush=True)
+    if not args.dry_run:
+        print(f"installed on {len(workers)} worker(s)", flush=True)
 
 
 def do_run(args: argparse.Namespace) -> None:
@@ -414,23 +424,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
             p.add_argument("--wait_s", type=int, default=3600, help="--queued: wait for ACTIVE")
         if name == "install":
-            p.add_argument("--lock", default=str(REPO / "requirements" / "lock.txt"),
-                           help="pinned requirements to install (default: requirements/lock.txt)")  # fmt: skip
+            p.add_argument(
+                "--lock",
+                default=str(REPO / "requirements" / "lock.txt"),
+                help="pinned requirements to install (default: requirements/lock.txt)",
+            )
             p.add_argument("--python_version", default="3.11", help="workers' Python (>= 3.11)")
-            p.add_argument("--pip_args", default="",
-                           help="extra pip arguments, e.g. '--no-index --find-links=DIR'")  # fmt: skip
-            p.add_argument("--cpu_only", action="store_true",
-                           help="skip requirements/tpu.txt (libtpu): CPU-only workers")  # fmt: skip
+            p.add_argument(
+                "--pip_args",
+                default="",
+                help="extra pip arguments, e.g. '--no-index --find-links=DIR'",
+            )
+            p.add_argument(
+                "--cpu_only",
+                action="store_true",
+                help="skip requirements/tpu.txt (libtpu): CPU-only workers",
+            )
         if name == "run":
             p.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
             p.add_argument("--workdir", required=True, help="shared path, gs://BUCKET/DIR")
-            p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                           help="environment variable for the run (repeatable)")  # fmt: skip
+            p.add_argument(
+                "--env",
+                action="append",
+                default=[],
+                metavar="NAME=VALUE",
+                help="environment variable for the run (repeatable)",
+            )
             p.add_argument("--tfds_data_dir", default="", help="same as --env TFDS_DATA_DIR=...")
-            p.add_argument("--coordinator_port", type=int, default=COORDINATOR_PORT,
-                           help="port of jax.distributed's coordinator on worker 0")  # fmt: skip
-            p.add_argument("--allow_local_workdir", action="store_true",
-                           help="the workers share a file system (not gs://)")  # fmt: skip
+            p.add_argument(
+                "--coordinator_port",
+                type=int,
+                default=COORDINATOR_PORT,
+                help="port of jax.distributed's coordinator on worker 0",
+            )
+            p.add_argument(
+                "--allow_local_workdir",
+                action="store_true",
+                help="the workers share a file system (not gs://)",
+            )
             p.add_argument("override", nargs="*", help="extra --config.field=value flags")
         if name == "stop":
             p.add_argument("--wait_s", type=int, default=900, help="wait this long for the save")

@@ -28,9 +28,7 @@ def progress_line(step: int, total: int, images_per_sec: float, steps_per_sec: f
     eta = remaining / steps_per_sec if steps_per_sec > 0 else float("inf")
     eta_text = "unknown" if not math.isfinite(eta) else _hms(eta)
     percent = 100.0 * step / total if total else 100.0
-    return (
-        f"step {step}/{total} ({percent:.1f}%), {images_per_sec:.1f} images/s, ETA {eta_text}"
-    )
+    return f"step {step}/{total} ({percent:.1f}%), {images_per_sec:.1f} images/s, ETA {eta_text}"
 
 
 def _hms(seconds: float) -> str:
