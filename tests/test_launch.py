@@ -386,3 +386,39 @@ def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     assert not (root / "nodes" / "pod").exists()
     gone = launch("status", *pod, env=env)
     assert gone.returncode == 1 and "describing the TPU VM failed" in gone.stderr
+
+
+# ------------------------------------------------------------------ the lock file
+
+
+def setup_kwargs(monkeypatch) -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    spec = importlib.util.spec_from_file_location("project_setup", REPO / "setup.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return captured
+
+
+def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    kwargs = setup_kwargs(monkeypatch)
+    assert kwargs["python_requires"] == ">=3.11"
+    lock = (REPO / "requirements" / "lock.txt").read_text()
+    pins = dict(line.split("==") for line in lock.splitlines() if line and not line.startswith("#"))
+    assert all(re.fullmatch(r"[a-z0-9-]+", name) for name in pins)
+    python = re.search(r"Resolved for Python (\d+\.\d+)", lock).group(1)
+    assert SpecifierSet(kwargs["python_requires"]).contains(python + ".0")
+    for text in [*kwargs["install_requires"], *kwargs["extras_require"]["test"]]:
+        requirement = Requirement(text)
+        if requirement.marker and not requirement.marker.evaluate():
+            continue
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"{name} is not in requirements/lock.txt; run requirements/lock.sh"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
+    tpu = (REPO / "requirements" / "tpu.txt").read_text()
+    assert re.search(r"^libtpu==[\d.]+$", tpu, re.M)
