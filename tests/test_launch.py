@@ -422,3 +422,77 @@ def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
     tpu = (REPO / "requirements" / "tpu.txt").read_text()
     assert re.search(r"^libtpu==[\d.]+$", tpu, re.M)
+
+
+# ------------------------------------------------------------------ worker set-up, no python3.X
+
+
+FAKE_UV = """#!/bin/sh
+# Stand-in for uv (no network here): `python install V` records the call, `python find V`
+# answers with the interpreter the test chose.
+case "$1 $2" in
+  "python install") echo "fake uv: installed CPython $3"; : > "$HOME/uv-installed-$3" ;;
+  "python find") echo "$FAKE_UV_PYTHON" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def fake_uv_wheel(wheels: Path, version: str) -> None:
+    """A wheel named uv==version whose `uv` script is FAKE_UV (pip installs it to ~/.local/bin)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        f"uv-{version}.data/scripts/uv": FAKE_UV,
+        f"uv-{version}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: uv\nVersion: {version}\n"
+        ),
+        f"uv-{version}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{name},sha256={digest.decode()},{len(text.encode())}")
+    files[f"uv-{version}.dist-info/RECORD"] = "\n".join(
+        [*record, f"uv-{version}.dist-info/RECORD,,"]
+    )
+    with zipfile.ZipFile(wheels / f"uv-{version}-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o100000 | 0o755) << 16  # a regular, executable file
+            whl.writestr(info, text)
+
+
+def test_worker_setup_fetches_python_with_uv_when_the_image_has_none(tmp_path):
+    """The real TPU image path: no python3.X on PATH, so worker_setup.sh pip-installs uv, asks
+    it for CPython and builds the venv from that (uv's download is faked, the commands are not)."""
+    script = (REPO / "launch" / "worker_setup.sh").read_text()
+    uv_version = re.search(r"^UV_VERSION=(\S+)$", script, re.M).group(1)
+    home, image, wheels = tmp_path / "home", tmp_path / "image", tmp_path / "wheels"
+    for d in (home, image, wheels):
+        d.mkdir()
+    base = Path(sys._base_executable).resolve()
+    (image / "python3").symlink_to(base)  # the image's old python3, no python3.X
+    fake_uv_wheel(wheels, uv_version)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    env = {
+        "HOME": str(home), "PATH": str(image), "FAKE_UV_PYTHON": str(base),
+        "PYTHONPATH": sysconfig.get_paths()["purelib"], "PIP_CONFIG_FILE": os.devnull,
+    }  # fmt: skip
+    venv = home / "venv"
+    result = subprocess.run(
+        ["/bin/bash", str(REPO / "launch" / "worker_setup.sh"), str(REPO), str(venv), version,
+         str(locked_as_installed(tmp_path / "lock.txt")), "-", "--", "--no-index",
+         f"--find-links={wheels}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"no python{version} on PATH; installing uv=={uv_version}" in result.stdout
+    assert (home / ".local" / "bin" / "uv").exists() and (home / f"uv-installed-{version}").exists()
+    assert f"virtual environment {venv} from {base}" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith(f"setup: done: Python {version}")
+    assert (venv / "bin" / "python").exists()
