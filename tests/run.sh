@@ -9,5 +9,5 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -c 'import sys; assert sys.version_info >= (3, 11), "simclr_jax needs Python >= 3.11; set VENV to one made with python3.11"'
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r requirements/lock.txt
-"$VENV/bin/python" -m pip install -q --no-deps -e '.[test]'
+"$VENV/bin/python" -m pip install -q --no-deps -e .
 exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
