@@ -334,6 +334,13 @@ def do_install(args: argparse.Namespace) -> None:
     """Copies this commit and the lock file to every worker and builds its venv there."""
     workers = list(range(len(endpoints(args))))
     commit = run_local(args, ["git", "-C", str(REPO), "rev-parse", "HEAD"], "git rev-parse")
+    status = ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]
+    if run_local(args, status, "git status").strip():
+        print(
+            "warning: uncommitted changes are not sent (the workers get HEAD); commit first.",
+            file=sys.stderr,
+            flush=True,
+        )
     if not Path(args.lock).is_file():
         raise LaunchError(f"--lock={args.lock}: no such file; run `bash requirements/lock.sh`.")
     with tempfile.TemporaryDirectory() as tmp:
