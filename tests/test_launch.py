@@ -86,9 +86,9 @@ def test_create_queued_v5e_16_spot_waits_for_active():
 
 def test_install_uses_a_venv_and_the_lock_on_every_worker():
     *local, ssh0, ssh1 = dry_run("install", *POD, "--num_workers", "2")
-    assert [c[:2] for c in local] == [["git", "-C"], ["git", "-C"], ["gcloud", "compute"],
-                                      ["gcloud", "compute"]]  # fmt: skip
-    assert local[2][4] == "scp" and local[3][5].endswith("simclr_jax_lock.txt")
+    assert [c[0] for c in local] == ["git", "git", "git", "gcloud", "gcloud"]
+    assert local[2][3] == "archive" and local[2][-1] == "HEAD"
+    assert local[3][4] == "scp" and local[4][5].endswith("simclr_jax_lock.txt")
     for worker, ssh in enumerate((ssh0, ssh1)):
         assert f"--worker={worker}" in ssh
         remote = remote_command(ssh)
