@@ -176,10 +176,12 @@ def train_argv(args: argparse.Namespace, worker: int, num_workers: int, coordina
 
 def run_inner(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
     """The detached shell: trains, then logs the exit status."""
-    # It traps TERM (a trap, not an ignore, so Python keeps its own handler) to outlive `stop`'s
-    # signal to the process group and still write the exit status to the log.
+    # It records its own pid (the process group's id, thanks to setsid, even where setsid had
+    # to fork) and traps TERM (a trap, not an ignore, so Python keeps its own handler) to outlive
+    # `stop`'s signal to the group and still write the exit status to the log.
     return (
-        f"trap : TERM; {train_argv(args, worker, num_workers, coordinator)}; code=$?; "
+        f"echo $$ > {PID}; trap : TERM; "
+        f"{train_argv(args, worker, num_workers, coordinator)}; code=$?; "
         'echo "=== exited with status $code at $(date -u +%FT%TZ)"; exit $code'
     )
 

@@ -107,7 +107,7 @@ def test_run_puts_env_before_python_and_detaches():
         remote = remote_command(start)
         assert "setsid nohup bash -c" in remote and "< /dev/null &" in remote
         inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
-        words = shlex.split(inner.split("; ")[1])
+        words = shlex.split(inner.split("; ")[2])
         assert words[:2] == ["env", "TFDS_DATA_DIR=gs://bucket/tfds"]
         assert words[2].endswith("simclr_jax_venv/bin/python") and words[3:5] == [
             "-m",
