@@ -15,7 +15,7 @@ setuptools.setup(
     description="SimCLR v1/v2 contrastive pretraining in JAX/Flax for TPU pods and CPUs.",
     packages=setuptools.find_packages(include=["simclr_jax", "simclr_jax.*"]),
     package_data={"simclr_jax": ["data/bundled/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.7 and flax 0.12 need 3.11
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
 from etils import epath
 
@@ -19,6 +20,27 @@ def is_writer_process() -> bool:
 
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def progress_line(step: int, total: int, images_per_sec: float, steps_per_sec: float) -> str:
+    """'step 120/1000 (12.0%), 512.3 images/s, ETA 0:14:05' (ETA at the recent step rate)."""
+    remaining = max(total - step, 0)
+    eta = remaining / steps_per_sec if steps_per_sec > 0 else float("inf")
+    eta_text = "unknown" if not math.isfinite(eta) else _hms(eta)
+    percent = 100.0 * step / total if total else 100.0
+    return f"step {step}/{total} ({percent:.1f}%), {images_per_sec:.1f} images/s, ETA {eta_text}"
+
+
+def _hms(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def log_progress(step: int, total: int, images_per_sec: float, steps_per_sec: float) -> None:
+    """Logs the progress line on process 0 (the others stay quiet, as for metrics)."""
+    if is_writer_process():
+        logging.info("%s", progress_line(step, total, images_per_sec, steps_per_sec))
 
 
 def create_writer(

@@ -472,6 +472,7 @@ def train_loop(
             last["images_per_sec"] = ticked_steps * config.train_batch_size / elapsed
             last["steps_per_sec"] = ticked_steps / elapsed
             writer.write_scalars(step, last)
+            metrics.log_progress(step, total, last["images_per_sec"], last["steps_per_sec"])
             tick, ticked_steps = time.time(), 0
         if save_now:
             checkpoint.save(manager, step, state.to_tree(), checkpoint_meta(config, step))

@@ -1,29 +1,71 @@
-"""The TPU pod launcher's dry runs print well-formed gcloud command lines."""
+"""The TPU pod launcher, executed: its shell strings are parsed and run, and a real 2-worker
+CPU training goes create -> install -> run -> status -> stop -> run (resume) -> logs -> delete
+through a fake `gcloud` (tests/fake_gcloud/gcloud) that runs every command on local workers."""
 
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
 import shlex
 import subprocess
 import sys
+import sysconfig
+import time
 from pathlib import Path
 
 import pytest
+from pod_worker import free_port
 
-LAUNCHER = Path(__file__).parents[1] / "launch" / "tpu.py"
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launch" / "tpu.py"
+FAKE_GCLOUD = REPO / "tests" / "fake_gcloud"
 POD = ["--name", "simclr-v4", "--zone", "us-central2-b", "--project", "my-proj"]
 
 
-def dry_run(*args: str) -> list[list[str]]:
-    result = subprocess.run(
-        [sys.executable, str(LAUNCHER), *args, "--dry_run"],
-        capture_output=True, text=True, check=True,
+def load_launcher():
+    """launch/tpu.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("tpu_launcher", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tpu = load_launcher()
+
+
+def launch(
+    *args: str, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Runs the launcher (stdout and stderr captured)."""
+    return subprocess.run(
+        [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, env=env,
+        timeout=timeout,
     )  # fmt: skip
-    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def dry_run(*args: str) -> list[list[str]]:
+    """The command lines a dry run prints (worker prefixes stripped)."""
+    result = launch(*args, "--dry_run")
+    assert result.returncode == 0, result.stderr
+    lines = [re.sub(r"^(\[worker \d+\] )?\$ ", "", line) for line in result.stdout.splitlines()]
+    return [shlex.split(line) for line in lines]
+
+
+def remote_command(argv: list[str]) -> str:
+    [flag] = [a for a in argv if a.startswith("--command=")]
+    return flag.removeprefix("--command=")
+
+
+# ------------------------------------------------------------------ command lines
 
 
 def test_help_lists_every_subcommand():
-    out = subprocess.run(
-        [sys.executable, str(LAUNCHER), "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    for name in ("create", "install", "run", "logs", "delete"):
+    out = launch("--help").stdout
+    for name in ("create", "install", "run", "status", "stop", "logs", "delete"):
         assert name in out
 
 
@@ -34,62 +76,132 @@ def test_create_v4_32_spot():
             "--version=tpu-ubuntu2204-base", "--spot"} <= set(cmd)  # fmt: skip
 
 
-def test_create_queued_spot_resource():
-    [cmd] = dry_run("create", *POD, "--accelerator", "v4-32", "--spot", "--queued")
-    assert cmd[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
-    assert {"--node-id=simclr-v4", "--runtime-version=tpu-ubuntu2204-base", "--spot",
-            "--accelerator-type=v4-32"} <= set(cmd)  # fmt: skip
+def test_create_queued_v5e_16_spot_waits_for_active():
+    create, wait = dry_run("create", *POD, "--accelerator", "v5litepod-16", "--spot", "--queued")
+    assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    assert {"--node-id=simclr-v4", "--runtime-version=v2-alpha-tpuv5-lite", "--spot",
+            "--accelerator-type=v5litepod-16"} <= set(create)  # fmt: skip
+    assert wait[3:5] == ["queued-resources", "describe"] and "--format=value(state.state)" in wait
 
 
-def test_install_copies_and_installs_on_all_workers():
-    archive, scp, ssh = dry_run("install", *POD)
-    assert archive[:2] == ["git", "archive"]
-    assert scp[4] == "scp" and "--worker=all" in scp
-    assert ssh[4] == "ssh" and "--worker=all" in ssh
-    assert "pip install" in ssh[-1] and ".[tpu]" in ssh[-1]
+def test_install_uses_a_venv_and_the_lock_on_every_worker():
+    *local, ssh0, ssh1 = dry_run("install", *POD, "--num_workers", "2")
+    assert [c[0] for c in local] == ["git", "git", "git", "gcloud", "gcloud"]
+    assert local[2][3] == "archive" and local[2][-1] == "HEAD"
+    assert local[3][4] == "scp" and local[4][5].endswith("simclr_jax_lock.txt")
+    for worker, ssh in enumerate((ssh0, ssh1)):
+        assert f"--worker={worker}" in ssh
+        remote = remote_command(ssh)
+        assert "launch/worker_setup.sh" in remote and "simclr_jax_lock.txt" in remote
+        assert "requirements/tpu.txt" in remote  # libtpu on real TPU workers
+        assert "pip install" not in remote  # pip runs inside the venv, in worker_setup.sh
 
 
-def test_run_starts_the_config_on_all_workers_with_overrides():
-    [cmd] = dry_run(
-        "run", *POD, "--config", "configs/imagenet_pretrain.py:r50_1x",
+def test_run_puts_env_before_python_and_detaches():
+    *_, start0, start1 = dry_run(
+        "run", *POD, "--num_workers", "2", "--config", "configs/imagenet_pretrain.py:r50_1x",
         "--workdir", "gs://bucket/run1", "--tfds_data_dir", "gs://bucket/tfds",
         "--config.train_epochs=10",
     )  # fmt: skip
-    assert cmd[4] == "ssh" and "--worker=all" in cmd
-    remote = cmd[-1].removeprefix("--command=")
-    inner = shlex.split(remote)
-    assert "--config=configs/imagenet_pretrain.py:r50_1x" in inner
-    assert "--workdir=gs://bucket/run1" in inner
-    assert "--config.train_epochs=10" in inner
-    assert "TFDS_DATA_DIR=gs://bucket/tfds" in inner
+    for worker, start in enumerate((start0, start1)):
+        remote = remote_command(start)
+        assert "setsid nohup bash -c" in remote and "< /dev/null &" in remote
+        inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
+        words = shlex.split(inner.split("; ")[2])
+        assert words[:2] == ["env", "TFDS_DATA_DIR=gs://bucket/tfds"]
+        assert words[2].endswith("simclr_jax_venv/bin/python") and words[3:5] == [
+            "-m",
+            "simclr_jax.main",
+        ]
+        assert {"--config=configs/imagenet_pretrain.py:r50_1x", "--workdir=gs://bucket/run1",
+                "--config.train_epochs=10", "--coordinator_address=WORKER0_IP:8476",
+                "--num_processes=2", f"--process_id={worker}"} <= set(words)  # fmt: skip
 
 
-def test_logs_and_delete():
+def test_logs_follow_process_0_and_delete():
     [logs] = dry_run("logs", *POD)
-    assert "--worker=0" in logs and "tail" in logs[-1]
+    assert "--worker=0" in logs and "tail -n 100 --pid=" in remote_command(logs)
     [delete] = dry_run("delete", *POD)
     assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "simclr-v4"]
     [qdelete] = dry_run("delete", *POD, "--queued")
     assert qdelete[3:5] == ["queued-resources", "delete"] and "--force" in qdelete
 
 
-def test_unknown_generation_is_a_clear_error():
-    result = subprocess.run(
-        [sys.executable, str(LAUNCHER), "create", *POD, "--accelerator", "v9-8", "--dry_run"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert "unknown TPU generation 'v9'" in result.stderr
+FLAG_SETS = {
+    "create": [["--accelerator", "v4-32"], ["--accelerator", "v4-32", "--spot"],
+               ["--accelerator", "v5litepod-16", "--queued"],
+               ["--accelerator", "v5litepod-16", "--queued", "--spot"]],
+    "install": [[], ["--cpu_only"], ["--pip_args", "--no-index --find-links='/a dir/wheels'"],
+                ["--python_version", "3.12"]],
+    "run": [["--config", "configs/smoke.py:pretrain", "--workdir", "gs://b/w"],
+            ["--config", "configs/my config.py:a,b", "--workdir", "gs://b/it's here",
+             "--env", "A=two words", "--env", 'B=say "hi" $HOME `x`', "--env", "C='q'",
+             "--tfds_data_dir", "gs://b/t d", "--config.optim.name=it's", '--config.x="y z"'],
+            ["--queued", "--config", "c.py", "--workdir", "gs://b/w", "--coordinator_port", "1"]],
+    "status": [[], ["--queued"]],
+    "stop": [[], ["--wait_s", "5"]],
+    "logs": [[], ["--no_follow", "--lines", "5"], ["--worker", "1"]],
+    "delete": [[], ["--queued"]],
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("sub", ["run"])
-def test_local_workdir_warns(sub):
-    result = subprocess.run(
-        [sys.executable, str(LAUNCHER), sub, *POD, "--config", "c.py", "--workdir", "/tmp/x",
-         "--dry_run"],
-        capture_output=True, text=True, check=True,
+@pytest.mark.parametrize(
+    "sub,flags", [(sub, flags) for sub, sets in FLAG_SETS.items() for flags in sets]
+)
+def test_every_remote_shell_string_parses(sub, flags):
+    commands = dry_run(sub, *POD, "--num_workers", "2", *flags)
+    remotes = [remote_command(c) for c in commands if any(a.startswith("--command=") for a in c)]
+    if sub in ("install", "run", "status", "stop", "logs"):
+        assert remotes
+    for remote in remotes:
+        checked = subprocess.run(["bash", "-n", "-c", remote], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{remote}\n{checked.stderr}"
+        if "setsid nohup bash -c " in remote:  # the detached inner script, too
+            inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
+            checked = subprocess.run(["bash", "-n", "-c", inner], capture_output=True, text=True)
+            assert checked.returncode == 0, f"{inner}\n{checked.stderr}"
+
+
+def test_run_command_delivers_env_and_arguments_verbatim(tmp_path):
+    """Executes the start command with a stand-in python: it must see exactly what was asked,
+    survive its shell, and log its exit status."""
+    home = tmp_path / "home dir"
+    (home / "simclr_jax").mkdir(parents=True)
+    fake_python = home / "simclr_jax_venv" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text(
+        "#!/usr/bin/env python3\nimport json, os, sys\n"
+        "json.dump({'argv': sys.argv[1:], 'A': os.environ.get('A'), 'B': os.environ.get('B')},"
+        " open(os.path.expanduser('~/seen.json'), 'w'))\nsys.exit(3)\n"
+    )
+    fake_python.chmod(0o755)
+    args = argparse.Namespace(
+        config="configs/my config.py:a,b", workdir="gs://b/it's here",
+        env=["A=two words", 'B=say "hi" $HOME `x`'], override=["--config.x=\"y z\"", "--k=it's"],
     )  # fmt: skip
-    assert "not a gs:// path" in result.stderr
+    remote = tpu.run_remote(args, 1, 2, "10.0.0.2:8476")
+    env = {**os.environ, "HOME": str(home)}
+    started = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr
+    pid = int((home / "simclr_jax_run.pid").read_text())
+    deadline = time.monotonic() + 30
+    while (home / "simclr_jax_run.log").read_text().count("=== exited") == 0:
+        assert time.monotonic() < deadline, "the detached command did not finish"
+        time.sleep(0.1)
+    seen = json.loads((home / "seen.json").read_text())
+    assert seen["A"] == "two words" and seen["B"] == 'say "hi" $HOME `x`'
+    assert seen["argv"] == [
+        "-m", "simclr_jax.main", "--config=configs/my config.py:a,b",
+        "--workdir=gs://b/it's here", "--coordinator_address=10.0.0.2:8476",
+        "--num_processes=2", "--process_id=1", '--config.x="y z"', "--k=it's",
+    ]  # fmt: skip
+    log = (home / "simclr_jax_run.log").read_text()
+    assert "=== worker 1: start" in log and "=== exited with status 3" in log
+    assert (home / "simclr_jax_run.workdir").read_text() == "gs://b/it's here\n"
+    assert pid > 0
+
+
+# ------------------------------------------------------------------ simulated pod
 
 
 SIMULATOR = Path(__file__).parents[1] / "launch" / "simulate_pod.py"
@@ -117,3 +229,270 @@ def test_simulated_pod_help():
         [sys.executable, str(SIMULATOR), "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--num_processes" in out and "--dry_run" in out
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unknown_accelerator_is_one_clear_line():
+    result = launch("create", *POD, "--accelerator", "v9-8", "--dry_run")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "unknown TPU generation 'v9'" in result.stderr and "--runtime_version" in result.stderr
+
+
+def test_missing_gcloud_is_one_clear_line(tmp_path):
+    result = launch("status", *POD, env={**os.environ, "PATH": str(tmp_path)})
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "gcloud, which is not on PATH" in result.stderr
+
+
+def fake_env(root: Path, worker_env: dict | None = None) -> dict[str, str]:
+    """Environment that puts the fake gcloud first on PATH."""
+    return {
+        **os.environ,
+        "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
+        "FAKE_GCLOUD_ROOT": str(root),
+        "FAKE_GCLOUD_WORKER_ENV": json.dumps(worker_env or {}),
+    }
+
+
+def test_local_workdir_on_a_multi_host_slice_is_refused(tmp_path):
+    env = fake_env(tmp_path)
+    assert launch("create", *POD, "--accelerator", "v4-16", env=env).returncode == 0
+    result = launch("run", *POD, "--config", "c.py", "--workdir", "/tmp/x", env=env)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "2-worker slice needs a shared gs:// workdir" in result.stderr
+    assert "[worker" not in result.stdout  # nothing ran on any worker
+    assert launch("delete", *POD, env=env).returncode == 0
+
+
+# ------------------------------------------------------------------ executed end to end
+
+
+def locked_as_installed(path: Path) -> Path:
+    """requirements/lock.txt with the versions of this test environment: the workers' offline
+    pip then finds every pin satisfied by the packages the tests run with."""
+    installed = {
+        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+        for d in importlib.metadata.distributions()
+    }
+    lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
+    names = [line.split("==")[0] for line in lock if "==" in line]
+    path.write_text("".join(f"{n}=={installed[n]}\n" for n in names if n in installed))
+    return path
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(2)
+
+
+@pytest.mark.slow
+def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
+    """A real 2-process CPU training through every launcher subcommand."""
+    root, image, wheels = tmp_path / "gcloud", tmp_path / "image", tmp_path / "wheels"
+    for d in (root, image, wheels):
+        d.mkdir()
+    # The simulated VM image: a python<version> on PATH and, instead of network access,
+    # the test environment's packages (pip must find every pin satisfied, with --no-index).
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (image / f"python{version}").symlink_to(Path(sys._base_executable).resolve())
+    site = sysconfig.get_paths()["purelib"]
+    image_env = {"PYTHONPATH": site, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+                 "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fmt: skip
+    env = {**fake_env(root, {"all": image_env, "1": {"PYTHONPATH": ""}}),
+           "FAKE_GCLOUD_IMAGE_PATH": str(image)}  # fmt: skip
+    workers = [root / "nodes" / "pod" / f"worker{w}" for w in (0, 1)]
+    pod = ["--name", "pod", "--zone", "us-central2-b"]
+    workdir = tmp_path / "workdir"
+
+    created = launch("create", *pod, "--accelerator", "v4-16", "--queued", "--spot", env=env)
+    assert created.returncode == 0, created.stderr
+    assert json.loads((root / "nodes" / "pod.json").read_text())["spot"] is True
+
+    install = ["install", *pod, "--cpu_only", "--python_version", version,
+               "--lock", str(locked_as_installed(tmp_path / "lock.txt")),
+               "--pip_args", f"--no-index --find-links={wheels}"]  # fmt: skip
+    # Worker 1's image lacks the packages: install fails there, naming worker and command ...
+    failed = launch(*install, env=env, timeout=600)
+    assert failed.returncode == 1, failed.stdout
+    [line] = failed.stderr.splitlines()
+    assert line.startswith("error: worker 1: install failed (exit 1)")
+    assert "gcloud compute tpus tpu-vm ssh pod --worker=1" in line and "worker_setup.sh" in line
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return launch(
+            "run", *pod, "--config", "configs/smoke.py:pretrain", "--workdir", str(workdir),
+            "--allow_local_workdir", "--coordinator_port", str(free_port()),
+            "--env", f"JAX_COMPILATION_CACHE_DIR={tmp_path / 'jax cache'}",
+            "--env", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0",
+            "--env", 'SIMCLR_NOTE=spaces "and" quotes',
+            "--config.data.image_size=16", "--config.train_batch_size=16",
+            "--config.eval_batch_size=48", "--config.data.eval_split=test[:10]",
+            "--config.knn_eval=False", "--config.log_every_steps=1", "--config.warmup_steps=1",
+            "--config.checkpoint_every_steps=1000", *extra, env=env,
+        )  # fmt: skip
+
+    # ... and run refuses to start anything, on worker 0 too.
+    refused = run("--config.train_steps=1000")
+    assert refused.returncode == 1
+    assert "error: worker 1: the pre-start check failed" in refused.stderr
+    assert "not installed here" in refused.stderr
+    assert not (workers[0] / "simclr_jax_run.pid").exists()
+
+    env["FAKE_GCLOUD_WORKER_ENV"] = json.dumps({"all": image_env})
+    installed = launch(*install, env=env, timeout=600)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    for w in (0, 1):
+        assert f"[worker {w}] setup: done: Python {version}" in installed.stdout
+
+    started = run("--config.train_steps=1000")
+    assert started.returncode == 0, started.stdout + started.stderr
+    log0 = workers[0] / "simclr_jax_run.log"
+    wait_for(lambda: "step 2/1000" in log0.read_text(), 900, "step 2 on worker 0")
+
+    status = launch("status", *pod, env=env)
+    assert status.returncode == 0
+    assert "[worker 0] running (pid" in status.stdout and "[worker 1] running (pid" in status.stdout
+    assert re.search(
+        r"\[worker 0\] last progress: .*step \d+/1000 \(.*images/s, ETA ", status.stdout
+    )
+
+    stopped = launch("stop", *pod, env=env, timeout=900)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    saved = int(re.search(r"last checkpoint: step (\d+)", stopped.stdout).group(1))
+    assert saved >= 2
+    for w in (0, 1):
+        assert f"[worker {w}] stopped: === exited with status 0" in stopped.stdout
+    # Process 0 alone prints progress; worker 1 has its own log.
+    assert " step 2/1000 " not in (workers[1] / "simclr_jax_run.log").read_text()
+
+    resumed = run(f"--config.train_steps={saved + 2}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    logs = launch("logs", *pod, env=env, timeout=900)  # follows until the run ends
+    assert logs.returncode == 0
+    assert f"Resuming from {workdir / 'checkpoints'} step {saved}." in logs.stdout
+    assert f"step {saved + 2}/{saved + 2} (100.0%)" in logs.stdout
+    assert logs.stdout.rstrip().splitlines()[-1].startswith("=== exited with status 0")
+    steps = [json.loads(line).get("step") for line in (workdir / "metrics.jsonl").open()]
+    assert steps[-1] == saved + 2 and saved + 1 in steps
+    assert (workdir / "checkpoints" / str(saved + 2)).is_dir()
+
+    deleted = launch("delete", *pod, "--queued", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not (root / "nodes" / "pod").exists()
+    gone = launch("status", *pod, env=env)
+    assert gone.returncode == 1 and "describing the TPU VM failed" in gone.stderr
+
+
+# ------------------------------------------------------------------ the lock file
+
+
+def setup_kwargs(monkeypatch) -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup."""
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    spec = importlib.util.spec_from_file_location("project_setup", REPO / "setup.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return captured
+
+
+def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    kwargs = setup_kwargs(monkeypatch)
+    assert kwargs["python_requires"] == ">=3.11"
+    lock = (REPO / "requirements" / "lock.txt").read_text()
+    pins = dict(line.split("==") for line in lock.splitlines() if line and not line.startswith("#"))
+    assert all(re.fullmatch(r"[a-z0-9-]+", name) for name in pins)
+    python = re.search(r"Resolved for Python (\d+\.\d+)", lock).group(1)
+    assert SpecifierSet(kwargs["python_requires"]).contains(python + ".0")
+    for text in [*kwargs["install_requires"], *kwargs["extras_require"]["test"]]:
+        requirement = Requirement(text)
+        if requirement.marker and not requirement.marker.evaluate():
+            continue
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"{name} is not in requirements/lock.txt; run requirements/lock.sh"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
+    tpu = (REPO / "requirements" / "tpu.txt").read_text()
+    assert re.search(r"^libtpu==[\d.]+$", tpu, re.M)
+
+
+# ------------------------------------------------------------------ worker set-up, no python3.X
+
+
+FAKE_UV = """#!/bin/sh
+# Stand-in for uv (no network here): `python install V` records the call, `python find V`
+# answers with the interpreter the test chose.
+case "$1 $2" in
+  "python install") echo "fake uv: installed CPython $3"; : > "$HOME/uv-installed-$3" ;;
+  "python find") echo "$FAKE_UV_PYTHON" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def fake_uv_wheel(wheels: Path, version: str) -> None:
+    """A wheel named uv==version whose `uv` script is FAKE_UV (pip installs it to ~/.local/bin)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        f"uv-{version}.data/scripts/uv": FAKE_UV,
+        f"uv-{version}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: uv\nVersion: {version}\n"
+        ),
+        f"uv-{version}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{name},sha256={digest.decode()},{len(text.encode())}")
+    files[f"uv-{version}.dist-info/RECORD"] = "\n".join(
+        [*record, f"uv-{version}.dist-info/RECORD,,"]
+    )
+    with zipfile.ZipFile(wheels / f"uv-{version}-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o100000 | 0o755) << 16  # a regular, executable file
+            whl.writestr(info, text)
+
+
+def test_worker_setup_fetches_python_with_uv_when_the_image_has_none(tmp_path):
+    """The real TPU image path: no python3.X on PATH, so worker_setup.sh pip-installs uv, asks
+    it for CPython and builds the venv from that (uv's download is faked, the commands are not)."""
+    script = (REPO / "launch" / "worker_setup.sh").read_text()
+    uv_version = re.search(r"^UV_VERSION=(\S+)$", script, re.M).group(1)
+    home, image, wheels = tmp_path / "home", tmp_path / "image", tmp_path / "wheels"
+    for d in (home, image, wheels):
+        d.mkdir()
+    base = Path(sys._base_executable).resolve()
+    (image / "python3").symlink_to(base)  # the image's old python3, no python3.X
+    fake_uv_wheel(wheels, uv_version)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    env = {
+        "HOME": str(home), "PATH": str(image), "FAKE_UV_PYTHON": str(base),
+        "PYTHONPATH": sysconfig.get_paths()["purelib"], "PIP_CONFIG_FILE": os.devnull,
+    }  # fmt: skip
+    venv = home / "venv"
+    result = subprocess.run(
+        ["/bin/bash", str(REPO / "launch" / "worker_setup.sh"), str(REPO), str(venv), version,
+         str(locked_as_installed(tmp_path / "lock.txt")), "-", "--", "--no-index",
+         f"--find-links={wheels}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"no python{version} on PATH; installing uv=={uv_version}" in result.stdout
+    assert (home / ".local" / "bin" / "uv").exists() and (home / f"uv-installed-{version}").exists()
+    assert f"virtual environment {venv} from {base}" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith(f"setup: done: Python {version}")
+    assert (venv / "bin" / "python").exists()
