@@ -21,7 +21,6 @@ From Python: `variables, config = load_tf_checkpoint(path)`, then
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import shutil
@@ -208,29 +207,30 @@ def classify(key: str, name: str, shape: tuple[int, ...]) -> SourceVar | None:
     return None
 
 
-def classify_all(source: SourceCheckpoint) -> dict[str, list[SourceVar]]:
-    """Every variable by role; ConversionError naming the first that fits no SimCLR layer."""
+def classify_all(
+    names: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], where: str
+) -> dict[str, list[SourceVar]]:
+    """Every variable (checkpoint key -> layer name, shape) by role; ConversionError naming the
+    first that fits no SimCLR layer. `where` names the checkpoint in messages."""
     groups: dict[str, list[SourceVar]] = {r: [] for r in ("conv", "bn", "proj_dense", "proj_bn")}
     groups.update(sup=[], ignored=[])
     unknown = []
-    for key in sorted(source.shapes):
-        var = classify(key, source.names[key], source.shapes[key])
+    for key in sorted(shapes):
+        var = classify(key, names[key], tuple(shapes[key]))
         if var is None:
-            unknown.append(
-                source.names[key] if source.names[key] == key else f"{source.names[key]} [{key}]"
-            )
+            unknown.append(names[key] if names[key] == key else f"{names[key]} [{key}]")
         else:
             groups[var.role].append(var)
     if not groups["conv"]:
-        listed = ", ".join(sorted(source.names[k] for k in source.shapes)[:5])
+        listed = ", ".join(sorted(names[k] for k in shapes)[:5])
         raise ConversionError(
-            f"{source.prefix} is not a SimCLR ResNet checkpoint: no conv2d*/kernel variable "
+            f"{where} is not a SimCLR ResNet checkpoint: no conv2d*/kernel variable "
             f"(base_model/conv2d/kernel in TF1, resnet/.../conv2d/kernel in TF2); it holds "
-            f"{len(source.shapes)} variables, e.g. {listed}"
+            f"{len(shapes)} variables, e.g. {listed}"
         )
     if unknown:
         raise ConversionError(
-            f"variable {unknown[0]} of {source.prefix} has no place in a SimCLR ResNet "
+            f"variable {unknown[0]} of {where} has no place in a SimCLR ResNet "
             f"(backbone conv2d/batch_normalization, head_contrastive, head_supervised)"
             + (f"; {len(unknown) - 1} more like it" if len(unknown) > 1 else "")
         )
@@ -306,7 +306,7 @@ def infer_encoder(convs: list[SourceVar], bns: list[SourceVar]) -> tuple[int, in
             raise ConversionError(
                 f"variable {dup.label}: two {what} layers share index {dup.index}"
             )
-        for prev, var in zip(group, group[1:]):
+        for prev, var in zip(group, group[1:], strict=False):
             if var.index != prev.index + 1:
                 raise ConversionError(
                     f"a {what} layer is missing between {prev.label} and {var.label} (indices "
@@ -351,7 +351,8 @@ def infer_encoder(convs: list[SourceVar], bns: list[SourceVar]) -> tuple[int, in
     if kind is None:
         raise _fail_shape(
             shortcut,
-            f"a first-block shortcut must output {64 * width} (basic) or {256 * width} (bottleneck) channels",
+            f"a first-block shortcut must output {64 * width} (basic) or {256 * width} "
+            "(bottleneck) channels",
         )
     candidates = {
         d: _count(encoder_layout(d, resnet_d, cifar_stem, sk), "conv")
@@ -363,8 +364,8 @@ def infer_encoder(convs: list[SourceVar], bns: list[SourceVar]) -> tuple[int, in
     if len(convs) > expected:
         raise ConversionError(
             f"variable {convs[expected].label} has no place in the inferred ResNet-{depth} "
-            f"(it has {expected} conv kernels, the checkpoint {len(convs)}); conv kernels per depth: "
-            f"{candidates}"
+            f"(it has {expected} conv kernels, the checkpoint {len(convs)}); conv kernels per "
+            f"depth: {candidates}"
         )
     if len(convs) < expected:
         raise ConversionError(
@@ -387,7 +388,8 @@ def infer_heads(groups: Mapping[str, list[SourceVar]]) -> tuple[str, int, int, i
     if not dense:
         if groups["proj_bn"]:
             raise ConversionError(
-                f"variable {groups['proj_bn'][0].label} is a projection-head BN without its dense layer"
+                f"variable {groups['proj_bn'][0].label} is a projection-head batch norm without "
+                "its dense layer"
             )
         return "none", 3, 128, num_classes
     for j, var in enumerate(dense):
@@ -476,15 +478,21 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def make_config(
-    arch: Architecture, overrides: ml_collections.ConfigDict | None
-) -> ml_collections.ConfigDict:
+def make_config(arch: Architecture, overrides: Any = None) -> ml_collections.ConfigDict:
     """default_config() + the user's overrides + the inferred architecture; ConversionError
     when an override contradicts what the shapes say."""
     defaults = default_config()
     config = ml_collections.ConfigDict(defaults.to_dict())
-    if overrides is not None:
-        config.update(ml_collections.ConfigDict(overrides).to_dict())
+    overrides = dict(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides or {})
+    dotted = {k: v for k, v in overrides.items() if "." in k}
+    nested = {k: v for k, v in overrides.items() if "." not in k}
+    try:
+        config.lock()  # an unknown field raises instead of being added
+        config.update_from_flattened_dict(traverse_util.flatten_dict(nested, sep="."))
+        config.update_from_flattened_dict(dotted)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise ConversionError(f"bad config override: {str(e).splitlines()[0]}") from None
+    config.unlock()
     inferred = dict(
         resnet_depth=arch.depth,
         width_multiplier=arch.width,
@@ -590,8 +598,11 @@ def plan_mapping(
             + f": the inferred ResNet-{c.resnet_depth} has {len(bn_paths)} backbone batch norms, "
             f"the checkpoint {len(bn_groups)}"
         )
-    pairs = [(var, f"params/encoder/{path}/kernel") for var, path in zip(groups["conv"], convs)]
-    for (_, bn_vars), path in zip(sorted(bn_groups.items()), bn_paths):
+    pairs = [
+        (var, f"params/encoder/{path}/kernel")
+        for var, path in zip(groups["conv"], convs, strict=True)
+    ]
+    for (_, bn_vars), path in zip(sorted(bn_groups.items()), bn_paths, strict=True):
         pairs.extend(_bn_pairs(bn_vars, f"encoder/{path}", True, f"encoder/{path}"))
     proj_bns: dict[int, list[SourceVar]] = {}
     for var in groups["proj_bn"]:
@@ -648,7 +659,10 @@ def describe(config: ml_collections.ConfigDict) -> str:
         if c.proj_head_mode == "none"
         else f"{c.num_proj_layers}-layer {c.proj_head_mode} head -> {c.proj_out_dim}"
     )
-    return f"ResNet-{c.resnet_depth} {c.width_multiplier}x{sk}{' CIFAR stem' if c.cifar_stem else ''}, {head}, {c.num_classes} classes"
+    stem = " CIFAR stem" if c.cifar_stem else ""
+    return (
+        f"ResNet-{c.resnet_depth} {c.width_multiplier}x{sk}{stem}, {head}, {c.num_classes} classes"
+    )
 
 
 # ------------------------------------------------------------------ conversion
@@ -678,16 +692,26 @@ class Conversion:
         return "\n".join(lines) + "\n"
 
 
+def plan_conversion(
+    names: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    overrides: Any = None,
+    where: str = "the checkpoint",
+) -> tuple[ml_collections.ConfigDict, Plan, dict[str, Any]]:
+    """(config, plan, model variable shapes) from names and shapes alone (no values read)."""
+    groups = classify_all(names, shapes, where)
+    config = make_config(infer_architecture(groups), overrides)
+    try:
+        model_shapes = abstract_variables(config)
+    except ValueError as e:  # an override the model rejects, e.g. ft_proj_selector out of range
+        raise ConversionError(str(e).splitlines()[0]) from None
+    return config, plan_mapping(groups, config, model_shapes), model_shapes
+
+
 def convert(path: str, overrides: ml_collections.ConfigDict | Mapping | None = None) -> Conversion:
     """Reads and maps a published checkpoint; nothing is written. Raises ConversionError."""
     source = SourceCheckpoint(path)
-    groups = classify_all(source)
-    arch = infer_architecture(groups)
-    if overrides is not None and not isinstance(overrides, ml_collections.ConfigDict):
-        overrides = ml_collections.ConfigDict(dict(overrides))
-    config = make_config(arch, overrides)
-    shapes = abstract_variables(config)
-    plan = plan_mapping(groups, config, shapes)
+    config, plan, shapes = plan_conversion(source.names, source.shapes, overrides, source.prefix)
     flat: dict[str, np.ndarray] = {}
     for var, dest in plan.pairs:  # one variable at a time: the only full copy is `flat`
         flat[dest] = source.get(var.key)
@@ -800,44 +824,40 @@ def named_outputs(
 # ------------------------------------------------------------------ command line
 
 
+def run_cli(checkpoint_path: str, workdir: str, overrides: Any = None) -> int:
+    """Converts, writes the workdir and prints the table; a ConversionError is one stderr line
+    and exit status 1 (nothing written)."""
+    try:
+        result = convert(checkpoint_path, overrides)
+        write_workdir(result, workdir)
+    except ConversionError as e:
+        print(f"simclr_jax.convert: error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(result.table())
+    print(f"Wrote {workdir}: {describe(result.config)}; --config.init_checkpoint={workdir}")
+    return 0
+
+
 def main(argv: list[str]) -> None:
-    """CLI: converts --checkpoint into --workdir and prints the mapping table."""
+    """absl entry point (flags defined only when run as a script, next to main.py's)."""
+    from absl import flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"simclr_jax.convert: error: unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    raise SystemExit(run_cli(f.checkpoint, f.workdir, f.config))
+
+
+if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    del argv
-    flags_ = flags.FLAGS
-    try:
-        result = convert(flags_.checkpoint, flags_.config)
-        write_workdir(result, flags_.workdir)
-    except ConversionError as e:
-        raise app.UsageError(str(e)) from None
-    sys.stdout.write(result.table())
-    print(
-        f"Wrote {flags_.workdir}: {describe(result.config)}; use it as "
-        f"--config.init_checkpoint={flags_.workdir}"
-    )
-    del config_flags
-
-
-def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
-
-    flags.DEFINE_string(
-        "checkpoint", None, "TF1 prefix/directory or TF2 SavedModel (local or gs://)."
-    )
-    flags.DEFINE_string("workdir", None, "Output workdir (must not exist or be empty).")
+    flags.DEFINE_string("checkpoint", None, "TF1 prefix/dir or TF2 SavedModel, local or gs://.")
+    flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
     config_flags.DEFINE_config_dict(
         "config", default_config(), "Overrides, e.g. --config.model.ft_proj_selector=1."
     )
     flags.mark_flags_as_required(["checkpoint", "workdir"])
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
     app.run(main)
 
 
@@ -854,4 +874,5 @@ __all__ = [
     "object_graph_names",
     "classify",
     "resolve_prefix",
+    "run_cli",
 ]
