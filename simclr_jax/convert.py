@@ -331,15 +331,9 @@ def infer_encoder(convs: list[SourceVar], bns: list[SourceVar]) -> tuple[int, in
             first,
             f"the stem width {stem_out} is not 64 x an integer width in 1..{MAX_WIDTH_MULTIPLIER}",
         )
-    num_bns = len({v.index for v in bns})
-    sk = len(convs) > num_bns
-    if sk != resnet_d and not cifar_stem:
-        raise _fail_shape(
-            first,
-            f"{'a ResNet-D' if resnet_d else 'a 7x7'} stem with {len(convs)} convs and {num_bns} "
-            "batch norms: selective kernels (one BN-less conv per block) always come with the "
-            "ResNet-D stem in SimCLRv2",
-        )
+    # SimCLRv2 switches selective kernels and the ResNet-D stem on together (ResNet-18/34 get
+    # only the stem); a CIFAR stem hides it, there a BN-less conv per block tells.
+    sk = resnet_d or (cifar_stem and len(convs) > len({v.index for v in bns}))
     n_stem = 3 if resnet_d else 1
     shortcut = convs[n_stem] if len(convs) > n_stem else None
     if shortcut is None or shortcut.shape[:3] != (1, 1, 64 * width):
