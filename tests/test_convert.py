@@ -159,8 +159,12 @@ def test_converted_fixture_matches_reference_outputs(converted):
         assert sorted(ignored) == sorted(extra)
         assert ignored["global_step"] == "global step"
         table = result.table()
-        assert "base_model/conv2d/kernel/Momentum  [3, 3, 3" in table or "[7, 7, 3" in table
-        assert f"# {len(extra)} ignored" in table
+        assert "base_model/conv2d/kernel/Momentum  [" in table
+        assert "ignored (optimizer slot)" in table and f"# {len(extra)} ignored" in table
+        # Without the extra keys the same variables go to the same places.
+        shapes = fixture_shapes(folder)
+        _, plain, _ = convert.plan_conversion({k: k for k in shapes}, shapes)
+        assert [(v.key, d) for v, d in plain.pairs] == [(v.key, d) for v, d in result.plan.pairs]
     else:
         assert list(ignored) == ["_CHECKPOINTABLE_OBJECT_GRAPH"]
 
@@ -417,6 +421,7 @@ def test_cli_writes_nothing_on_bad_input(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     smoke_checkpoint, tmp_path, capsys
 ):
@@ -429,8 +434,10 @@ def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     out = tmp_path / "converted"
     assert convert.run_cli(prefix, str(out), {"model.ft_proj_selector": 1}) == 0
     table = capsys.readouterr().out
-    assert "base_model/conv2d/kernel  [7, 7, 3, 64]" in table
-    assert "-> params/encoder/stem/conv1/conv/kernel" in table
+    stem = (
+        r"\nbase_model/conv2d/kernel +\[7, 7, 3, 64\] +-> params/encoder/stem/conv1/conv/kernel\n"
+    )
+    assert re.search(stem, table), table[:500]
     assert "global_step  []  ignored (global step)" in table
     assert "base_model/conv2d_19/kernel/Momentum" in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temp dir left
@@ -458,8 +465,8 @@ def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     hits = count = 0
     for batch in data.make_eval_iterator(cfg.data, split="test[:10]", batch_size=200):
         logits = convert.build_model(config).apply(original, jnp.asarray(batch["image"]))["logits"]
-        hits += np.sum((np.argmax(logits, -1) == batch["label"]) * batch["mask"])
-        count += np.sum(batch["mask"])
+        hits += float(np.sum((np.argmax(logits, -1) == batch["label"]) * batch["mask"]))
+        count += float(np.sum(batch["mask"]))
     assert results["num_eval_examples"] == count == 100
     assert results["top1"] == pytest.approx(hits / count, abs=1e-6)
 
