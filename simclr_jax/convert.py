@@ -706,14 +706,16 @@ def convert(path: str, overrides: ml_collections.ConfigDict | Mapping | None = N
     """Reads and maps a published checkpoint; nothing is written. Raises ConversionError."""
     source = SourceCheckpoint(path)
     config, plan, shapes = plan_conversion(source.names, source.shapes, overrides, source.prefix)
-    flat: dict[str, np.ndarray] = {}
-    for var, dest in plan.pairs:  # one variable at a time: the only full copy is `flat`
-        flat[dest] = source.get(var.key)
+    flat: dict[str, Any] = {}
+    # One variable at a time, straight into a jax.Array: the only full copy is `flat`, and
+    # orbax saves jax.Arrays with about one more copy in flight (NumPy leaves cost two).
+    for var, dest in plan.pairs:
+        flat[dest] = jax.device_put(source.get(var.key))
     rng = jax.random.key(int(config.seed))
     for dest in plan.initialized:
         shape = shapes[dest].shape
         value = head_kernel_init(rng, shape) if dest.endswith("kernel") else jnp.zeros(shape)
-        flat[dest] = np.asarray(value, np.float32)
+        flat[dest] = jnp.asarray(value, jnp.float32)
     variables = traverse_util.unflatten_dict(flat, sep="/")
     return Conversion(variables, config, plan, source.prefix)
 
