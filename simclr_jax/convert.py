@@ -65,6 +65,11 @@ _IGNORED = (
     (re.compile(r"/ExponentialMovingAverage$"), "EMA copy"),
     (re.compile(r"^ema_model/"), "EMA copy"),
 )
+# TF2 training checkpoints (tf.train.Checkpoint of model + optimizer): judged by the key.
+_IGNORED_KEYS = (
+    (re.compile(r"/\.OPTIMIZER_SLOT/"), "optimizer slot"),
+    (re.compile(r"^(optimizer|save_counter|global_step)(/|$)"), "optimizer/saver state"),
+)
 _CONV = re.compile(r"(?:^|/)conv2d(?:_(\d+))?/kernel$")
 _BN = re.compile(
     r"(?:^|/)(?:sync_)?batch_normalization(?:_(\d+))?/(gamma|beta|moving_mean|moving_variance)$"
@@ -138,12 +143,8 @@ class SourceCheckpoint:
         except tf.errors.OpError as e:
             first = str(e).strip().splitlines()[0]
             raise ConversionError(f"--checkpoint={path} cannot be read: {first}") from None
-        unnamed = sorted(k for k in self.shapes if k not in self.names)
-        if unnamed:
-            raise ConversionError(
-                f"{self.prefix}: TF2 key {unnamed[0]} has no full_name in the object graph, so its "
-                "layer cannot be identified; re-export the SavedModel with tf.saved_model.save."
-            )
+        for key in self.shapes:  # no full_name: classified by the key (optimizer state) or
+            self.names.setdefault(key, key)  # rejected, naming the key
 
     def get(self, key: str) -> np.ndarray:
         """The value of one variable as a float32 NumPy array."""
@@ -181,6 +182,9 @@ class SourceVar:
 
 def classify(key: str, name: str, shape: tuple[int, ...]) -> SourceVar | None:
     """The role of one variable by its layer name; None when it has no place in SimCLR."""
+    for pattern, why in _IGNORED_KEYS:
+        if pattern.search(key):
+            return SourceVar(key, name, shape, "ignored", note=why)
     for pattern, why in _IGNORED:
         if pattern.search(name):
             return SourceVar(key, name, shape, "ignored", note=why)
@@ -674,7 +678,7 @@ class Conversion:
     def table(self) -> str:
         """Every source variable -> destination, then what was ignored and initialized."""
         lines = [f"# {self.source}: {describe(self.config)}", f"# {len(self.plan.pairs)} converted"]
-        width = max((len(v.label) for v, _ in self.plan.pairs), default=0)
+        width = min(max((len(v.label) for v, _ in self.plan.pairs), default=0), 72)
         for var, dest in self.plan.pairs:
             lines.append(f"{var.label:<{width}}  {str(list(var.shape)):<22} -> {dest}")
         lines.append(f"# {len(self.plan.ignored)} ignored")

@@ -373,6 +373,32 @@ def test_missing_extra_and_misshapen_variables_are_named():
         convert.plan_conversion({k: k for k in shapes}, shapes, {"model.ft_proj_selector": 5})
 
 
+@needs_fixtures
+def test_tf2_training_checkpoint_keys_are_ignored_by_key():
+    """tf.train.Checkpoint(model=..., optimizer=...) adds optimizer state and slot keys."""
+    folder = FIXTURES / "tf2_r50_1x_sk1"
+    names = dict(read_tsv(folder / "keras_names.tsv"))
+    shapes = fixture_shapes("tf2_r50_1x_sk1")
+    slot = "model/resnet_model/variables/0/.OPTIMIZER_SLOT/optimizer/momentum"
+    slot += "/.ATTRIBUTES/VARIABLE_VALUE"
+    extra = {slot: (3, 3, 3, 32), "optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE": ()}
+    names.update({k: k for k in extra})
+    _, plan, _ = convert.plan_conversion(names, {**shapes, **extra})
+    assert sorted(v.key for v in plan.ignored) == sorted(extra)
+    assert len(plan.pairs) == len(shapes)
+    positional = {"model/resnet_model/variables/999/.ATTRIBUTES/VARIABLE_VALUE": (7,)}
+    names.update({k: k for k in positional})
+    message = plan_error_named(names, {**shapes, **positional})
+    assert "model/resnet_model/variables/999/.ATTRIBUTES/VARIABLE_VALUE" in message
+    assert "has no place in a SimCLR ResNet" in message
+
+
+def plan_error_named(names: dict, shapes: dict) -> str:
+    with pytest.raises(convert.ConversionError) as info:
+        convert.plan_conversion(names, shapes)
+    return str(info.value)
+
+
 def test_unreadable_paths_are_named(tmp_path):
     for path in (str(tmp_path / "nothing"), str(tmp_path), "gs://simclr-jax-no-such-bucket/r50"):
         with pytest.raises(convert.ConversionError) as info:
