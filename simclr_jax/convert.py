@@ -68,7 +68,7 @@ _IGNORED = (
 # TF2 training checkpoints (tf.train.Checkpoint of model + optimizer): judged by the key.
 _IGNORED_KEYS = (
     (re.compile(r"/\.OPTIMIZER_SLOT/"), "optimizer slot"),
-    (re.compile(r"^(optimizer|save_counter|global_step)(/|$)"), "optimizer/saver state"),
+    (re.compile(r"^(optimizer|save_counter)(/|$)"), "optimizer/saver state"),
 )
 _CONV = re.compile(r"(?:^|/)conv2d(?:_(\d+))?/kernel$")
 _BN = re.compile(
