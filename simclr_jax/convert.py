@@ -834,6 +834,12 @@ def run_cli(checkpoint_path: str, workdir: str, overrides: Any = None) -> int:
         print(f"simclr_jax.convert: error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(result.table())
+    if "finetuned" in str(checkpoint_path) and not result.config.model.ft_proj_selector:
+        print(
+            "simclr_jax.convert: note: the published finetuned_* checkpoints were trained with "
+            "the classifier on the first head layer; pass --config.model.ft_proj_selector=1",
+            file=sys.stderr,
+        )
     print(f"Wrote {workdir}: {describe(result.config)}; --config.init_checkpoint={workdir}")
     return 0
 

@@ -399,6 +399,22 @@ def plan_error_named(names: dict, shapes: dict) -> str:
     return str(info.value)
 
 
+def test_checkpoint_paths_resolve(tmp_path):
+    """SavedModel directory, TF1 directory (newest step without a 'checkpoint' file), prefix."""
+    saved_model = tmp_path / "saved_model"
+    (saved_model / "variables").mkdir(parents=True)
+    save_v2(saved_model / "variables" / "variables", {"a": np.zeros(1, np.float32)})
+    want = str(saved_model / "variables" / "variables")
+    assert convert.resolve_prefix(str(saved_model) + "/") == want
+    assert convert.resolve_prefix(want) == want
+    tf1 = tmp_path / "tf1"
+    for step in (900, 10000, 2000):
+        save_v2(tf1 / f"model.ckpt-{step}", {"a": np.zeros(1, np.float32)})
+    assert convert.resolve_prefix(str(tf1)) == str(tf1 / "model.ckpt-10000")
+    (tf1 / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-2000"\n')
+    assert convert.resolve_prefix(str(tf1)) == str(tf1 / "model.ckpt-2000")
+
+
 def test_unreadable_paths_are_named(tmp_path):
     for path in (str(tmp_path / "nothing"), str(tmp_path), "gs://simclr-jax-no-such-bucket/r50"):
         with pytest.raises(convert.ConversionError) as info:
