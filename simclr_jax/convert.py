@@ -540,7 +540,7 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
     tree = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
     )
-    return traverse_util.flatten_dict(jax.tree.map(lambda x: x, dict(tree)), sep="/")
+    return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 # ------------------------------------------------------------------ the mapping
