@@ -25,6 +25,10 @@ setuptools.setup(
         "clu>=0.0.10",
         "tensorboard>=2.16",
         "tensorflow-datasets>=4.9.4",
+        # `tfds build` / download_and_prepare (ImageNet from the manual tars) imports it.
+        "importlib_resources>=6",
+        # The TF-free input path (data.backend='jax'); 0.2.18 is the release tested here.
+        "grain==0.2.18",
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=1.4",

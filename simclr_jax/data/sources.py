@@ -332,6 +332,18 @@ def _tfds_builder(name: str, data_dir: str, label_subset: str):
         ) from None
 
 
+def build_command(builder: Any, data_dir: str) -> str:
+    """The `tfds build` command line that prepares `builder` in data_dir."""
+    config = f"/{builder.builder_config.name}" if builder.builder_config else ""
+    manual = (
+        " --manual_dir=<folder with the downloaded tars>"
+        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+        else ""
+    )
+    where = data_dir or "~/tensorflow_datasets"
+    return f"tfds build {builder.name}{config} --data_dir={where}{manual}"
+
+
 def read_name_list(path: str) -> frozenset[str]:
     """Image names (one per line, e.g. 'n01440764_10026.JPEG') from a label_subset file."""
     if not epath.Path(path).exists():
@@ -354,9 +366,11 @@ def tfds_source(
     builder = _tfds_builder(name, data_dir, subset)
     splits = builder.info.splits
     if not splits:
+        command = build_command(builder, data_dir)
         raise ValueError(
-            f"data.name={builder.name!r} has no prepared splits in data_dir={data_dir!r}; "
-            "run tfds.builder(...).download_and_prepare() there (ImageNet needs manual download)."
+            f"data.name={name!r}{f' (label_subset {subset!r})' if subset else ''} is not "
+            f"prepared in data_dir={data_dir!r}; prepare it with `{command}`"
+            " (README 'Preparing ImageNet'), then copy data_dir to where the run reads it."
         )
     try:
         num_examples = splits[split].num_examples
@@ -365,6 +379,11 @@ def tfds_source(
             f"{field}={split!r} is not a valid split of {builder.name!r} "
             f"(splits: {sorted(splits.keys())}; slicing like 'train[:90%]'): {error}"
         ) from None
+    if num_examples == 0:
+        raise ValueError(
+            f"{field}={split!r} selects no examples of {builder.name!r} (splits: "
+            f"{ {k: v.num_examples for k, v in splits.items()} }); widen the slice."
+        )
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise ValueError(f"data.name={builder.name!r} lacks 'image'/'label' features.")
