@@ -164,7 +164,9 @@ def make_train_iterator(
         return pipeline.make_train_iterator(
             data_config, num_views=num_views, augmentation=augmentation, **kwargs
         )
-    from simclr_jax.data import numpy_pipeline
+    from simclr_jax.data import grain_pipeline
 
     supervised = augmentation == "crop_flip"
-    return numpy_pipeline.make_train_iterator(data_config, supervised=supervised, **kwargs)
+    return grain_pipeline.make_train_iterator(
+        data_config, num_views=num_views, supervised=supervised, **kwargs
+    )
