@@ -61,7 +61,8 @@ def test_imports_do_not_load_tensorflow():
     code = textwrap.dedent("""
         import sys
         import simclr_jax, simclr_jax.train, simclr_jax.main, simclr_jax.data
-        from simclr_jax.data import numpy_pipeline, jax_augment, backends
+        from simclr_jax.data import numpy_pipeline, jax_augment, backends, grain_pipeline
+        import grain
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow",
                         "tensorflow_datasets"))
         assert not loaded, loaded
