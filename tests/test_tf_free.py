@@ -237,8 +237,6 @@ def test_grain_crops_match_tf_data_on_a_large_non_square_image():
 def test_bad_backend_and_source_combinations_are_named():
     with pytest.raises(ValueError, match="data.backend='torch'"):
         data.get_dataset_info(_jax_config(backend="torch"))
-    with pytest.raises(ValueError, match="cannot read data.source='tfds'"):
-        data.get_dataset_info(_jax_config(source="tfds"))
     with pytest.raises(ValueError, match="set data.backend='jax'"):
         data.get_dataset_info(_jax_config(backend="tfdata", source="numpy", data_dir="/x"))
     with pytest.raises(ValueError, match="found no train_images"):
@@ -373,3 +371,26 @@ def test_smoke_pretraining_runs_where_tensorflow_cannot_be_imported(tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
     assert not list(workdir.glob("events.out.tfevents*"))  # no TensorBoard without TF
+
+
+def test_a_dead_grain_worker_is_a_clear_error(array_dir):
+    psutil = pytest.importorskip("psutil")
+    config = _jax_config(source="numpy", data_dir=array_dir, grain_workers=2)
+    it = grain_pipeline.make_train_iterator(config, split="train", batch_size=4, seed=0)
+    reference = grain_pipeline.make_train_iterator(
+        _jax_config(source="numpy", data_dir=array_dir), split="train", batch_size=4, seed=0
+    )
+    # Worker processes give the same batches as threads.
+    np.testing.assert_array_equal(next(it)["image"], next(reference)["image"])
+    workers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    workers[0].kill()
+    with pytest.raises(RuntimeError, match="Grain input pipeline failed.*terminated.*resume"):
+        for _ in range(1000):
+            next(it)
+    it.close()
+    reference.close()

@@ -80,16 +80,18 @@ def _write_manual_dir(manual: Path, names: dict[str, list[str]]) -> None:
         shutil.copy(SUBSETS / name, manual / name)
 
 
-def _prepare(name: str, data_dir: Path, manual: Path) -> None:
+def _prepare(name: str, data_dir: Path, manual: Path, file_format: str = "tfrecord") -> None:
     import tensorflow_datasets as tfds
 
     config = tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
-    tfds.builder(name, data_dir=str(data_dir)).download_and_prepare(download_config=config)
+    builder = tfds.builder(name, data_dir=str(data_dir), file_format=file_format)
+    builder.download_and_prepare(download_config=config)
 
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
-    """(data_dir, manual_dir, names per synset) with imagenet2012 and both subsets prepared."""
+    """(data_dir, manual_dir, names per synset, ArrayRecord data_dir): imagenet2012 and both
+    subsets prepared as TFRecord, imagenet2012 also as ArrayRecord (for the Grain path)."""
     if not (SUBSETS / "1percent.txt").exists():
         pytest.skip(f"{SUBSETS} (the published subset lists) is absent")
     root = tmp_path_factory.mktemp("imagenet")
@@ -99,7 +101,8 @@ def imagenet(tmp_path_factory):
         patch.setattr(socket.socket, "connect", _no_network)
         for name in ("imagenet2012", "imagenet2012_subset/1pct", "imagenet2012_subset/10pct"):
             _prepare(name, root / "tfds", root / "manual")
-    return root / "tfds", root / "manual", names
+        _prepare("imagenet2012", root / "tfds_ar", root / "manual", "array_record")
+    return root / "tfds", root / "manual", names, root / "tfds_ar"
 
 
 def _data_config(data_dir, **overrides):
@@ -119,7 +122,7 @@ def _file_names(source, split: str) -> list[str]:
 
 
 def test_builder_splits_subsets_and_hosts(imagenet, monkeypatch):
-    data_dir, _, names = imagenet
+    data_dir, _, names, _ = imagenet
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     config = _data_config(data_dir)
     info = data.get_dataset_info(config)
@@ -172,7 +175,7 @@ def test_builder_splits_subsets_and_hosts(imagenet, monkeypatch):
 
 
 def test_unprepared_and_empty_splits_say_what_to_do(imagenet, tmp_path):
-    data_dir, _, _ = imagenet
+    data_dir, _, _, _ = imagenet
     with pytest.raises(ValueError, match=r"tfds build imagenet2012 --data_dir=.*--manual_dir="):
         data.get_dataset_info(_data_config(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"tfds build imagenet2012_subset/10pct"):
@@ -190,13 +193,46 @@ def test_unprepared_and_empty_splits_say_what_to_do(imagenet, tmp_path):
         )  # fmt: skip
 
 
+def test_grain_reads_tfds_array_record_on_two_hosts(imagenet, monkeypatch):
+    data_dir, _, names, ar_dir = imagenet
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    config = _data_config(ar_dir, backend="jax")
+    info = data.get_dataset_info(config)
+    assert info.num_examples == {"train": 15, "validation": NUM_VAL}
+    source = sources.get_source(config, "train", supervised=True)
+    label_of = source.builder.info.features["label"].str2int
+    synset_labels = {label_of(s) for s in names}
+    counted, seen = 0, []
+    for p in range(2):
+        host = data.make_train_iterator(
+            config, split="train", batch_size=8, num_views=2, augmentation="simclr", seed=0,
+            process_index=p, process_count=2,
+        )  # fmt: skip
+        batch = next(host)
+        assert batch["image"].shape == (4, 2, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert set(batch["label"].tolist()) <= synset_labels
+        seen.append(set(host.views.shard.tolist()))
+        host.close()
+        for b in data.make_eval_iterator(
+            config, split="validation", batch_size=8, process_index=p, process_count=2
+        ):
+            counted += int(b["mask"].sum())
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(15))
+    assert counted == NUM_VAL
+    with pytest.raises(ValueError, match="needs ArrayRecord.*--file_format=array_record"):
+        data.make_train_iterator(
+            _data_config(data_dir, backend="jax"), split="train", batch_size=8, num_views=2,
+            augmentation="simclr", seed=0,
+        )  # fmt: skip
+
+
 def _run(config, workdir):
     return train.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.slow
 def test_runlocal_pretrain_linear_eval_and_eval(imagenet, tmp_path, monkeypatch):
-    data_dir, _, names = imagenet
+    data_dir, _, names, _ = imagenet
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     num_train = sum(len(files) for files in names.values())
 

@@ -149,10 +149,9 @@ class HostViews:
         epoch, offset = divmod(position, n)
         order = self.epoch_order(epoch)
         for step in range(n):
-            index = int(self.shard[order[(offset + step) % n]])
-            image = self.reader.image(index)
+            image, label = self.reader.example(int(self.shard[order[(offset + step) % n]]))
             if image is not None:
-                return image, int(self.reader.labels[index])
+                return image, label
         raise ValueError(f"every image of {self.reader.source.description} is corrupt.")
 
     def __call__(self, position: int) -> dict[str, Any]:

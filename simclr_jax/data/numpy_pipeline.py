@@ -80,21 +80,35 @@ def eval_transform(image: np.ndarray, image_size: int) -> np.ndarray:
 
 
 class Reader:
-    """Example index -> (uint8 (H, W, 3) image or None when skipped, label), thread-safe."""
+    """Example index -> (uint8 (H, W, 3) image or None when skipped, label), thread-safe.
+    TFDS sources are read by index through tfds's ArrayRecord data source (opened lazily in
+    each process, so the reader can be pickled into Grain worker processes)."""
 
     def __init__(self, source: sources.Source, skip_corrupt: bool) -> None:
         if isinstance(source, sources.TfdsSource):
-            raise ValueError(
-                "data.backend='jax' cannot read TFDS sources; use data.backend='tfdata'."
-            )
+            check_random_access(source)
         self.source = source
         self.skip_corrupt = skip_corrupt
         self.skipped = common.SkippedFiles()
+        self._records: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_records": None}  # each worker opens its own data source
 
     @property
     def labels(self) -> np.ndarray:
-        """int32 label per example."""
+        """int32 label per example (not for TFDS sources: see `example`)."""
         return self.source.labels
+
+    def example(self, index: int) -> tuple[np.ndarray | None, int]:
+        """(decoded image or None for a skipped corrupt file, label) of one example."""
+        if isinstance(self.source, sources.TfdsSource):
+            if self._records is None:
+                self._records = tfds_records(self.source)
+            record = self._records[index]
+            name = str(record.get("file_name", f"{self.source.builder.name}#{index}"))
+            return self._decode(record["image"], name), int(record["label"])
+        return self.image(index), int(self.source.labels[index])
 
     def image(self, index: int) -> np.ndarray | None:
         """The decoded image, or None for a corrupt file that is skipped."""
@@ -103,17 +117,55 @@ class Reader:
             return np.asarray(source.images[source.rows[index]])  # reads one row of a memmap
         record = source.records[index]
         name = str(record) if source.records_are_paths else f"{source.description}#{index}"
+        if source.records_are_paths:
+            try:
+                record = epath.Path(record).read_bytes()
+            except OSError as error:
+                return self._skip(name, error)
+        return self._decode(record, name)
+
+    def _decode(self, contents: bytes, name: str) -> np.ndarray | None:
         try:
-            contents = epath.Path(record).read_bytes() if source.records_are_paths else record
             return common.pil_to_rgb_uint8(contents)
         except Exception as error:  # Pillow raises many types for bad files
-            if not self.skip_corrupt:
-                raise ValueError(
-                    f"{common.CORRUPT_MARK} {name}: {error}. Delete or replace the file, or set "
-                    "data.skip_corrupt=True to skip it."
-                ) from None
-            self.skipped.add(name, error)
-            return None
+            return self._skip(name, error)
+
+    def _skip(self, name: str, error: Exception) -> None:
+        if not self.skip_corrupt:
+            raise ValueError(
+                f"{common.CORRUPT_MARK} {name}: {error}. Delete or replace the file, or set "
+                "data.skip_corrupt=True to skip it."
+            ) from None
+        self.skipped.add(name, error)
+        return None
+
+
+def check_random_access(source: sources.TfdsSource) -> None:
+    """data.backend='jax' reads TFDS by index: the dataset must be stored as ArrayRecord."""
+    formats = {str(getattr(f, "value", f)) for f in source.builder.info.available_file_formats()}
+    if "array_record" not in formats:
+        raise ValueError(
+            f"data.backend='jax' reads TFDS through tfds.data_source, which needs ArrayRecord "
+            f"files; {source.builder.name!r} in {source.builder.data_dir} is stored as "
+            f"{sorted(formats)}. Prepare it with `{sources.build_command(source.builder, '')}"
+            " --file_format=array_record` (into another data_dir), or use data.backend='tfdata'."
+        )
+    if source.name_filter is not None:
+        raise ValueError(
+            "data.label_subset as a file of names is read by data.backend='tfdata' only with "
+            "TFDS; use '1pct' / '10pct' (imagenet2012_subset) or data.backend='tfdata'."
+        )
+
+
+def tfds_records(source: sources.TfdsSource) -> Any:
+    """Random-access records {'image': encoded bytes, 'label', 'file_name'} of the split."""
+    import tensorflow_datasets as tfds
+
+    return source.builder.as_data_source(
+        split=source.split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        file_format="array_record",
+    )
 
 
 def _workers() -> int:
@@ -142,10 +194,10 @@ class HostEvalData:
         return self.reader.skipped.names
 
     def _row(self, index: int) -> tuple[np.ndarray, int, float]:
-        image = self.reader.image(index)
+        image, label = self.reader.example(index)
         if image is None:  # skipped corrupt file: a masked-out row keeps batches aligned
             return np.zeros((self.image_size,) * 2 + (3,), np.float32), common.PAD_LABEL, 0.0
-        return eval_transform(image, self.image_size), int(self.reader.labels[index]), 1.0
+        return eval_transform(image, self.image_size), label, 1.0
 
     def _batch(self, pool: concurrent.futures.Executor, batch: int) -> dict[str, np.ndarray]:
         indices = self.shard[batch * self.local_batch : (batch + 1) * self.local_batch]

@@ -82,6 +82,12 @@ class TfdsSource:
     num_classes: int
     name_filter: frozenset[str] | None = None  # label_subset given as a file of image names
 
+    @property
+    def description(self) -> str:
+        """'tfds:<name>/<config>:<split>' for messages."""
+        config = f"/{self.builder.builder_config.name}" if self.builder.builder_config else ""
+        return f"tfds:{self.builder.name}{config}:{self.split}"
+
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
