@@ -108,6 +108,11 @@ def test_batch_k_depends_only_on_seed_and_k_and_grain_state_resumes(array_dir):
             np.testing.assert_array_equal(batch[key], stream[k][key])
     for k in (3, 4):
         np.testing.assert_array_equal(next(restored)["image"], stream[k]["image"])
+    # A state saved with another layout (here: worker count) is ignored: start_step rules.
+    relayout = make(3, start=5)
+    relayout.set_state({**probe.get_state(), "workers": 5})  # would be batch 3 if applied
+    np.testing.assert_array_equal(next(relayout)["image"], stream[5]["image"])
+    relayout.close()
     assert not np.array_equal(next(make(4))["image"], stream[0]["image"])
     image = stream[0]["image"]
     assert image.shape == (8, 2, 16, 16, 3) and image.dtype == np.uint8

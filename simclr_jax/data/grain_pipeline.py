@@ -28,6 +28,7 @@ data.grain_threads threads in this process (Pillow and NumPy release the GIL).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -230,12 +231,30 @@ class GrainTrainIterator:
             ) from error
         return {k: np.asarray(v) for k, v in batch.items()}
 
+    def _layout(self) -> dict[str, int]:
+        return {
+            "workers": self.workers,
+            "process_count": self.views.process_count,
+            "local_batch": self.local_batch,
+        }
+
     def get_state(self) -> dict[str, Any]:
-        """JSON state: the batch the pipeline started at and Grain's own iterator state."""
-        return {"origin": self._origin, "grain": self._iterator.get_state()}
+        """JSON state: the batch the pipeline started at, Grain's own iterator state, and the
+        layout (worker and process counts, batch) that state is valid for."""
+        return {"origin": self._origin, "grain": self._iterator.get_state(), **self._layout()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a get_state() result: the stream continues with the same next batch."""
+        """Restores a get_state() result: the stream continues with the same next batch. A
+        state saved with another layout is ignored (logged): the iterator stays where
+        start_step put it, which is the same batch, since batch k depends only on (seed, k)."""
+        saved = {key: state.get(key) for key in self._layout()}
+        if saved != self._layout():
+            logging.warning(
+                "Grain state saved with %s, running with %s: starting from the step instead.",
+                saved,
+                self._layout(),
+            )
+            return
         self.close()
         self._iterator = self._make(int(state["origin"]))
         self._iterator.set_state(state["grain"])
