@@ -2,14 +2,18 @@
 
 - 'tfdata' (default): tf.data decodes and augments on the host (pipeline.py); the step gets
   float32 views.
-- 'jax': TensorFlow is never imported. The host decodes and batches uint8 images
-  (numpy_pipeline.py) and the device makes the views (jax_augment.py): the whole augmentation,
-  random resized crop included, runs in its own jit right before the train step, sharded like
-  the batch, so each device augments its own examples. Why the crop is on the device too:
-  the host then ships one uint8 image per example instead of two float32 views (8x fewer
-  bytes) and does almost no work, which is what starves accelerator hosts; jax_augment turns
-  the variable-size crop window into fixed-shape resampling matmuls.
+- 'jax': TensorFlow is never imported. Grain (grain_pipeline.py) decodes on the host and
+  samples the random resized crop on the full-resolution image (the reference's sampler),
+  shipping uint8 crops at image_size; the device makes the rest of each view (flip, colour
+  jitter, grayscale, blur; jax_augment.py) in its own jit right before the train step, sharded
+  like the batch, so each device augments its own examples. The crop is on the host because it
+  must see the whole image (ImageNet images vary in size; resizing them first would make an
+  8%-area crop a small patch upsampled and squash the aspect ratios); what follows is per-pixel
+  work that the accelerator does for free.
 Both modules are imported lazily, so only the chosen path's dependencies load.
+
+make_train_batches is run_training's one training-input entry point: host batches -> global
+arrays -> views, with a JSON state (TrainBatches.state) saved in every checkpoint.
 """
 
 from __future__ import annotations
