@@ -399,3 +399,40 @@ def test_a_dead_grain_worker_is_a_clear_error(array_dir):
             next(it)
     it.close()
     reference.close()
+
+
+def test_grain_workers_die_with_a_sigkilled_trainer(array_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from configs.common import get_base_config
+        from simclr_jax.data import grain_pipeline
+        if __name__ == "__main__":
+            c = get_base_config().data
+            c.update(backend="jax", source="numpy", data_dir={array_dir!r}, image_size=16,
+                     train_split="train", eval_split="test", grain_workers=2)
+            it = grain_pipeline.make_train_iterator(c, split="train", batch_size=4, seed=0)
+            next(it)
+            print("ready", flush=True)
+            time.sleep(600)
+        """)
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        workers = [
+            p
+            for p in psutil.Process(trainer.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+    finally:
+        trainer.kill()
+        trainer.wait()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [p.pid for p in alive]

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 import numpy as np
@@ -211,7 +213,10 @@ class GrainTrainIterator:
         read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=2)
         it_ds = ds.to_iter_dataset(read)
         if self.workers > 0:
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.workers),
+                worker_init_fn=_die_with_parent,
+            )
         self._origin = origin
         return iter(it_ds)
 
@@ -264,6 +269,18 @@ class GrainTrainIterator:
         close = getattr(self._iterator, "close", None)
         if close is not None:
             close()
+
+
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: on Linux, ask the kernel to SIGKILL this worker when the training
+    process dies (a SIGKILLed trainer otherwise leaves its workers running as orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the call: follow it now
+            os._exit(1)
 
 
 def _default_threads() -> int:
