@@ -37,7 +37,14 @@ setuptools.setup(
     extras_require={
         # `python -m simclr_jax.visualize curves` draws with matplotlib.
         "plots": ["matplotlib>=3.8"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "matplotlib>=3.8"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.5",
+            "matplotlib>=3.8",
+            "scipy>=1.10",  # KS test of the crop statistics
+            "psutil>=5",  # finds Grain worker processes in tests and benchmarks
+        ],
         "tpu": ["jax[tpu]>=0.6"],
     },
 )

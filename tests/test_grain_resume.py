@@ -36,7 +36,7 @@ def _check(codes, logs, expected):
 
 
 @pytest.mark.parametrize(
-    "processes,devices,steps,grain_workers", [(1, 2, 6, 2), (2, 1, 4, 0)], ids=["1proc", "2proc"]
+    "processes,devices,steps,grain_workers", [(1, 2, 5, 2), (2, 1, 4, 0)], ids=["1proc", "2proc"]
 )
 def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, steps, grain_workers):
     cache = tmp_path / "cache"
