@@ -36,7 +36,7 @@ def _check(codes, logs, expected):
 
 
 @pytest.mark.parametrize(
-    "processes,devices,steps,grain_workers", [(1, 2, 5, 2), (2, 1, 4, 0)], ids=["1proc", "2proc"]
+    "processes,devices,steps,grain_workers", [(1, 2, 6, 2), (2, 1, 5, 0)], ids=["1proc", "2proc"]
 )
 def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, steps, grain_workers):
     cache = tmp_path / "cache"
@@ -54,7 +54,7 @@ def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, st
         timeout=timeout,
     )  # fmt: skip
     _check(codes, logs, [0] * processes)
-    kill_at = random.choice(range(3, steps))
+    kill_at = random.choice(range(4, steps))  # after checkpoint 2 has had time to commit
     hooks = dict.fromkeys(range(processes), {"kill_at": kill_at})
     flags = tiny_flags(killed, **overrides)
     codes, logs = run_pod(
