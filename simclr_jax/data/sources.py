@@ -346,7 +346,7 @@ def build_command(builder: Any, data_dir: str) -> str:
         if builder.MANUAL_DOWNLOAD_INSTRUCTIONS
         else ""
     )
-    where = data_dir or "~/tensorflow_datasets"
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     return f"tfds build {builder.name}{config} --data_dir={where}{manual}"
 
 
