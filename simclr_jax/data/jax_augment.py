@@ -7,10 +7,10 @@ CPU, which is what starves TPU hosts). A variable-size crop window would need dy
 so each example's window becomes two small resampling matrices (bicubic weights restricted to
 the window), and crop + resize + flip is two batched matmuls with static shapes. The blur is
 matmuls too. Caveat: all images of a batch must share one (H, W), so sources of mixed sizes
-(ImageNet) need a host-side resize first, and the crop then samples that resized image. That is why the
-training input (grain_pipeline.py) now crops on the host, at full resolution, and passes
-(B, V, S, S, 3) crops, for which augment_views skips the crop (augment_cropped_views); the
-device crop stays for callers whose images share one size.
+(ImageNet) need a host-side resize first, and the crop then samples that resized image.
+That is why the training input (grain_pipeline.py) now crops on the host, at full
+resolution, and passes (B, V, S, S, 3) crops, for which augment_views skips the crop
+(augment_cropped_views); the device crop stays for callers whose images share one size.
 
 Semantics follow the authors' TensorFlow code (tf.image ops), so this path and the tf.data path
 produce the same distribution of views:
