@@ -4,8 +4,9 @@
 
 Generates `--images` JPEGs of 500x375 (ImageNet's typical size in pixels; upscaled bundled
 images are smooth, so they are ~17 KB where ImageNet's average ~110 KB) in 10 per-synset
-tars inside ILSVRC2012_img_train.tar plus a 100-image ILSVRC2012_img_val.tar, runs download_and_prepare offline, and prints images/s and
-MB/s of tar input, with the extrapolation to ImageNet's 1,331,167 images.
+tars inside ILSVRC2012_img_train.tar plus a 100-image ILSVRC2012_img_val.tar, runs
+download_and_prepare offline, and prints images/s and MB/s of tar input, with the
+extrapolation to ImageNet's 1,331,167 images.
 """
 
 from __future__ import annotations
