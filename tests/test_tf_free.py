@@ -244,6 +244,8 @@ def test_bad_backend_and_source_combinations_are_named():
         data.get_dataset_info(_jax_config(backend="torch"))
     with pytest.raises(ValueError, match="set data.backend='jax'"):
         data.get_dataset_info(_jax_config(backend="tfdata", source="numpy", data_dir="/x"))
+    with pytest.raises(ValueError, match=r"train\[5:5\]' selects no examples of the bundled"):
+        data.get_dataset_info(_jax_config(train_split="train[5:5]"))
     with pytest.raises(ValueError, match="found no train_images"):
         data.get_dataset_info(_jax_config(source="numpy", data_dir="/nonexistent"))
 

@@ -147,6 +147,11 @@ def slice_per_class(
     return files[_slice_bound(start, n, field, split) : _slice_bound(end, n, field, split)]
 
 
+def _check_selects_some(count: int, field: str, split: str, where: str) -> None:
+    if count == 0:
+        raise ValueError(f"{field}={split!r} selects no examples of {where}; widen the slice.")
+
+
 # ---------------------------------------------------------------- bundled sample
 
 
@@ -175,6 +180,7 @@ def bundled_source(split: str, field: str = "split") -> IndexedSource:
         index = list(np.flatnonzero(labels == label))  # already in sorted file order
         keep += slice_per_class(index, start, end, field, split)
     keep_array = np.array(sorted(keep), dtype=np.int64)
+    _check_selects_some(len(keep_array), field, split, "the bundled sample")
     records = np.array([blob[offsets[i] : offsets[i + 1]] for i in keep_array], dtype=object)
     return IndexedSource(
         description=f"bundled:{split}",
@@ -305,6 +311,7 @@ def array_source(data_dir: str, split: str, *, supervised: bool, field: str = "s
     for label in np.unique(labels):  # per-class slicing, as for folders (rows in file order)
         keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
     rows = np.array(sorted(keep), dtype=np.int64)
+    _check_selects_some(len(rows), field, split, f"data.data_dir={data_dir!r}")
     if not class_names and labels.max(initial=-1) >= 0:
         class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
     if supervised and len(class_names) < 2:
