@@ -10,8 +10,8 @@ Contract (same as the tf.data path, pipeline.py):
 - Sharding: process p of P reads shard_indices(n, p, P) (disjoint, together everything).
 - Order: within its shard a process walks epoch after epoch, each in a permutation seeded by
   (seed, process index, epoch); batch k is shard positions [k*b, (k+1)*b), so batch k depends
-  only on (seed, k) for a fixed number of processes. Grain's state is the batch index, so a
-  restored state continues exactly where the checkpoint was taken.
+  only on (seed, k) for a fixed number of processes. Grain's state (the next batch index, per
+  worker with worker processes) restores exactly where the checkpoint was taken.
 - Each example carries a global id, position * P + p (uint32); its crop windows are drawn from
   (seed, id, view) on the host, and the device derives the rest of its view from the same id.
 - Crop: on the full-resolution decoded image, with the reference's sampler
