@@ -13,7 +13,10 @@ from __future__ import annotations
 import io
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,21 @@ from configs import imagenet_linear_eval, imagenet_pretrain
 from simclr_jax import data, train
 from simclr_jax.data import pipeline, sources
 
-SUBSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "imagenet-subsets"
+REPO = Path(__file__).resolve().parents[1]
+SUBSETS = REPO / ".." / "shared" / "data" / "imagenet-subsets"
+# TensorFlow as if not installed: find_spec returns None and `import tensorflow` fails (TFDS
+# tells "not installed" from "blocked" by sys.modules, so sys.modules[...] = None won't do).
+HIDE_TF = textwrap.dedent("""
+    import sys
+    class _NoTF:
+        def __init__(self, inner):
+            self.inner = inner
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tensorflow":
+                return None
+            return self.inner.find_spec(name, path, target)
+    sys.meta_path[:] = [_NoTF(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+""")
 NUM_SYNSETS, NUM_VAL = 3, 10
 
 
@@ -224,6 +241,29 @@ def test_grain_reads_tfds_array_record_on_two_hosts(imagenet, monkeypatch):
             _data_config(data_dir, backend="jax"), split="train", batch_size=8, num_views=2,
             augmentation="simclr", seed=0,
         )  # fmt: skip
+
+
+def test_grain_reads_tfds_where_tensorflow_is_not_installed(imagenet):
+    _, _, _, ar_dir = imagenet
+    code = HIDE_TF + textwrap.dedent(f"""
+        import importlib.util
+        assert importlib.util.find_spec("tensorflow") is None
+        from configs.common import get_base_config
+        from simclr_jax import data
+        if __name__ == "__main__":
+            c = get_base_config().data
+            c.update(backend="jax", source="tfds", name="imagenet2012", data_dir={str(ar_dir)!r},
+                     train_split="train", eval_split="validation", image_size=32)
+            assert data.get_dataset_info(c).num_examples == {{"train": 15, "validation": 10}}
+            it = data.make_train_iterator(c, split="train", batch_size=4, num_views=2,
+                                          augmentation="simclr", seed=0)
+            assert next(it)["image"].shape == (4, 2, 32, 32, 3)
+            it.close()
+            batches = data.make_eval_iterator(c, split="validation", batch_size=4)
+            assert sum(int(b["mask"].sum()) for b in batches) == 10
+            assert not [m for m in sys.modules if m.split(".")[0] == "tensorflow"]
+    """)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
 
 
 def _run(config, workdir):
