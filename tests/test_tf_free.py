@@ -438,3 +438,31 @@ def test_grain_workers_die_with_a_sigkilled_trainer(array_dir, tmp_path):
         trainer.wait()
     _, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.slow  # two short training runs: about 2.5 minutes on 2 busy cores
+def test_input_failure_mid_run_keeps_the_checkpoints_and_resume_finishes(tmp_path, monkeypatch):
+    from configs import smoke
+    from simclr_jax import checkpoint, train
+
+    config = smoke.get_config("pretrain")
+    config.data.update(backend="jax", image_size=16, eval_split="test[:2]")
+    config.update(
+        train_batch_size=16, eval_batch_size=16, train_steps=5, warmup_steps=1,
+        log_every_steps=1, checkpoint_every_steps=2, knn_eval=False,
+    )  # fmt: skip
+    real_call = grain_pipeline.HostViews.__call__
+
+    def failing(self, position):
+        if position >= 3 * 16:  # the batch of step 4
+            raise OSError("simulated read failure (e.g. a vanished file or dead worker)")
+        return real_call(self, position)
+
+    monkeypatch.setattr(grain_pipeline.HostViews, "__call__", failing)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="Grain input pipeline failed.*resume"):
+        train.train_and_evaluate(config, workdir)
+    manager, latest = checkpoint.open_for_restore(workdir)
+    assert latest == 2 and checkpoint.read_meta(manager, 2)["data_state"]["next_step"] == 2
+    monkeypatch.setattr(grain_pipeline.HostViews, "__call__", real_call)
+    assert train.train_and_evaluate(config, workdir)["step"] == 5
