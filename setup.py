@@ -25,6 +25,10 @@ setuptools.setup(
         "clu>=0.0.10",
         "tensorboard>=2.16",
         "tensorflow-datasets>=4.9.4",
+        # `tfds build` / download_and_prepare (ImageNet from the manual tars) imports it.
+        "importlib_resources>=6",
+        # The TF-free input path (data.backend='jax'); 0.2.18 is the release tested here.
+        "grain==0.2.18",
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=1.4",
@@ -35,7 +39,14 @@ setuptools.setup(
         "plots": ["matplotlib>=3.8"],
         # benchmarks/compare_peers.py: the PyTorch / lightly side of the comparison.
         "peers": ["torch>=2.4", "torchvision>=0.19", "lightly>=1.5"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "matplotlib>=3.8"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.5",
+            "matplotlib>=3.8",
+            "scipy>=1.10",  # KS test of the crop statistics
+            "psutil>=5",  # finds Grain worker processes in tests and benchmarks
+        ],
         "tpu": ["jax[tpu]>=0.6"],
     },
 )

@@ -1,14 +1,18 @@
-"""Views per second: the JAX path (TF-free loader + on-device augmentation) beside tf.data.
+"""Views per second: the JAX path (Grain loader + on-device augmentation) beside tf.data.
 
     PYTHONPATH=. python benchmarks/bench_augment.py [--seconds 5] [--cases 32,224] [--no_tf]
+        [--workers 2]
 
 Sources: 32 px, the bundled CIFAR-10 sample (3000 JPEGs; CIFAR settings: jitter 0.5, no
-blur); 224 px with blur (ImageNet settings), a temp folder of 256x256 JPEGs made by upscaling
-bundled images. Rows:
-- jax, augment only: make_augment_fn on a device-resident uint8 batch (the accelerator's
-  share of the work; on this CPU the "device" is the same 2 cores);
-- jax, end to end: numpy_pipeline host batches -> global arrays -> device augmentation
-  (the host resizes 256 px folder images to 224 so they batch; the crop runs on the device);
+blur); 224 px with blur (ImageNet settings), a temp folder of 500x375 JPEGs (ImageNet's
+typical size) made by upscaling bundled images. Rows:
+- grain host, threads / N workers: grain_pipeline host batches alone (decode, crop on the
+  full-resolution image, bicubic resize to image_size, uint8), in-process threads or N
+  worker processes (data.grain_workers), with the workers' resident memory;
+- jax, device augment only: make_augment_fn on device-resident host-cropped uint8 views
+  (flip, jitter, grayscale, blur: the accelerator's share; on this CPU the "device" is the
+  same 2 cores);
+- jax, end to end: data.make_train_batches (Grain -> global arrays -> device augmentation);
 - tfdata, end to end: pipeline.make_train_iterator (decode + augment on the host).
 Views are counted (two per image).
 """
@@ -27,8 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 
 
-def make_256px_folder(out: pathlib.Path, count: int) -> None:
-    """`count` 256x256 JPEGs (quality 90) upscaled from bundled images, 10 class folders."""
+def make_big_folder(out: pathlib.Path, count: int) -> None:
+    """`count` 500x375 JPEGs (quality 90) upscaled from bundled images, 10 class folders."""
     from PIL import Image
 
     from simclr_jax.data import numpy_pipeline, sources
@@ -37,7 +41,7 @@ def make_256px_folder(out: pathlib.Path, count: int) -> None:
     for i in range(count):
         target = out / "train" / f"class{reader.labels[i]}"
         target.mkdir(parents=True, exist_ok=True)
-        image = Image.fromarray(reader.image(i)).resize((256, 256), Image.BICUBIC)
+        image = Image.fromarray(reader.image(i)).resize((500, 375), Image.BICUBIC)
         image.save(target / f"{i}.jpg", quality=90)
 
 
@@ -52,30 +56,52 @@ def timed(next_batch, views_per_batch: int, seconds: float, warmup: int = 2) -> 
     return views / (time.perf_counter() - start)
 
 
-def bench_case(config, batch: int, seconds: float, with_tf: bool) -> dict[str, float]:
-    """views/s of the three rows for one data config."""
+def worker_memory_mib() -> list[float]:
+    """Resident memory (MiB) of each Grain worker process of this process."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    return [p.memory_info().rss / 2**20 for p in workers]
+
+
+def bench_case(config, batch: int, seconds: float, with_tf: bool, workers: int):
+    """views/s of every row for one data config, and the Grain workers' memory (MiB)."""
     from simclr_jax import data, parallel
-    from simclr_jax.data import jax_augment, numpy_pipeline
+    from simclr_jax.data import grain_pipeline, jax_augment
 
     mesh = parallel.create_mesh()
-    rates = {}
-    host = numpy_pipeline.make_train_iterator(config, split="train", batch_size=batch, seed=0)
-    sample = next(host)
+    rates, memory = {}, []
+    for count in (0, workers) if workers else (0,):
+        host_config = config.copy_and_resolve_references()
+        host_config.grain_workers = count
+        host = grain_pipeline.make_train_iterator(
+            host_config, split="train", batch_size=batch, seed=0, num_views=2
+        )
+        label = f"{count} workers" if count else "threads"
+        rates[f"grain host, {label}"] = timed(host.__next__, 2 * batch, seconds)
+        if count:
+            memory = worker_memory_mib()
+        sample = next(host)
+        host.close()
     augment = jax_augment.make_augment_fn(config, mesh, image_size=int(config.image_size))
     batch_sharding = parallel.batch_sharding(mesh)
     images = jax.device_put(sample["image"], batch_sharding)
     ids = jax.device_put(sample["id"], batch_sharding)
     key = jax.random.key(0)
-    rates["jax, augment only"] = timed(
+    rates["jax, device augment only"] = timed(
         lambda: augment(key, images, ids).block_until_ready(), 2 * batch, seconds
     )
+    end_config = config.copy_and_resolve_references()
+    end_config.grain_workers = workers
     batches = data.make_train_batches(
-        config, mesh, split="train", batch_size=batch, num_views=2, augmentation="simclr", seed=0
-    )
-    rates["jax, end to end"] = timed(
+        end_config, mesh, split="train", batch_size=batch, num_views=2, augmentation="simclr",
+        seed=0,
+    )  # fmt: skip
+    rates[f"jax, end to end ({workers} workers)"] = timed(
         lambda: next(batches)["image"].block_until_ready(), 2 * batch, seconds
     )
-    host.close()
+    batches.close()
     if with_tf:
         from simclr_jax.data import pipeline
 
@@ -85,7 +111,7 @@ def bench_case(config, batch: int, seconds: float, with_tf: bool) -> dict[str, f
             tf_config, split="train", batch_size=batch, num_views=2, augmentation="simclr", seed=0
         )
         rates["tfdata, end to end"] = timed(lambda: next(it), 2 * batch, seconds)
-    return rates
+    return rates, memory
 
 
 def main() -> None:
@@ -96,6 +122,7 @@ def main() -> None:
     parser.add_argument("--no_tf", action="store_true", help="skip the tf.data rows")
     parser.add_argument("--batch32", type=int, default=256)
     parser.add_argument("--batch224", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="Grain worker processes")
     args = parser.parse_args()
 
     from configs.common import get_base_config
@@ -110,11 +137,14 @@ def main() -> None:
                 config.update(source="bundled", color_jitter_strength=0.5, blur_prob=0.0)
                 batch, what = args.batch32, "bundled CIFAR-10 JPEGs, no blur"
             else:
-                make_256px_folder(tmp / "big", 4 * args.batch224)
+                make_big_folder(tmp / "big", 4 * args.batch224)
                 config.update(source="folder", data_dir=str(tmp / "big"), blur_prob=0.5)
-                batch, what = args.batch224, "256 px JPEGs, blur p=0.5"
-            for row, rate in bench_case(config, batch, args.seconds, not args.no_tf).items():
+                batch, what = args.batch224, "500x375 JPEGs, blur p=0.5"
+            rates, memory = bench_case(config, batch, args.seconds, not args.no_tf, args.workers)
+            for row, rate in rates.items():
                 rows.append((f"{size} px, {what}", batch, row, rate))
+            if memory:
+                print(f"{size} px: Grain worker RSS (MiB): {', '.join(f'{m:.0f}' for m in memory)}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     device = f"{jax.devices()[0].platform} x{jax.device_count()}"

@@ -4,8 +4,8 @@
 
 ResNet-50, 224 px, ImageNet augmentation (blur p=0.5). Three timings, all device-resident:
 - step: train.make_pretrain_step on ready float32 views (B, 2, 224, 224, 3);
-- augment: data.make_device_augment on uint8 (B, 256, 256, 3) images (what the TF-free
-  loader ships), crop included;
+- augment: data.make_device_augment on uint8 (B, 2, 224, 224, 3) host-cropped views (what
+  the Grain loader ships): flip, colour jitter, grayscale, blur;
 - augment + step: both, as run_training chains them with data.backend='jax'.
 """
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
-    config = build_config("r50_224", args.batch)
+    config = build_config("r50_224", args.batch, "auto")
     config.model.dtype = args.dtype
     mesh = parallel.create_mesh()
     model = create_model(config.model, num_classes=config.model.num_classes, mode="pretrain")
@@ -58,7 +58,7 @@ def main() -> None:
     )
     rng = np.random.default_rng(0)
     host = {
-        "image": rng.integers(0, 256, (args.batch, 256, 256, 3), dtype=np.uint8),
+        "image": rng.integers(0, 256, (args.batch, 2, 224, 224, 3), dtype=np.uint8),
         "id": np.arange(args.batch, dtype=np.uint32),
         "label": rng.integers(0, 1000, args.batch).astype(np.int32),
     }

@@ -65,10 +65,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.trust_coefficient = 0.001  # LARS eta
 
     config.data = ml_collections.ConfigDict()
-    # tfdata: tf.data decodes and augments on the host. jax: TF-free loader (Pillow, NumPy) and
-    # the augmentation, crop included, on the accelerator; no TensorFlow is imported, and
-    # metrics go to metrics.jsonl instead of TensorBoard (no tfds source).
+    # tfdata: tf.data decodes and augments on the host. jax: TF-free Grain loader (Pillow,
+    # NumPy; the random crop on the full-resolution image on the host) and the rest of the
+    # augmentation on the accelerator; no TensorFlow is imported, and metrics go to
+    # metrics.jsonl instead of TensorBoard (no tfds source).
     config.data.backend = "tfdata"
+    config.data.grain_workers = 0  # backend=jax: decoding processes (0: threads in-process)
+    config.data.grain_threads = 0  # backend=jax: threads per process (0: one per CPU, <= 16)
     config.data.source = "tfds"  # bundled | tfds | folder | numpy (backend=jax only)
     config.data.name = "imagenet2012"  # tfds builder name (source=tfds)
     config.data.data_dir = ""  # tfds data_dir or image-folder root; local or gs://

@@ -8,6 +8,7 @@ converted to steps here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -475,7 +476,7 @@ def train_loop(
             metrics.log_progress(step, total, last["images_per_sec"], last["steps_per_sec"])
             tick, ticked_steps = time.time(), 0
         if save_now:
-            checkpoint.save(manager, step, state.to_tree(), checkpoint_meta(config, step))
+            checkpoint.save(manager, step, state.to_tree(), checkpoint_meta(config, step, batches))
         if preempted and step < total:
             raise preemption.Preempted(step)
         if on_eval and config.eval_every_steps and step % config.eval_every_steps == 0:
@@ -483,9 +484,24 @@ def train_loop(
     return state, last
 
 
-def checkpoint_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
-    """JSON saved with each checkpoint: the data position is the step (deterministic data)."""
-    return {"config": config.to_dict(), "step": step, "data_position": step, "mode": config.mode}
+def checkpoint_meta(
+    config: ml_collections.ConfigDict, step: int, batches: Any = None
+) -> dict[str, Any]:
+    """JSON saved with each checkpoint: the data position is the step (deterministic data),
+    plus the input iterator's own state when it has one (data.TrainBatches.state())."""
+    meta = {"config": config.to_dict(), "step": step, "data_position": step, "mode": config.mode}
+    data_state = getattr(batches, "state", None)
+    if data_state is not None:
+        meta["data_state"] = data_state()
+    return meta
+
+
+def saved_data_state(manager: Any, step: int) -> dict[str, Any] | None:
+    """The input state saved with this workdir's checkpoint `step` (None for a fresh start, a
+    checkpoint from before data_state existed, or an init_checkpoint from another run)."""
+    if step == 0 or manager.latest_step() != step:
+        return None
+    return checkpoint.read_meta(manager, step).get("data_state")
 
 
 def run_training(
@@ -515,23 +531,17 @@ def run_training(
         state = restore_or_initialize(state, manager, config)
         pretrain = config.mode == "pretrain"
         train_step = make_train_step(config, model, tx, schedule, mesh, shardings)
-        iterator = data.make_train_iterator(
+        start_step = int(jax.device_get(state.step))
+        batches = data.make_train_batches(
             config.data,
+            mesh,
             split=config.data.train_split,
             batch_size=config.train_batch_size,
             num_views=2 if pretrain else 1,
             augmentation="simclr" if pretrain else "crop_flip",
             seed=int(config.seed),
-            start_step=int(jax.device_get(state.step)),
-        )
-        # data.backend='jax' yields uint8 images: the views (crop included) are made in a jit
-        # right before the step, on each device's shard. tf.data batches pass through.
-        to_views = data.make_batch_augmenter(
-            config.data,
-            mesh,
-            num_views=2 if pretrain else 1,
-            augmentation="simclr" if pretrain else "crop_flip",
-            seed=int(config.seed),
+            start_step=start_step,
+            data_state=saved_data_state(manager, start_step),
         )
         logging.info(
             "mode=%s: %d steps (%.1f steps/epoch, warmup %d), global batch %d on %d devices.",
@@ -542,11 +552,12 @@ def run_training(
             config.train_batch_size,
             mesh.size,
         )
-        with preemption.PreemptionWatcher() as watcher:
+        # closing: stops the input's worker processes (Grain) however training ends.
+        with preemption.PreemptionWatcher() as watcher, contextlib.closing(batches):
             state, last = train_loop(
                 state,
                 train_step,
-                map(to_views, global_batches(iterator, mesh)),
+                batches,
                 config=config,
                 durations=durations,
                 manager=manager,

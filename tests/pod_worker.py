@@ -147,7 +147,7 @@ def _hook(name: str) -> int | None:
 
 def install_hooks() -> None:
     """Patches the library (in this process only) as the environment asks."""
-    from simclr_jax import data, metrics
+    from simclr_jax import metrics
 
     sigterm_at, kill_at = _hook("SIGTERM_AT"), _hook("KILL_AT")
     real_add = metrics.MetricBuffer.add
@@ -177,7 +177,9 @@ def install_hooks() -> None:
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
     if os.environ.get(ENV_PREFIX + "SAME_GLOBAL_BATCH"):
-        real_iterator = data.make_train_iterator
+        from simclr_jax.data import backends
+
+        real_iterator = backends.make_train_iterator
 
         def same_global_batch(*args, **kwargs):
             import jax
@@ -188,7 +190,7 @@ def install_hooks() -> None:
                 rows = len(next(iter(batch.values()))) // count
                 yield {k: v[index * rows : (index + 1) * rows] for k, v in batch.items()}
 
-        data.make_train_iterator = same_global_batch
+        backends.make_train_iterator = same_global_batch  # what data.make_train_batches reads
 
 
 def main() -> None:

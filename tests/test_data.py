@@ -447,7 +447,7 @@ def test_tfds_pipeline_eval_exact_and_train(monkeypatch):
 def test_tfds_errors(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="no_such_dataset_xyz"):
         sources.tfds_source("no_such_dataset_xyz", str(tmp_path), "train")
-    with pytest.raises(ValueError, match="no prepared splits"):
+    with pytest.raises(ValueError, match=r"not prepared .*`tfds build mnist --data_dir="):
         sources.tfds_source("mnist", str(tmp_path), "train")
     monkeypatch.setattr(sources, "_tfds_builder", lambda *args: _fake_tfds_builder())
     source = sources.tfds_source("fake", "", "train[:90%]")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs.common import get_base_config
 from simclr_jax import data, metrics, parallel
-from simclr_jax.data import common, jax_augment, numpy_pipeline, sources
+from simclr_jax.data import common, grain_pipeline, jax_augment, numpy_pipeline, sources
 
 REPO = Path(__file__).resolve().parents[1]
 # What "TensorFlow is not installed" looks like to Python: `import tensorflow` raises
@@ -37,18 +37,20 @@ def _jax_config(**overrides):
 
 @pytest.fixture(scope="module")
 def array_dir(tmp_path_factory):
-    """37 train / 23 test 8x8 images whose first pixel is their row (so rows can be traced)."""
+    """37 train / 23 test 8x8 images whose every pixel is their row (so rows can be traced
+    through any crop and resize)."""
     root = tmp_path_factory.mktemp("arrays")
     for split, n in (("train", 37), ("test", 23)):
-        images = np.zeros((n, 8, 8, 3), np.uint8)
-        images[:, 0, 0, 0] = np.arange(n)
+        images = (
+            np.zeros((n, 8, 8, 3), np.uint8) + np.arange(n, dtype=np.uint8)[:, None, None, None]
+        )
         np.save(root / f"{split}_images.npy", images)
         np.save(root / f"{split}_labels.npy", np.arange(n) % 3)
     return str(root)
 
 
 def _rows(batch):
-    return batch["image"][:, 0, 0, 0].astype(int)
+    return batch["image"].reshape(len(batch["image"]), -1)[:, 0].astype(int)
 
 
 # ------------------------------------------------------------------ the loader
@@ -59,7 +61,8 @@ def test_imports_do_not_load_tensorflow():
     code = textwrap.dedent("""
         import sys
         import simclr_jax, simclr_jax.train, simclr_jax.main, simclr_jax.data
-        from simclr_jax.data import numpy_pipeline, jax_augment, backends
+        from simclr_jax.data import numpy_pipeline, jax_augment, backends, grain_pipeline
+        import grain
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow",
                         "tensorflow_datasets"))
         assert not loaded, loaded
@@ -72,38 +75,53 @@ def test_process_shards_are_disjoint_and_cover_every_example(array_dir, processe
     config = _jax_config(source="numpy", data_dir=array_dir)
     seen = []
     for p in range(processes):
-        it = numpy_pipeline.make_train_iterator(
+        it = grain_pipeline.make_train_iterator(
             config, split="train", batch_size=4 * processes, seed=1,
             process_index=p, process_count=processes,
         )  # fmt: skip
-        epoch = len(it.shard)
-        rows = np.concatenate([_rows(it.batch(k)) for k in range(-(-2 * epoch // 4))])
+        epoch = len(it.views.shard)
+        rows = np.concatenate([_rows(next(it)) for _ in range(-(-2 * epoch // 4))])
         # Every epoch of a process is a permutation of its shard.
-        assert sorted(rows[:epoch]) == sorted(it.shard) == sorted(rows[epoch : 2 * epoch])
+        assert sorted(rows[:epoch]) == sorted(it.views.shard) == sorted(rows[epoch : 2 * epoch])
         assert not np.array_equal(rows[:epoch], rows[epoch : 2 * epoch])  # reshuffled
         seen.append(set(rows[:epoch]))
         it.close()
     assert sum(len(s) for s in seen) == 37 and set().union(*seen) == set(range(37))
 
 
-def test_batch_k_depends_only_on_seed_and_k(array_dir):
+def test_batch_k_depends_only_on_seed_and_k_and_grain_state_resumes(array_dir):
     config = _jax_config(source="numpy", data_dir=array_dir)
-    make = lambda seed, start=0: numpy_pipeline.make_train_iterator(
-        config, split="train", batch_size=8, seed=seed, start_step=start
+    make = lambda seed, start=0, **kw: grain_pipeline.make_train_iterator(
+        config, split="train", batch_size=8, seed=seed, start_step=start, num_views=2, **kw
     )
     first = make(3)
     stream = [next(first) for _ in range(7)]  # crosses an epoch boundary (37 examples)
     resumed = make(3, start=5)
+    restored = make(3)
+    probe = make(3)
+    for _ in range(3):
+        next(probe)
+    restored.set_state(json.loads(json.dumps(probe.get_state())))  # as the checkpoint has it
     for k in (5, 6):
         batch = next(resumed)
         for key in ("image", "label", "id"):
             np.testing.assert_array_equal(batch[key], stream[k][key])
-    np.testing.assert_array_equal(make(3).batch(4)["image"], stream[4]["image"])
-    assert not np.array_equal(make(4).batch(0)["image"], stream[0]["image"])
-    assert stream[0]["image"].dtype == np.uint8 and stream[0]["id"].dtype == np.uint32
+    for k in (3, 4):
+        np.testing.assert_array_equal(next(restored)["image"], stream[k]["image"])
+    # A state saved with another layout (here: worker count) is ignored: start_step rules.
+    relayout = make(3, start=5)
+    relayout.set_state({**probe.get_state(), "workers": 5})  # would be batch 3 if applied
+    np.testing.assert_array_equal(next(relayout)["image"], stream[5]["image"])
+    relayout.close()
+    assert not np.array_equal(next(make(4))["image"], stream[0]["image"])
+    image = stream[0]["image"]
+    assert image.shape == (8, 2, 16, 16, 3) and image.dtype == np.uint8
+    assert stream[0]["id"].dtype == np.uint32
+    # Each view is a constant crop of one row's image; the two views come from one example.
+    np.testing.assert_array_equal(image[:, 0], image[:, 1])
     ids = np.concatenate([b["id"] for b in stream])
     np.testing.assert_array_equal(ids, np.arange(56))  # global positions, one process
-    for it in (first, resumed):
+    for it in (first, resumed, restored, probe):
         it.close()
 
 
@@ -145,19 +163,19 @@ def image_folder(tmp_path_factory):
     return str(root)
 
 
-def test_folder_reads_lazily_resizes_to_one_shape_and_skips_corrupt(image_folder, monkeypatch):
+def test_folder_reads_lazily_crops_to_one_shape_and_skips_corrupt(image_folder, monkeypatch):
     decoded = []
     real_decode = common.pil_to_rgb_uint8
     monkeypatch.setattr(common, "pil_to_rgb_uint8", lambda b: decoded.append(1) or real_decode(b))
-    config = _jax_config(source="folder", data_dir=image_folder)
+    config = _jax_config(source="folder", data_dir=image_folder, grain_threads=1)
     it = data.make_train_iterator(
         config, split="train[:4]", batch_size=2, seed=0, num_views=2, augmentation="simclr"
     )
     batch = next(it)
-    # Lazy: only the batches in flight were decoded, never the whole folder.
-    assert len(decoded) <= 2 * (1 + numpy_pipeline._PREFETCH_BATCHES)
-    assert batch["image"].shape == (2, 16, 16, 3) and batch["image"].dtype == np.uint8
-    labels = np.concatenate([it.batch(k)["label"] for k in range(7)])  # 13 files, 1 corrupt
+    # Lazy: only the batches in flight were decoded, never the whole folder (13 files).
+    assert len(decoded) <= 2 * 4
+    assert batch["image"].shape == (2, 2, 16, 16, 3) and batch["image"].dtype == np.uint8
+    labels = np.concatenate([batch["label"]] + [next(it)["label"] for _ in range(6)])
     assert set(labels) == {0, 1, 2}
     assert {Path(p).name for p in it.skipped_files} == {"2b.png"}
     it.close()
@@ -179,18 +197,55 @@ def test_host_eval_transform_matches_tf():
     # TF's bicubic kernel reads its weights from a 1024-entry table; ours (like jax_augment's)
     # are exact, so they differ by the table's quantization (< 1e-3), not by the method.
     np.testing.assert_allclose(ours, augment.eval_transform(tf.constant(image), 24), atol=1e-3)
-    resized = numpy_pipeline.fit_uint8(image, 20, 20)
-    reference = augment.fixed_size_uint8(tf.constant(image), 20).numpy()
-    assert np.abs(resized.astype(int) - reference).max() <= 1
+
+
+def test_grain_crops_match_tf_data_on_a_large_non_square_image():
+    """2,000 crop windows of a 500 x 375 image: area fraction and aspect ratio from the Grain
+    path's sampler and from tf.data's (tf.image.stateless_sample_distorted_bounding_box) pass a
+    two-sample KS test; the resized view of one box matches tf.image.resize bicubic to 1e-3."""
+    tf = pytest.importorskip("tensorflow")
+    stats = pytest.importorskip("scipy.stats")
+    from simclr_jax.data import augment
+
+    height, width, n = 375, 500, 2000
+    ours = np.array(
+        [
+            grain_pipeline.crop_window_from_uniforms(
+                grain_pipeline.view_uniforms(0, i, 0), height, width
+            )
+            for i in range(n)
+        ]
+    )
+    sample = tf.function(
+        lambda s: augment.sample_crop_window(tf.constant([height, width, 3]), s)[1]
+    )
+    theirs = np.array([sample(tf.constant([7, i])).numpy() for i in range(n)])
+    for name, f in [
+        ("area", lambda h, w: h * w / (height * width)),
+        ("aspect", lambda h, w: w / h),
+    ]:
+        a, b = f(ours[:, 2], ours[:, 3]), f(theirs[:, 0], theirs[:, 1])
+        assert stats.ks_2samp(a, b).pvalue > 0.01, (name, a.mean(), b.mean())
+    assert (ours[:, 2] * ours[:, 3]).min() >= 0.1 * height * width  # min_object_covered
+    assert len(np.unique(ours[:, 2:], axis=0)) > n // 4  # really random
+
+    image = np.random.default_rng(2).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    y, x, h, w = ours[0]
+    view = grain_pipeline.crop_resize(image, (y, x, h, w), 224)
+    crop = tf.image.convert_image_dtype(tf.constant(image[y : y + h, x : x + w]), tf.float32)
+    reference = tf.image.resize(crop, (224, 224), method="bicubic").numpy()
+    np.testing.assert_allclose(view, reference, atol=1e-3)
+    shipped = grain_pipeline.to_uint8(view).astype(np.float32) / 255
+    assert np.abs(shipped - np.clip(reference, 0, 1)).max() <= 0.5 / 255 + 1e-3
 
 
 def test_bad_backend_and_source_combinations_are_named():
     with pytest.raises(ValueError, match="data.backend='torch'"):
         data.get_dataset_info(_jax_config(backend="torch"))
-    with pytest.raises(ValueError, match="cannot read data.source='tfds'"):
-        data.get_dataset_info(_jax_config(source="tfds"))
     with pytest.raises(ValueError, match="set data.backend='jax'"):
         data.get_dataset_info(_jax_config(backend="tfdata", source="numpy", data_dir="/x"))
+    with pytest.raises(ValueError, match=r"train\[5:5\]' selects no examples of the bundled"):
+        data.get_dataset_info(_jax_config(train_split="train[5:5]"))
     with pytest.raises(ValueError, match="found no train_images"):
         data.get_dataset_info(_jax_config(source="numpy", data_dir="/nonexistent"))
 
@@ -323,3 +378,91 @@ def test_smoke_pretraining_runs_where_tensorflow_cannot_be_imported(tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "3"]
     assert not list(workdir.glob("events.out.tfevents*"))  # no TensorBoard without TF
+
+
+def test_a_dead_grain_worker_is_a_clear_error(array_dir):
+    psutil = pytest.importorskip("psutil")
+    config = _jax_config(source="numpy", data_dir=array_dir, grain_workers=2)
+    it = grain_pipeline.make_train_iterator(config, split="train", batch_size=4, seed=0)
+    reference = grain_pipeline.make_train_iterator(
+        _jax_config(source="numpy", data_dir=array_dir), split="train", batch_size=4, seed=0
+    )
+    # Worker processes give the same batches as threads.
+    np.testing.assert_array_equal(next(it)["image"], next(reference)["image"])
+    workers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    workers[0].kill()
+    with pytest.raises(RuntimeError, match="Grain input pipeline failed.*terminated.*resume"):
+        for _ in range(1000):
+            next(it)
+    it.close()
+    reference.close()
+
+
+def test_grain_workers_die_with_a_sigkilled_trainer(array_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from configs.common import get_base_config
+        from simclr_jax.data import grain_pipeline
+        if __name__ == "__main__":
+            c = get_base_config().data
+            c.update(backend="jax", source="numpy", data_dir={array_dir!r}, image_size=16,
+                     train_split="train", eval_split="test", grain_workers=2)
+            it = grain_pipeline.make_train_iterator(c, split="train", batch_size=4, seed=0)
+            next(it)
+            print("ready", flush=True)
+            time.sleep(600)
+        """)
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        workers = [
+            p
+            for p in psutil.Process(trainer.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2
+    finally:
+        trainer.kill()
+        trainer.wait()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.slow  # two short training runs: about 2.5 minutes on 2 busy cores
+def test_input_failure_mid_run_keeps_the_checkpoints_and_resume_finishes(tmp_path, monkeypatch):
+    from configs import smoke
+    from simclr_jax import checkpoint, train
+
+    config = smoke.get_config("pretrain")
+    config.data.update(backend="jax", image_size=16, eval_split="test[:2]")
+    config.update(
+        train_batch_size=16, eval_batch_size=16, train_steps=5, warmup_steps=1,
+        log_every_steps=1, checkpoint_every_steps=2, knn_eval=False,
+    )  # fmt: skip
+    real_call = grain_pipeline.HostViews.__call__
+
+    def failing(self, position):
+        if position >= 3 * 16:  # the batch of step 4
+            raise OSError("simulated read failure (e.g. a vanished file or dead worker)")
+        return real_call(self, position)
+
+    monkeypatch.setattr(grain_pipeline.HostViews, "__call__", failing)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="Grain input pipeline failed.*resume"):
+        train.train_and_evaluate(config, workdir)
+    manager, latest = checkpoint.open_for_restore(workdir)
+    assert latest == 2 and checkpoint.read_meta(manager, 2)["data_state"]["next_step"] == 2
+    monkeypatch.setattr(grain_pipeline.HostViews, "__call__", real_call)
+    assert train.train_and_evaluate(config, workdir)["step"] == 5

@@ -103,15 +103,15 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_batches = train.global_batches
+    real_batches = train.data.make_train_batches
 
-    def poisoned(iterator, mesh):
-        for step, batch in enumerate(real_batches(iterator, mesh), start=1):
+    def poisoned(*args, **kwargs):
+        for step, batch in enumerate(real_batches(*args, **kwargs), start=1):
             if step == 3:
                 batch = dict(batch, image=batch["image"] * np.float32(np.nan))
             yield batch
 
-    monkeypatch.setattr(train, "global_batches", poisoned)
+    monkeypatch.setattr(train.data, "make_train_batches", poisoned)
     workdir = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match="step 3"):
         train.train_and_evaluate(tiny_config(train_steps=6), workdir)

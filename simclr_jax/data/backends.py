@@ -2,14 +2,18 @@
 
 - 'tfdata' (default): tf.data decodes and augments on the host (pipeline.py); the step gets
   float32 views.
-- 'jax': TensorFlow is never imported. The host decodes and batches uint8 images
-  (numpy_pipeline.py) and the device makes the views (jax_augment.py): the whole augmentation,
-  random resized crop included, runs in its own jit right before the train step, sharded like
-  the batch, so each device augments its own examples. Why the crop is on the device too:
-  the host then ships one uint8 image per example instead of two float32 views (8x fewer
-  bytes) and does almost no work, which is what starves accelerator hosts; jax_augment turns
-  the variable-size crop window into fixed-shape resampling matmuls.
+- 'jax': TensorFlow is never imported. Grain (grain_pipeline.py) decodes on the host and
+  samples the random resized crop on the full-resolution image (the reference's sampler),
+  shipping uint8 crops at image_size; the device makes the rest of each view (flip, colour
+  jitter, grayscale, blur; jax_augment.py) in its own jit right before the train step, sharded
+  like the batch, so each device augments its own examples. The crop is on the host because it
+  must see the whole image (ImageNet images vary in size; resizing them first would make an
+  8%-area crop a small patch upsampled and squash the aspect ratios); what follows is per-pixel
+  work that the accelerator does for free.
 Both modules are imported lazily, so only the chosen path's dependencies load.
+
+make_train_batches is run_training's one training-input entry point: host batches -> global
+arrays -> views, with a JSON state (TrainBatches.state) saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -66,6 +70,43 @@ def make_batch_augmenter(
     return lambda batch: {"image": augment(batch["image"], batch["id"]), "label": batch["label"]}
 
 
+class TrainBatches:
+    """Global train batches {'image': views, 'label'} on a mesh, one per step, with the input
+    position to checkpoint: `state()` after batch k is what a resumed run passes back as
+    `data_state` (through the checkpoint's JSON metadata) to continue at batch k + 1."""
+
+    def __init__(
+        self, host: Iterator[dict[str, Any]], mesh: Mesh, augment: Callable, start_step: int
+    ) -> None:
+        self._host, self._mesh, self._augment = host, mesh, augment
+        self._step = start_step
+        self._host_state = _host_state(host)
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = next(self._host)
+        self._step += 1
+        self._host_state = _host_state(self._host)  # after this batch, whatever is prefetched
+        return self._augment(parallel.host_batch_to_global(batch, self._mesh))
+
+    def state(self) -> dict[str, Any]:
+        """JSON: the next step's number and the host iterator's own state (Grain), if any."""
+        return {"next_step": self._step, "host": self._host_state}
+
+    def close(self) -> None:
+        """Stops the host iterator's workers, if it has any."""
+        close = getattr(self._host, "close", None)
+        if close is not None:
+            close()
+
+
+def _host_state(host: Any) -> Any:
+    get_state = getattr(host, "get_state", None)
+    return get_state() if get_state is not None else None
+
+
 def make_train_batches(
     data_config: Any,
     mesh: Mesh,
@@ -76,9 +117,17 @@ def make_train_batches(
     augmentation: str,
     seed: int,
     start_step: int = 0,
-) -> Iterator[dict[str, jax.Array]]:
-    """Global train batches {'image': views, 'label'} on `mesh` from the configured backend;
-    batch k depends only on (seed, k) (tf.data: with data.deterministic)."""
+    data_state: dict[str, Any] | None = None,
+) -> TrainBatches:
+    """The training input of run_training: global batches {'image': views, 'label'} on
+    `mesh` from the configured backend, starting at batch start_step; batch k depends only on
+    (seed, k) (tf.data: with data.deterministic). `data_state` (a TrainBatches.state() saved
+    with the checkpoint of start_step) restores the host iterator's own state where it has one."""
+    if data_state is not None and int(data_state.get("next_step", -1)) != start_step:
+        raise ValueError(
+            f"data_state is for step {data_state.get('next_step')!r} but training resumes at "
+            f"step {start_step}; pass the data_state saved with the checkpoint being restored."
+        )
     iterator = make_train_iterator(
         data_config,
         split=split,
@@ -88,10 +137,13 @@ def make_train_batches(
         seed=seed,
         start_step=start_step,
     )
+    host_state = (data_state or {}).get("host")
+    if host_state is not None and hasattr(iterator, "set_state"):
+        iterator.set_state(host_state)
     augment = make_batch_augmenter(
         data_config, mesh, num_views=num_views, augmentation=augmentation, seed=seed
     )
-    return (augment(parallel.host_batch_to_global(batch, mesh)) for batch in iterator)
+    return TrainBatches(iterator, mesh, augment, start_step)
 
 
 def make_eval_iterator(data_config: Any, **kwargs: Any):
@@ -116,7 +168,9 @@ def make_train_iterator(
         return pipeline.make_train_iterator(
             data_config, num_views=num_views, augmentation=augmentation, **kwargs
         )
-    from simclr_jax.data import numpy_pipeline
+    from simclr_jax.data import grain_pipeline
 
     supervised = augmentation == "crop_flip"
-    return numpy_pipeline.make_train_iterator(data_config, supervised=supervised, **kwargs)
+    return grain_pipeline.make_train_iterator(
+        data_config, num_views=num_views, supervised=supervised, **kwargs
+    )

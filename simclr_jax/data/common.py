@@ -36,11 +36,6 @@ def backend(data_config: Any) -> str:
             f"data.backend={name!r}; allowed: {BACKENDS} ('tfdata': tf.data input with "
             "augmentation on the host; 'jax': TF-free loader with augmentation on the device)."
         )
-    if name == "jax" and data_config.source == "tfds":
-        raise ValueError(
-            "data.backend='jax' cannot read data.source='tfds' (TFDS needs TensorFlow); use "
-            "data.backend='tfdata', or a 'folder', 'numpy' or 'bundled' source."
-        )
     if name == "tfdata" and data_config.source == "numpy":
         raise ValueError(
             "data.source='numpy' is read by data.backend='jax' only; set data.backend='jax'."

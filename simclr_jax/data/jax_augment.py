@@ -8,6 +8,9 @@ so each example's window becomes two small resampling matrices (bicubic weights 
 the window), and crop + resize + flip is two batched matmuls with static shapes. The blur is
 matmuls too. Caveat: all images of a batch must share one (H, W), so sources of mixed sizes
 (ImageNet) need a host-side resize first, and the crop then samples that resized image.
+That is why the training input (grain_pipeline.py) now crops on the host, at full
+resolution, and passes (B, V, S, S, 3) crops, for which augment_views skips the crop
+(augment_cropped_views); the device crop stays for callers whose images share one size.
 
 Semantics follow the authors' TensorFlow code (tf.image ops), so this path and the tf.data path
 produce the same distribution of views:
@@ -497,6 +500,11 @@ def augment_views(
     depend only on (key, example id, view), so the views do not depend on the device count.
     """
     params = augment_params(data_config)
+    if images.ndim == 5:  # (B, V, S, S, 3): views cropped on the host (grain_pipeline)
+        return augment_cropped_views(
+            key, images, params, image_size=image_size, example_ids=example_ids,
+            augmentation=augmentation,
+        )  # fmt: skip
     _check_image(images, batched=True)
     _check_batch_options(image_size, num_views, augmentation)
     if example_ids is None:
@@ -514,6 +522,38 @@ def augment_views(
         )
     per_example = jax.vmap(one_view, in_axes=(0, None))
     return jax.vmap(per_example)(view_keys(key, example_ids, num_views), images)
+
+
+def augment_cropped_views(
+    key: jax.Array,
+    views: jax.Array,
+    data_config: Any,
+    *,
+    image_size: int,
+    example_ids: jax.Array,
+    augmentation: str = "simclr",
+) -> jax.Array:
+    """The rest of each view after a host crop: (B, V, S, S, 3) crops -> float32 views with
+    flip, colour jitter, grayscale and blur (simclr) or flip only (crop_flip), the same draws
+    (from key, example id, view) as augment_views makes apart from the crop window."""
+    params = augment_params(data_config)
+    _check_batch_options(image_size, views.shape[1], augmentation)
+    if views.ndim != 5 or views.shape[2:] != (image_size, image_size, 3):
+        raise ValueError(
+            f"host-cropped views of shape {views.shape} must be (B, V, {image_size}, "
+            f"{image_size}, 3)."
+        )
+    whole = jnp.array([0, 0, image_size, image_size], jnp.int32)
+
+    def one_view(k, view):
+        if augmentation == "simclr":
+            draws = sample_view_draws(k, params, image_size, image_size)._replace(window=whole)
+            return apply_view(view, draws, params, image_size)
+        flip = jax.random.uniform(k, (4 * MAX_CROP_ATTEMPTS + 1,))[0] < params.flip_prob
+        return jnp.clip(crop_resize_flip(to_float_image(view), whole, image_size, flip), 0, 1)
+
+    keys = view_keys(key, example_ids, views.shape[1])
+    return jax.vmap(jax.vmap(one_view))(keys, views)
 
 
 def make_augment_fn(

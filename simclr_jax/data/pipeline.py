@@ -174,10 +174,14 @@ class NumpyIterator:
     """Iterator of numpy batches; `skipped_files` names the corrupt files skipped so far."""
 
     def __init__(
-        self, dataset: tf.data.Dataset, skipped: SkippedFiles, source: sources.Source | None = None
+        self,
+        dataset: tf.data.Dataset,
+        skipped: SkippedFiles,
+        source: sources.Source | None = None,
+        infinite: bool = False,
     ) -> None:
         self._iterator = dataset.as_numpy_iterator()
-        self._source = source
+        self._source, self._infinite = source, infinite
         self.skipped_files = skipped.names
         self.element_spec = dataset.element_spec
 
@@ -189,6 +193,21 @@ class NumpyIterator:
             return next(self._iterator)
         except tf.errors.OpError as error:
             raise self._explain(error) from None
+        except StopIteration:
+            if not self._infinite:
+                raise
+            # A repeated training stream only ends when nothing passed its filters.
+            raise ValueError(self._empty_message()) from None
+
+    def _empty_message(self) -> str:
+        source = self._source
+        if isinstance(source, sources.TfdsSource) and source.name_filter is not None:
+            return (
+                f"data.label_subset names no image of {source.builder.name!r} split "
+                f"{source.split!r} (it lists e.g. {sorted(source.name_filter)[:2]}); list "
+                "file names as the dataset's 'file_name' feature has them."
+            )
+        return "the training input yields no examples (every file skipped or filtered out)."
 
     def _explain(self, error: tf.errors.OpError) -> Exception:
         """A ValueError naming the bad file for decode failures; other errors unchanged."""
@@ -510,7 +529,7 @@ def make_train_iterator(
     else:
         ds = _indexed_train_dataset(source, params, **common)
     ds = ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
-    return NumpyIterator(ds, skipped, source)
+    return NumpyIterator(ds, skipped, source, infinite=True)
 
 
 @dataclasses.dataclass

@@ -82,6 +82,12 @@ class TfdsSource:
     num_classes: int
     name_filter: frozenset[str] | None = None  # label_subset given as a file of image names
 
+    @property
+    def description(self) -> str:
+        """'tfds:<name>/<config>:<split>' for messages."""
+        config = f"/{self.builder.builder_config.name}" if self.builder.builder_config else ""
+        return f"tfds:{self.builder.name}{config}:{self.split}"
+
 
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
@@ -141,6 +147,11 @@ def slice_per_class(
     return files[_slice_bound(start, n, field, split) : _slice_bound(end, n, field, split)]
 
 
+def _check_selects_some(count: int, field: str, split: str, where: str) -> None:
+    if count == 0:
+        raise ValueError(f"{field}={split!r} selects no examples of {where}; widen the slice.")
+
+
 # ---------------------------------------------------------------- bundled sample
 
 
@@ -169,6 +180,7 @@ def bundled_source(split: str, field: str = "split") -> IndexedSource:
         index = list(np.flatnonzero(labels == label))  # already in sorted file order
         keep += slice_per_class(index, start, end, field, split)
     keep_array = np.array(sorted(keep), dtype=np.int64)
+    _check_selects_some(len(keep_array), field, split, "the bundled sample")
     records = np.array([blob[offsets[i] : offsets[i + 1]] for i in keep_array], dtype=object)
     return IndexedSource(
         description=f"bundled:{split}",
@@ -299,6 +311,7 @@ def array_source(data_dir: str, split: str, *, supervised: bool, field: str = "s
     for label in np.unique(labels):  # per-class slicing, as for folders (rows in file order)
         keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
     rows = np.array(sorted(keep), dtype=np.int64)
+    _check_selects_some(len(rows), field, split, f"data.data_dir={data_dir!r}")
     if not class_names and labels.max(initial=-1) >= 0:
         class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
     if supervised and len(class_names) < 2:
@@ -332,6 +345,18 @@ def _tfds_builder(name: str, data_dir: str, label_subset: str):
         ) from None
 
 
+def build_command(builder: Any, data_dir: str) -> str:
+    """The `tfds build` command line that prepares `builder` in data_dir."""
+    config = f"/{builder.builder_config.name}" if builder.builder_config else ""
+    manual = (
+        " --manual_dir=<folder with the downloaded tars>"
+        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+        else ""
+    )
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return f"tfds build {builder.name}{config} --data_dir={where}{manual}"
+
+
 def read_name_list(path: str) -> frozenset[str]:
     """Image names (one per line, e.g. 'n01440764_10026.JPEG') from a label_subset file."""
     if not epath.Path(path).exists():
@@ -354,9 +379,11 @@ def tfds_source(
     builder = _tfds_builder(name, data_dir, subset)
     splits = builder.info.splits
     if not splits:
+        command = build_command(builder, data_dir)
         raise ValueError(
-            f"data.name={builder.name!r} has no prepared splits in data_dir={data_dir!r}; "
-            "run tfds.builder(...).download_and_prepare() there (ImageNet needs manual download)."
+            f"data.name={name!r}{f' (label_subset {subset!r})' if subset else ''} is not "
+            f"prepared in data_dir={data_dir!r}; prepare it with `{command}`"
+            " (README 'Preparing ImageNet'), then copy data_dir to where the run reads it."
         )
     try:
         num_examples = splits[split].num_examples
@@ -365,6 +392,11 @@ def tfds_source(
             f"{field}={split!r} is not a valid split of {builder.name!r} "
             f"(splits: {sorted(splits.keys())}; slicing like 'train[:90%]'): {error}"
         ) from None
+    if num_examples == 0:
+        raise ValueError(
+            f"{field}={split!r} selects no examples of {builder.name!r} (splits: "
+            f"{ {k: v.num_examples for k, v in splits.items()} }); widen the slice."
+        )
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise ValueError(f"data.name={builder.name!r} lacks 'image'/'label' features.")
