@@ -10,6 +10,8 @@ Hooks (environment variables, all optional):
                                 not yet renamed to its final name)
   SIMCLR_TEST_SAME_GLOBAL_BATCH=1  every process feeds its rows of the batch ONE process would
                                 see, so runs with different process counts train on equal data
+  SIMCLR_TEST_SOCKET_BUFFER_BYTES=n  loopback socket buffers, as launch/simulate_pod.py sets
+                                them (worker_env: 4 MiB; 0 = kernel default, ~40x slower steps)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "SIMCLR_TEST_"
+SOCKET_BUFFER_BYTES = 4 << 20  # launch/simulate_pod.py's default
 
 
 # ------------------------------------------------------------------ helpers for the tests
@@ -75,6 +78,7 @@ def worker_env(devices: int, cache_dir: str | Path, **hooks: object) -> dict[str
             "PYTHONUNBUFFERED": "1",
         }
     )
+    hooks = {"socket_buffer_bytes": SOCKET_BUFFER_BYTES, **hooks}
     env.update({f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in hooks.items()})
     return env
 
@@ -198,6 +202,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     install_hooks()
     from absl import app
+
+    from simclr_jax import parallel
+
+    if _hook("SOCKET_BUFFER_BYTES"):
+        parallel.start_loopback_socket_tuner(_hook("SOCKET_BUFFER_BYTES"))
 
     from simclr_jax import main as cli
 
