@@ -14,7 +14,7 @@ import signal
 import threading
 from typing import Any
 
-from jax._src import distributed
+import jax
 from jax.experimental import multihost_utils
 
 
@@ -27,13 +27,13 @@ class Preempted(Exception):
 
 
 def _distributed_mode() -> str:
-    """'sync' when jax.distributed runs with its preemption sync manager (which then owns
-    SIGTERM), 'unsynced' when it runs without one, 'single' for one process."""
-    # jax._src: the public API has no "is jax.distributed initialized?" query.
-    state = distributed.global_state
-    if state.client is None:
+    """'sync' for a multi-process run with JAX's preemption service (jax.distributed then
+    owns SIGTERM), 'unsynced' for one without it, 'single' for one process."""
+    # Public API only: a multi-process run has called jax.distributed.initialize, which
+    # starts the preemption sync manager exactly when jax_enable_preemption_service is on.
+    if jax.process_count() == 1:
         return "single"
-    return "sync" if state.preemption_sync_manager is not None else "unsynced"
+    return "sync" if jax.config.jax_enable_preemption_service else "unsynced"
 
 
 class PreemptionWatcher:

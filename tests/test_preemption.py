@@ -77,3 +77,17 @@ def test_no_signal_runs_to_the_end(tmp_path):
 def test_watcher_without_signal_never_fires():
     with preemption.PreemptionWatcher() as watcher:
         assert not any(watcher.reached_sync_point(step) for step in range(1, 5))
+
+
+def test_preemption_uses_only_public_jax_api():
+    """The mode is read from public JAX (process_count, the preemption-service flag and
+    multihost_utils); a JAX release that drops one of them fails here, not on a pod."""
+    import inspect
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    assert "_src" not in inspect.getsource(preemption)
+    assert isinstance(jax.config.jax_enable_preemption_service, bool)
+    assert callable(multihost_utils.reached_preemption_sync_point)
+    assert preemption._distributed_mode() == "single"  # this pytest process
