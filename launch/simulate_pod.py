@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "--socket_buffer_bytes", type=int, default=4 << 20,
         help="SO_SNDBUF/SO_RCVBUF of each process's loopback sockets (0: kernel default)",
     )  # fmt: skip
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(own)
-    if args.worker:  # one process of the pod (the command lines this script prints)
-        worker(extra, args.socket_buffer_bytes)
+    if own[:1] == ["--worker"]:  # one process of the pod (the command lines this script prints)
+        only = argparse.ArgumentParser(prog="simulate_pod.py --worker")
+        only.add_argument("--socket_buffer_bytes", type=int, default=0)
+        worker(extra, only.parse_args(own[1:]).socket_buffer_bytes)
         return 0
+    args = parser.parse_args(own)
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be >= 1")
     if args.socket_buffer_bytes < 0:

@@ -21,9 +21,15 @@ from jax.experimental import multihost_utils
 class Preempted(Exception):
     """Raised after the checkpoint at the agreed step is saved: the run stopped, not finished."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step}; relaunch resumes")
+    def __init__(self, step: int, saved: bool = True) -> None:
+        where = (
+            f"checkpoint saved at step {step}"
+            if saved
+            else f"stopped before training, nothing written (resumes from step {step})"
+        )
+        super().__init__(f"preempted (SIGTERM): {where}; relaunch resumes")
         self.step = step
+        self.saved = saved
 
 
 def _distributed_mode() -> str:
@@ -64,7 +70,7 @@ class PreemptionWatcher:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._notified.is_set()
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent
         """Restores the SIGTERM handler that was there before."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)

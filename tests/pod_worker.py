@@ -8,6 +8,7 @@ Hooks (environment variables, all optional):
   SIMCLR_TEST_KILL_AT=k         SIGKILL when step k has run (no clean-up of any kind)
   SIMCLR_TEST_KILL_IN_SAVE=k    SIGKILL while checkpoint k is being committed (files written,
                                 not yet renamed to its final name)
+  SIMCLR_TEST_SIGTERM_IN_RESTORE=1  SIGTERM while the workdir's checkpoint is being restored
   SIMCLR_TEST_SAME_GLOBAL_BATCH=1  every process feeds its rows of the batch ONE process would
                                 see, so runs with different process counts train on equal data
   SIMCLR_TEST_SOCKET_BUFFER_BYTES=n  loopback socket buffers, as launch/simulate_pod.py sets
@@ -165,6 +166,18 @@ def install_hooks() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     metrics.MetricBuffer.add = add
+
+    if _hook("SIGTERM_IN_RESTORE"):
+        from simclr_jax import checkpoint
+
+        real_restore = checkpoint.restore_state
+
+        def restore_state(*args, **kwargs):
+            print("test hook: SIGTERM while restoring", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_restore(*args, **kwargs)
+
+        checkpoint.restore_state = restore_state
 
     kill_in_save = _hook("KILL_IN_SAVE")
     if kill_in_save is not None:
