@@ -242,25 +242,26 @@ def _is_loopback_tcp(sock: socket.socket) -> bool:
     return ipaddress.ip_address(host.split("%")[0]).is_loopback
 
 
-def tune_loopback_sockets(buffer_bytes: int, done: set[int] | None = None) -> int:
+def tune_loopback_sockets(buffer_bytes: int, done: dict[int, int] | None = None) -> int:
     """Sets SO_SNDBUF / SO_RCVBUF to buffer_bytes on every loopback TCP socket this process
-    holds, skipping the socket inodes in `done` (and adding to it); returns how many it set
-    (0 where /proc/self/fd does not exist: not Linux).
+    holds, except those in `done` (socket inode -> send buffer it was left with) that still
+    have that buffer; records what it set there. Returns how many it set (0 where
+    /proc/self/fd does not exist: not Linux).
 
     Only for pods simulated on one machine (launch/simulate_pod.py, the tests): gloo's CPU
-    collectives keep the kernel's small initial buffers, and with loopback's 64 KiB segments
-    a 44 MB gradient all-reduce then crawls one segment per delayed ACK (~40 ms). TPU
-    interconnects (ICI/DCN) never go through these sockets."""
+    collectives keep small kernel buffers, and with loopback's 64 KiB segments a 44 MB
+    gradient all-reduce then crawls one segment per delayed ACK (~40 ms). TPU interconnects
+    (ICI/DCN) never go through these sockets."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
         return 0
-    done = set() if done is None else done
+    done = {} if done is None else done
     changed = 0
     for fd in fds:
         try:
             info = os.fstat(fd)
-            if not stat.S_ISSOCK(info.st_mode) or info.st_ino in done:
+            if not stat.S_ISSOCK(info.st_mode):
                 continue
             sock = socket.socket(fileno=os.dup(fd))  # the dup is closed, never the original
         except OSError:
@@ -269,12 +270,15 @@ def tune_loopback_sockets(buffer_bytes: int, done: set[int] | None = None) -> in
             try:
                 if not _is_loopback_tcp(sock):
                     continue
-                # The kernel caps the request at net.core.wmem_max / rmem_max (no root needed).
+                if done.get(info.st_ino) == sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
+                    continue
+                # The kernel caps the request at net.core.wmem_max / rmem_max (no root
+                # needed); it may also shrink a send buffer later, hence the re-check above.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+                done[info.st_ino] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             except OSError:
                 continue
-        done.add(info.st_ino)
         changed += 1
     return changed
 
@@ -282,7 +286,7 @@ def tune_loopback_sockets(buffer_bytes: int, done: set[int] | None = None) -> in
 def start_loopback_socket_tuner(buffer_bytes: int, interval_s: float = 1.0) -> threading.Event:
     """Runs tune_loopback_sockets every interval_s in a daemon thread (gloo opens its sockets
     lazily, at the first collective of each device group); set the returned event to stop."""
-    stop, done = threading.Event(), set()
+    stop, done = threading.Event(), {}
 
     def loop() -> None:
         while not stop.wait(interval_s):
