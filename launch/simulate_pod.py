@@ -10,6 +10,12 @@ Arguments after `--` go to every process (config overrides). Each process logs t
 <log_dir>/process<i>.log; if one fails, the others are stopped (no pod left hanging). SIGTERM to
 this script is passed to every process: they agree on a step, checkpoint and exit 0, as on a
 preempted pod; running the same command again resumes.
+
+Each process is `simclr_jax.main` started through this script's --worker mode, which first
+raises the buffers of its loopback TCP sockets (--socket_buffer_bytes, 0 = kernel default):
+gloo's cross-process collectives otherwise move the gradient all-reduce one 64 KiB loopback
+segment per delayed ACK, ~40x slower per step (benchmarks/README.md). A simulation matter
+only: TPU pods talk over ICI/DCN, not these sockets.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ def process_commands(args: argparse.Namespace, extra: list[str]) -> list[tuple[d
     commands = []
     for pid in range(args.num_processes):
         argv = [
-            args.python, "-m", "simclr_jax.main",
+            args.python, str(Path(__file__).resolve()), "--worker",
+            f"--socket_buffer_bytes={args.socket_buffer_bytes}", "--",
             f"--config={args.config}", f"--workdir={args.workdir}",
             f"--coordinator_address=127.0.0.1:{args.port}",
             f"--num_processes={args.num_processes}", f"--process_id={pid}",
@@ -86,6 +93,20 @@ def run(commands: list[tuple[dict, list[str]]], log_dir: Path) -> int:
     return next((code for code in codes if code != 0), 0)
 
 
+def worker(main_flags: list[str], socket_buffer_bytes: int) -> None:
+    """One simulated host: tunes its loopback sockets in the background, runs simclr_jax.main."""
+    sys.path.insert(0, str(REPO))
+    from absl import app
+
+    from simclr_jax import main as cli
+    from simclr_jax import parallel
+
+    if socket_buffer_bytes > 0:
+        parallel.start_loopback_socket_tuner(socket_buffer_bytes)
+    sys.argv = ["simclr_jax.main", *main_flags]
+    app.run(cli.main)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses arguments; prints (dry run) or runs the pod."""
     argv = sys.argv[1:] if argv is None else argv
@@ -103,9 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log_dir", default=None, help="default: <workdir>/logs")
     parser.add_argument("--python", default=sys.executable, help="interpreter to run")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--socket_buffer_bytes", type=int, default=4 << 20,
+        help="SO_SNDBUF/SO_RCVBUF of each process's loopback sockets (0: kernel default)",
+    )  # fmt: skip
+    if own[:1] == ["--worker"]:  # one process of the pod (the command lines this script prints)
+        only = argparse.ArgumentParser(prog="simulate_pod.py --worker")
+        only.add_argument("--socket_buffer_bytes", type=int, default=0)
+        worker(extra, only.parse_args(own[1:]).socket_buffer_bytes)
+        return 0
     args = parser.parse_args(own)
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num_processes and --devices_per_process must be >= 1")
+    if args.socket_buffer_bytes < 0:
+        parser.error("--socket_buffer_bytes must be >= 0 (0 keeps the kernel default)")
     args.port = args.port or free_port()
     commands = process_commands(args, extra)
     if args.dry_run:

@@ -14,26 +14,32 @@ import signal
 import threading
 from typing import Any
 
-from jax._src import distributed
+import jax
 from jax.experimental import multihost_utils
 
 
 class Preempted(Exception):
     """Raised after the checkpoint at the agreed step is saved: the run stopped, not finished."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step}; relaunch resumes")
+    def __init__(self, step: int, saved: bool = True) -> None:
+        where = (
+            f"checkpoint saved at step {step}"
+            if saved
+            else f"stopped before training, nothing written (resumes from step {step})"
+        )
+        super().__init__(f"preempted (SIGTERM): {where}; relaunch resumes")
         self.step = step
+        self.saved = saved
 
 
 def _distributed_mode() -> str:
-    """'sync' when jax.distributed runs with its preemption sync manager (which then owns
-    SIGTERM), 'unsynced' when it runs without one, 'single' for one process."""
-    # jax._src: the public API has no "is jax.distributed initialized?" query.
-    state = distributed.global_state
-    if state.client is None:
+    """'sync' for a multi-process run with JAX's preemption service (jax.distributed then
+    owns SIGTERM), 'unsynced' for one without it, 'single' for one process."""
+    # Public API only: a multi-process run has called jax.distributed.initialize, which
+    # starts the preemption sync manager exactly when jax_enable_preemption_service is on.
+    if jax.process_count() == 1:
         return "single"
-    return "sync" if state.preemption_sync_manager is not None else "unsynced"
+    return "sync" if jax.config.jax_enable_preemption_service else "unsynced"
 
 
 class PreemptionWatcher:
@@ -64,7 +70,7 @@ class PreemptionWatcher:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._notified.is_set()
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent
         """Restores the SIGTERM handler that was there before."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)

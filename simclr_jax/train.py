@@ -455,6 +455,10 @@ def train_loop(
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=30)
     buffer, last, tick, ticked_steps = metrics.MetricBuffer(), {}, time.time(), 0
     log_every = config.log_every_steps or total
+    # A notice during set-up or restore: stop before the first step (the state equals the
+    # checkpoint it came from; nothing to write). All processes ask with the same step id.
+    if watcher is not None and start < total and watcher.reached_sync_point(start):
+        raise preemption.Preempted(start, saved=False)
     for step in range(start + 1, total + 1):
         state, step_metrics = train_step(state, next(batches))
         buffer.add(step, step_metrics)
@@ -526,6 +530,8 @@ def run_training(
         seed=int(config.seed),
         fsdp_min_size=int(config.mesh.get("fsdp_min_size", 0)),
     )
+    # Listening from before the restore: a SIGTERM there ends the run cleanly too.
+    watcher = preemption.PreemptionWatcher()
     manager = checkpoint.create_manager(workdir, keep=int(config.keep_checkpoints))
     try:
         state = restore_or_initialize(state, manager, config)
@@ -553,7 +559,7 @@ def run_training(
             mesh.size,
         )
         # closing: stops the input's worker processes (Grain) however training ends.
-        with preemption.PreemptionWatcher() as watcher, contextlib.closing(batches):
+        with watcher, contextlib.closing(batches):
             state, last = train_loop(
                 state,
                 train_step,
@@ -566,6 +572,7 @@ def run_training(
                 watcher=watcher,
             )
     finally:
+        watcher.close()
         # Also on preemption: the agreed step's checkpoint must be complete before exiting.
         manager.wait_until_finished()
         manager.close()

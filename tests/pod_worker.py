@@ -8,8 +8,11 @@ Hooks (environment variables, all optional):
   SIMCLR_TEST_KILL_AT=k         SIGKILL when step k has run (no clean-up of any kind)
   SIMCLR_TEST_KILL_IN_SAVE=k    SIGKILL while checkpoint k is being committed (files written,
                                 not yet renamed to its final name)
+  SIMCLR_TEST_SIGTERM_IN_RESTORE=1  SIGTERM while the workdir's checkpoint is being restored
   SIMCLR_TEST_SAME_GLOBAL_BATCH=1  every process feeds its rows of the batch ONE process would
                                 see, so runs with different process counts train on equal data
+  SIMCLR_TEST_SOCKET_BUFFER_BYTES=n  loopback socket buffers, as launch/simulate_pod.py sets
+                                them (worker_env: 4 MiB; 0 = kernel default, ~40x slower steps)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "SIMCLR_TEST_"
+SOCKET_BUFFER_BYTES = 4 << 20  # launch/simulate_pod.py's default
 
 
 # ------------------------------------------------------------------ helpers for the tests
@@ -75,6 +79,7 @@ def worker_env(devices: int, cache_dir: str | Path, **hooks: object) -> dict[str
             "PYTHONUNBUFFERED": "1",
         }
     )
+    hooks = {"socket_buffer_bytes": SOCKET_BUFFER_BYTES, **hooks}
     env.update({f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in hooks.items()})
     return env
 
@@ -162,6 +167,18 @@ def install_hooks() -> None:
 
     metrics.MetricBuffer.add = add
 
+    if _hook("SIGTERM_IN_RESTORE"):
+        from simclr_jax import checkpoint
+
+        real_restore = checkpoint.restore_state
+
+        def restore_state(*args, **kwargs):
+            print("test hook: SIGTERM while restoring", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_restore(*args, **kwargs)
+
+        checkpoint.restore_state = restore_state
+
     kill_in_save = _hook("KILL_IN_SAVE")
     if kill_in_save is not None:
         from orbax.checkpoint._src.path import atomicity
@@ -200,6 +217,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     install_hooks()
     from absl import app
+
+    from simclr_jax import parallel
+
+    if _hook("SOCKET_BUFFER_BYTES"):
+        parallel.start_loopback_socket_tuner(_hook("SOCKET_BUFFER_BYTES"))
 
     from simclr_jax import main as cli
 

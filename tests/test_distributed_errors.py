@@ -1,14 +1,19 @@
-"""Bad multi-process start-up ends with a clear error within a bounded time, never a hang.
+"""Bad multi-process start-up ends with a clear error within a bounded time, never a hang;
+and the simulated pod's loopback socket tuning (parallel.tune_loopback_sockets).
 
 Each case starts `parallel.initialize_distributed` in fresh processes (a process can join only
 one distributed run) with a 3-5 s timeout instead of the default 300 s."""
 
+import os
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 from pod_worker import REPO, free_port
+
+from simclr_jax import parallel
 
 SCRIPT = """
 import sys
@@ -105,3 +110,63 @@ def test_a_host_that_never_comes_back_stops_the_others():
     assert code0 != 0 and "still waiting" not in out0
     assert "another task died" in out0, out0[-2000:]
     assert time.monotonic() - started < BOUND_S
+
+
+# ------------------------------------------------------------------ simulated-pod sockets
+
+
+def loopback_pair():
+    """A listening socket and a connected (client, server) TCP pair on 127.0.0.1."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    return listener, client, server
+
+
+def wmem_max():
+    """The kernel's cap on SO_SNDBUF for unprivileged processes."""
+    with open("/proc/sys/net/core/wmem_max") as f:
+        return int(f.read())
+
+
+def sndbuf(sock):
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux /proc only")
+def test_loopback_socket_buffers_are_raised_once_per_socket():
+    """What launch/simulate_pod.py does to gloo's sockets: connected loopback TCP sockets
+    get the requested buffers (capped by net.core.wmem_max), listening ones are left alone."""
+    wanted = 1 << 20
+    cap = wmem_max()
+    listener, client, server = loopback_pair()
+    with listener, client, server:
+        before = {s: sndbuf(s) for s in (listener, client, server)}
+        done = {}
+        assert parallel.tune_loopback_sockets(wanted, done) >= 2  # pytest may hold others
+        for sock in (client, server):  # exactly as set: Linux doubles the value asked for
+            assert sndbuf(sock) == 2 * min(wanted, cap), (before, sndbuf(sock))
+            rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            assert rcvbuf >= min(wanted, cap), rcvbuf
+        assert sndbuf(listener) == before[listener]
+        assert parallel.tune_loopback_sockets(wanted, done) == 0  # each socket once...
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        assert parallel.tune_loopback_sockets(wanted, done) == 1  # ...unless it shrank
+        assert sndbuf(client) == 2 * min(wanted, cap)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux /proc only")
+def test_socket_tuner_catches_sockets_opened_later():
+    """gloo connects at the first collective of each device group: the background tuner
+    must reach sockets opened after it started."""
+    stop = parallel.start_loopback_socket_tuner(1 << 20, interval_s=0.05)
+    try:
+        listener, client, server = loopback_pair()
+        with listener, client, server:
+            expected = 2 * min(1 << 20, wmem_max())  # Linux reports twice what was set
+            deadline = time.monotonic() + 10
+            while sndbuf(client) != expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sndbuf(client) == expected
+    finally:
+        stop.set()

@@ -218,7 +218,13 @@ def test_simulated_pod_dry_run_prints_one_command_per_process():
     assert len(lines) == 2
     for pid, cmd in enumerate(lines):
         assert cmd[0] == "XLA_FLAGS=--xla_force_host_platform_device_count=4"
-        assert cmd[2:4] == ["-m", "simclr_jax.main"]
+        # each process is simclr_jax.main behind the simulator's socket-tuning worker mode
+        assert cmd[2:6] == [
+            str(SIMULATOR.resolve()),
+            "--worker",
+            f"--socket_buffer_bytes={4 << 20}",
+            "--",
+        ]
         assert {"--config=configs/smoke.py:pretrain", "--workdir=/tmp/pod",
                 "--coordinator_address=127.0.0.1:12345", "--num_processes=2",
                 f"--process_id={pid}", "--config.train_steps=8"} <= set(cmd)  # fmt: skip

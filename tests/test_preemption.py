@@ -1,7 +1,9 @@
 """SIGTERM in one process: the training loop saves at the step it lands on, waits for nothing
 else, raises Preempted, and the handler it replaced comes back. No model is compiled: the loop
-runs a stand-in step (the real step and multi-process agreement are in test_multihost.py)."""
+runs a stand-in step (the real step and multi-process agreement are in test_multihost.py),
+except in the SIGTERM-during-restore case, which runs main.py in a subprocess."""
 
+import json
 import os
 import signal
 
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 from clu import metric_writers
+from pod_worker import run_pod, tiny_flags
 
 from simclr_jax import checkpoint, preemption, train
 from simclr_jax.train_state import TrainState
@@ -77,3 +80,42 @@ def test_no_signal_runs_to_the_end(tmp_path):
 def test_watcher_without_signal_never_fires():
     with preemption.PreemptionWatcher() as watcher:
         assert not any(watcher.reached_sync_point(step) for step in range(1, 5))
+
+
+def test_preemption_uses_only_public_jax_api():
+    """The mode is read from public JAX (process_count, the preemption-service flag and
+    multihost_utils); a JAX release that drops one of them fails here, not on a pod."""
+    import inspect
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    assert "_src" not in inspect.getsource(preemption)
+    assert isinstance(jax.config.jax_enable_preemption_service, bool)
+    assert callable(multihost_utils.reached_preemption_sync_point)
+    assert preemption._distributed_mode() == "single"  # this pytest process
+
+
+@pytest.mark.slow  # two tiny runs of main.py: about a minute on 2 busy cores
+def test_sigterm_during_restore_exits_cleanly_and_keeps_the_checkpoint(tmp_path):
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    codes, logs = run_pod(1, 1, tiny_flags(workdir, train_steps=2), cache, tmp_path / "first")
+    assert codes == [0], logs[0][-3000:]
+    finished = (workdir / "results.json").read_text()
+    codes, logs = run_pod(
+        1,
+        1,
+        tiny_flags(workdir, train_steps=4),
+        cache,
+        tmp_path / "second",
+        hooks_for={0: {"sigterm_in_restore": 1}},
+    )
+    assert codes == [0], logs[0][-3000:]  # a clean stop, as the scheduler expects
+    assert "test hook: SIGTERM while restoring" in logs[0]
+    assert "stopped before training, nothing written (resumes from step 2)" in logs[0]
+    # The last complete checkpoint is intact and nothing half-written sits next to it.
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    manager, latest = checkpoint.open_for_restore(workdir)
+    assert latest == 2 and checkpoint.read_meta(manager, 2)["step"] == 2
+    assert (workdir / "results.json").read_text() == finished  # the stopped run wrote none
+    assert json.loads(finished)["step"] == 2
