@@ -6,7 +6,7 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
     """Returns the full config schema with the SimCLR ImageNet defaults."""
     config = ml_collections.ConfigDict()
-    config.mode = "pretrain"  # pretrain | linear_eval | finetune | eval
+    config.mode = "pretrain"  # pretrain | linear_eval | finetune | distill | eval
     config.seed = 0
 
     # Durations: give steps or epochs (steps win when > 0); converted in train.py only.
@@ -50,6 +50,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.fine_tune_after_block = -1  # -1 train all; 4 = frozen encoder (linear eval)
     config.model.zero_init_logits_layer = False
     config.model.num_classes = 1000  # overwritten from the dataset when known
+
+    # mode 'distill' (SimCLRv2 stage 3): a frozen fine-tuned teacher labels the unlabeled
+    # train split; the student (this config's model) is init_checkpoint's encoder or scratch.
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher_checkpoint = ""  # a fine-tuned workdir (or its checkpoints/)
+    config.distill.teacher_checkpoint_step = -1  # -1: latest
+    config.distill.temperature = 1.0  # tau of both softmaxes
+    config.distill.alpha = 1.0  # weight of the distillation term; 1 - alpha: labelled CE
+    config.distill.labeled_split = ""  # split of the labelled term (alpha < 1), e.g. 'train'
+    config.distill.label_subset = ""  # its label subset ('1pct', '10pct', a file), like data.*
 
     config.loss = ml_collections.ConfigDict()
     config.loss.temperature = 0.1

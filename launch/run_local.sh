@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job on a CPU: set-up (.venv on first use), then SimCLR pretraining on the
-# bundled CIFAR-10 sample and a linear evaluation restoring that pretraining workdir.
+# bundled CIFAR-10 sample, a linear evaluation restoring that pretraining workdir, and the
+# SimCLRv2 semi-supervised chain: fine-tuning on 10% of the labels, then distillation of that
+# fine-tuned teacher into a student on all (unlabeled) training images.
 #
 #   bash launch/run_local.sh [WORKDIR]        # default /tmp/simclr_smoke
 #
@@ -37,7 +39,10 @@ run_phase() {  # name, extra flags...: runs one phase, shows its metric lines, f
 start=$(date +%s)
 run_phase pretrain
 run_phase linear_eval --config.init_checkpoint="$WORKDIR/pretrain"
-for phase in pretrain linear_eval; do
+run_phase finetune --config.init_checkpoint="$WORKDIR/pretrain" --config.knn_eval=False
+run_phase distill --config.init_checkpoint="$WORKDIR/pretrain" \
+  --config.distill.teacher_checkpoint="$WORKDIR/finetune" --config.knn_eval=False
+for phase in pretrain linear_eval finetune distill; do
   echo "== $WORKDIR/$phase/results.json"
   cat "$WORKDIR/$phase/results.json"
 done

@@ -172,3 +172,32 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
         raise ValueError(f"topk_correct k={k} must be in [1, {num_classes}] (number of classes).")
     _, top_indices = jax.lax.top_k(logits.astype(jnp.float32), k)
     return jnp.any(top_indices == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float,
+    labeled_logits: jax.Array | None = None,
+    labels: jax.Array | None = None,
+    alpha: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SimCLRv2 distillation (paper eqs. 2-3): alpha x mean_x -sum_y P_T(y|x;tau) log P_S(y|x;tau)
+    + (1 - alpha) x mean cross entropy of labeled_logits (tau 1) when alpha < 1.
+
+    The teacher's probabilities are constants (stop_gradient). Means, not the paper's sums
+    over the data set: the scale is absorbed by the learning rate.
+    """
+    tau = _check_temperature(temperature)
+    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    targets = jax.nn.softmax(teacher / tau, axis=-1)
+    log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
+    distill = jnp.mean(-jnp.sum(targets * log_student, axis=-1))
+    agreement = jnp.argmax(student_logits, axis=-1) == jnp.argmax(teacher, axis=-1)
+    metrics = {"distill_loss": distill, "teacher_agreement": jnp.mean(agreement)}
+    if alpha >= 1.0 or labeled_logits is None:
+        return distill, metrics
+    labeled = softmax_cross_entropy(labeled_logits, labels, labeled_logits.shape[-1])
+    metrics["labeled_loss"] = labeled
+    return alpha * distill + (1.0 - alpha) * labeled, metrics

@@ -1,5 +1,5 @@
-"""Training and evaluation: pretrain | linear_eval | finetune | eval, one code path for 1 CPU
-device, simulated devices and TPU pods.
+"""Training and evaluation: pretrain | linear_eval | finetune | distill | eval, one code path
+for 1 CPU device, simulated devices and TPU pods (distill's step and teacher: distill.py).
 
 The state is created already sharded (jit of the init with out_shardings); every step is ONE
 jax.jit with explicit in/out shardings and the state donated. Durations (steps or epochs) are
@@ -27,6 +27,7 @@ from etils import epath
 from simclr_jax import (
     checkpoint,
     data,
+    distill,
     evaluate,
     losses,
     metrics,
@@ -37,7 +38,7 @@ from simclr_jax import (
 from simclr_jax.models import create_model, num_head_outputs, validate_model_config
 from simclr_jax.train_state import TrainState
 
-MODES = ("pretrain", "linear_eval", "finetune", "eval")
+MODES = ("pretrain", "linear_eval", "finetune", "distill", "eval")
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
@@ -105,6 +106,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"mode={config.mode!r} needs init_checkpoint: pass "
             "--config.init_checkpoint=<pretraining workdir>.",
         )
+    if config.mode == "distill":
+        distill.validate_distill_config(config)
     if config.mode == "linear_eval":
         _require(
             config.model.fine_tune_after_block == 4,
@@ -381,12 +384,12 @@ def restore_or_initialize(
     state: TrainState, manager: Any, config: ml_collections.ConfigDict
 ) -> TrainState:
     """Resumes from the workdir's latest checkpoint; otherwise, for linear_eval / finetune,
-    loads the encoder (+ selected head layers) from config.init_checkpoint."""
+    loads the encoder (+ selected head layers) from config.init_checkpoint (distill: if set)."""
     latest = manager.latest_step()
     if latest is not None:
         logging.info("Resuming from %s step %d.", manager.directory, latest)
         return TrainState.from_tree(checkpoint.restore_state(manager, latest, state.to_tree()))
-    if config.mode == "pretrain":
+    if config.mode == "pretrain" or (config.mode == "distill" and not config.init_checkpoint):
         return state
     source, step = checkpoint.open_for_restore(config.init_checkpoint, config.init_checkpoint_step)
     merged, _ = checkpoint.restore_variables(
@@ -400,8 +403,8 @@ def check_init_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> No
     """Fails before anything compiles when linear_eval / finetune / eval would read
     config.init_checkpoint and it holds no checkpoint (FileNotFoundError saying what to pass)
     or one of another architecture (ValueError naming each parameter and both shapes)."""
-    if config.mode == "pretrain":
-        return
+    if config.mode == "pretrain" or (config.mode == "distill" and not config.init_checkpoint):
+        return  # nothing to read: a distillation student may start from scratch
     own = checkpoint.checkpoint_dir(workdir)
     if config.mode != "eval" and own.exists() and any(p.name.isdigit() for p in own.iterdir()):
         return  # resuming this workdir's own run
@@ -604,6 +607,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.warn_if_host_local(str(workdir))
     check_init_checkpoint(config, str(workdir))
     info = data.get_dataset_info(config.data)
+    if config.mode == "distill":
+        distill.check_teacher(config, info.num_classes)
     config = resolve_config(config, info)
     workdir = epath.Path(workdir)
     if metrics.is_writer_process():
@@ -614,6 +619,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     started = time.time()
     if config.mode == "eval":
         results = run_eval(config, workdir, mesh)
+    elif config.mode == "distill":
+        results = distill.run_distill(config, workdir, mesh, info, writer)
     else:
         results = run_training(config, workdir, mesh, info, writer)
     results["wall_time_s"] = time.time() - started

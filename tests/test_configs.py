@@ -8,7 +8,7 @@ import pytest
 from simclr_jax import train
 
 CONFIG_ARGS = {
-    "smoke": ["pretrain", "linear_eval", "finetune", "eval", None],
+    "smoke": ["pretrain", "linear_eval", "finetune", "distill", "eval", None],
     "cifar10_pretrain": [None, "runlocal"],
     "cifar10_linear_eval": [None, "runlocal"],
     "cifar10_proof": [None, "simclr", "no_head", "no_jitter"],
@@ -25,6 +25,7 @@ CONFIG_ARGS = {
     ],
     "imagenet_linear_eval": [None, "r50_1x", "r152_3x_sk", "r50_4x", "r50_1x,runlocal"],
     "imagenet_finetune": [None, "1pct", "10pct", "100pct", "1pct,r152_3x_sk", "10pct,runlocal"],
+    "imagenet_distill": [None, "1pct", "10pct,r152_3x_sk,self", "1pct,r50_1x", "10pct,runlocal"],
 }
 
 
@@ -39,6 +40,8 @@ def test_config_loads_and_validates(name, arg):
     config = load(name, arg)
     if config.mode != "pretrain":
         config.init_checkpoint = "/some/pretraining/workdir"
+    if config.mode == "distill":
+        config.distill.teacher_checkpoint = "/some/finetuning/workdir"
     train.validate_config(config)
     if arg and "runlocal" in arg:
         assert config.data.source == "bundled"
@@ -83,6 +86,14 @@ def test_recipe_values():
     ft = load("imagenet_finetune", "1pct")
     assert ft.data.label_subset == "1pct" and ft.model.ft_proj_selector == 1
     assert load("imagenet_finetune", "100pct").data.label_subset == ""
+    self_distill, small = (
+        load("imagenet_distill", "1pct,r152_3x_sk,self"),
+        load("imagenet_distill", "10pct"),
+    )
+    assert (self_distill.distill.temperature, small.distill.temperature) == (0.1, 1.0)
+    assert self_distill.model.resnet_depth == 152 and small.model.resnet_depth == 50
+    assert small.train_epochs == 400 and small.distill.alpha == 1.0
+    assert small.data.label_subset == "" and small.distill.label_subset == "10pct"
 
 
 def test_unknown_arg_names_the_token():

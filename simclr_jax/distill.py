@@ -1,0 +1,323 @@
+"""SimCLRv2 stage 3, mode 'distill': a frozen fine-tuned teacher labels the unlabeled training
+split with its temperature-scaled softmax and a student learns to match it (paper section 2,
+eqs. 2-3), optionally mixed with the cross entropy of a labelled subset.
+
+The teacher is restored from a fine-tuned workdir with the architecture it was trained with;
+the student is config.model (any architecture), initialised from config.init_checkpoint (a
+pretraining workdir: encoder + selected head layers, as fine-tuning does) or from scratch. The
+teacher's forward pass (BN in inference mode, stop_gradient) runs in the student's jitted,
+sharded step; its variables are an argument of that step, never donated or checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metric_writers
+from etils import epath
+
+from simclr_jax import checkpoint, data, evaluate, losses, parallel, preemption
+from simclr_jax.models import create_model
+from simclr_jax.train_state import TrainState
+
+# Checkpoint modes whose model is a classifier trained end to end (a distilled student can
+# teach the next round).
+TEACHER_MODES = ("finetune", "distill")
+
+
+def validate_distill_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad distill.* / data.* field of a distill config."""
+    d = config.get("distill")
+    if d is None:
+        raise ValueError("mode='distill' needs config.distill; start from configs/common.py.")
+    if not d.teacher_checkpoint:
+        raise ValueError(
+            "mode='distill' needs distill.teacher_checkpoint: pass "
+            "--config.distill.teacher_checkpoint=<fine-tuned workdir>."
+        )
+    if isinstance(d.temperature, bool) or not float(d.temperature) > 0:
+        raise ValueError(f"distill.temperature={d.temperature!r} must be > 0 (paper: 0.1 or 1).")
+    if not 0.0 <= float(d.alpha) <= 1.0:
+        raise ValueError(
+            f"distill.alpha={d.alpha!r} must be in [0, 1] (1: distillation only, the paper's "
+            "default; below 1 mixes in the labelled cross entropy)."
+        )
+    if float(d.alpha) < 1.0 and not d.labeled_split:
+        raise ValueError(
+            f"distill.alpha={d.alpha} mixes in a labelled loss but distill.labeled_split is "
+            "empty; set it (e.g. 'train' with distill.label_subset='10pct') or alpha=1."
+        )
+    if config.data.get("label_subset", ""):
+        raise ValueError(
+            f"data.label_subset={config.data.label_subset!r}: distillation trains on the whole "
+            "unlabeled split; put the labelled subset in distill.label_subset instead."
+        )
+
+
+def open_teacher(
+    config: ml_collections.ConfigDict,
+) -> tuple[Any, int, ml_collections.ConfigDict]:
+    """(read-only manager, step, saved config) of the teacher; ValueError unless it is a
+    fine-tuned classifier."""
+    d = config.distill
+    manager, step = checkpoint.open_for_restore(
+        d.teacher_checkpoint, int(d.teacher_checkpoint_step)
+    )
+    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
+    where = f"distill.teacher_checkpoint={d.teacher_checkpoint!r} (step {step})"
+    if saved.mode not in TEACHER_MODES:
+        manager.close()
+        raise ValueError(
+            f"{where} was trained with mode={saved.mode!r}, not a fine-tuned classifier; point "
+            f"it at a workdir of mode {' or '.join(TEACHER_MODES)} (e.g. configs/"
+            "imagenet_finetune.py's) or a converted fine-tuned checkpoint."
+        )
+    if not any(k.startswith("params/classifier/") for k in checkpoint.saved_shapes(manager, step)):
+        manager.close()
+        raise ValueError(f"{where} holds no classifier parameters (params/classifier/...).")
+    return manager, step, saved
+
+
+def check_teacher(config: ml_collections.ConfigDict, num_classes: int) -> None:
+    """Fails before anything compiles unless the teacher is a fine-tuned classifier over the
+    dataset's num_classes classes."""
+    manager, _, saved = open_teacher(config)
+    manager.close()
+    teacher_classes = int(saved.model.num_classes)
+    if teacher_classes != int(num_classes):
+        raise ValueError(
+            f"distill.teacher_checkpoint={config.distill.teacher_checkpoint!r} predicts "
+            f"{teacher_classes} classes but data {config.data.source}:{config.data.train_split} "
+            f"has {num_classes}; distil on the data the teacher was fine-tuned for."
+        )
+
+
+def restore_teacher(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[Any, dict[str, Any], Any]:
+    """(teacher model, its variables sharded like a train state, their shardings)."""
+    manager, step, saved = open_teacher(config)
+    model = create_model(
+        saved.model, num_classes=int(saved.model.num_classes), mode=evaluate.model_mode(saved.mode)
+    )
+    size = int(config.data.image_size)
+
+    def init(rng: jax.Array) -> dict[str, Any]:
+        return model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.state_shardings(abstract, mesh, int(config.mesh.get("fsdp_min_size", 0)))
+    target = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    variables, _ = checkpoint.restore_variables(
+        manager, step, target, prefixes=("encoder", "projection_head", "classifier")
+    )
+    manager.close()
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    shardings = {"params": shardings["params"], "batch_stats": shardings.get("batch_stats", {})}
+    logging.info("Teacher: %s step %d (%s).", config.distill.teacher_checkpoint, step, saved.model)
+    return model, variables, shardings
+
+
+def distill_loss_fn(
+    student: Any,
+    teacher: Any,
+    params: Any,
+    batch_stats: Any,
+    teacher_variables: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    temperature: float,
+    alpha: float,
+) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
+    """Loss of the student params on one batch -> (loss, (new batch stats, metrics)).
+
+    batch: 'image' (unlabeled), optional 'labeled_image' / 'labeled_label' (alpha < 1). The
+    teacher runs in inference mode on the same views; its outputs are constants."""
+    images = batch["image"]
+    teacher_logits = jax.lax.stop_gradient(
+        teacher.apply(teacher_variables, images, train=False)["logits"]
+    )
+    labeled = alpha < 1.0
+    if labeled:
+        # One student pass over both sets: BatchNorm sees them as one batch.
+        images = jnp.concatenate([images, batch["labeled_image"]], axis=0)
+    out, updated = student.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    num_unlabeled = batch["image"].shape[0]
+    logits = out["logits"]
+    loss, metrics = losses.distillation_loss(
+        logits[:num_unlabeled],
+        teacher_logits,
+        temperature=temperature,
+        labeled_logits=logits[num_unlabeled:] if labeled else None,
+        labels=batch["labeled_label"] if labeled else None,
+        alpha=alpha,
+    )
+    return loss, (updated["batch_stats"], metrics)
+
+
+def make_distill_step(
+    student: Any,
+    teacher: Any,
+    teacher_variables: dict[str, Any],
+    teacher_shardings: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+    state_shardings: Any,
+    *,
+    temperature: float,
+    alpha: float,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """step(state, batch) -> (state, metrics): one jit (explicit shardings, state donated)
+    holding the teacher's and the student's forward passes and the student's update."""
+
+    def step_fn(state: TrainState, teacher_vars: dict[str, Any], batch: dict[str, jax.Array]):
+        def loss_fn(params):
+            return distill_loss_fn(
+                student,
+                teacher,
+                params,
+                state.batch_stats,
+                teacher_vars,
+                batch,
+                temperature=temperature,
+                alpha=alpha,
+            )
+
+        (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        norms = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+        return new_state, {"loss": loss, **aux, **norms, "learning_rate": schedule(state.step)}
+
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, teacher_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),  # the student's state only: the teacher is read, never written
+    )
+    return lambda state, batch: jitted(state, teacher_variables, batch)
+
+
+def distill_batches(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, start_step: int
+) -> Iterator[dict[str, jax.Array]]:
+    """Global batches {'image'} of the unlabeled train split (fine-tuning augmentation), plus
+    {'labeled_image', 'labeled_label'} from the labelled subset when distill.alpha < 1; batch
+    k depends only on (seed, k) with deterministic data."""
+    common = {"num_views": 1, "augmentation": "crop_flip", "start_step": start_step}
+    unlabeled = data.make_train_batches(
+        config.data,
+        mesh,
+        split=config.data.train_split,
+        batch_size=int(config.train_batch_size),
+        seed=int(config.seed),
+        **common,
+    )
+    if float(config.distill.alpha) >= 1.0:
+        return ({"image": b["image"]} for b in unlabeled)
+    labeled_data = ml_collections.ConfigDict(config.data.to_dict())
+    labeled_data.label_subset = config.distill.label_subset
+    labeled = data.make_train_batches(
+        labeled_data,
+        mesh,
+        split=config.distill.labeled_split,
+        batch_size=int(config.train_batch_size),
+        seed=int(config.seed) + 1,  # another order than the unlabeled stream's
+        **common,
+    )
+    return (
+        {"image": u["image"], "labeled_image": b["image"], "labeled_label": b["label"]}
+        for u, b in zip(unlabeled, labeled, strict=False)
+    )
+
+
+def run_distill(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    mesh: jax.sharding.Mesh,
+    info: data.DatasetInfo,
+    writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
+    """mode distill: restore the teacher, build / restore the student, train, evaluate both."""
+    from simclr_jax import train  # train dispatches here: imported late to avoid a cycle
+
+    durations = train.resolve_durations(config, info.num_examples[config.data.train_split])
+    num_classes = int(config.model.num_classes)
+    teacher, teacher_variables, teacher_shardings = restore_teacher(config, mesh)
+    student = create_model(config.model, num_classes=num_classes, mode="finetune")
+    tx, schedule = train.create_optimizer(config, durations)
+    state, shardings = train.create_train_state(
+        student,
+        tx,
+        mesh,
+        image_size=int(config.data.image_size),
+        seed=int(config.seed),
+        fsdp_min_size=int(config.mesh.get("fsdp_min_size", 0)),
+    )
+    manager = checkpoint.create_manager(workdir, keep=int(config.keep_checkpoints))
+    try:
+        state = train.restore_or_initialize(state, manager, config)
+        train_step = make_distill_step(
+            student,
+            teacher,
+            teacher_variables,
+            teacher_shardings,
+            tx,
+            schedule,
+            mesh,
+            shardings,
+            temperature=float(config.distill.temperature),
+            alpha=float(config.distill.alpha),
+        )
+        batches = distill_batches(config, mesh, int(jax.device_get(state.step)))
+        logging.info(
+            "mode=distill: %d steps (%.1f steps/epoch), tau %g, alpha %g, batch %d on %d devices.",
+            durations.total_steps,
+            durations.steps_per_epoch,
+            config.distill.temperature,
+            config.distill.alpha,
+            config.train_batch_size,
+            mesh.size,
+        )
+        with preemption.PreemptionWatcher() as watcher:
+            state, last = train.train_loop(
+                state,
+                train_step,
+                batches,
+                config=config,
+                durations=durations,
+                manager=manager,
+                writer=writer,
+                on_eval=lambda s: train.evaluate_model(
+                    student, s.variables(), config, mesh, knn=False
+                ),
+                watcher=watcher,
+            )
+    finally:
+        # Also on preemption: the agreed step's checkpoint must be complete before exiting.
+        manager.wait_until_finished()
+        manager.close()
+    results = train.evaluate_model(
+        student, state.variables(), config, mesh, knn=bool(config.knn_eval)
+    )
+    taught = train.evaluate_model(teacher, teacher_variables, config, mesh, knn=False)
+    teacher_results = {f"teacher_{k}": taught[k] for k in ("top1", "top5", "eval_loss")}
+    return {
+        "mode": "distill",
+        "step": int(jax.device_get(state.step)),
+        **last,
+        **results,
+        **teacher_results,
+    }
