@@ -266,6 +266,8 @@ def run_distill(
         seed=int(config.seed),
         fsdp_min_size=int(config.mesh.get("fsdp_min_size", 0)),
     )
+    # Listening from before the restore: a SIGTERM there ends the run cleanly too.
+    watcher = preemption.PreemptionWatcher()
     manager = checkpoint.create_manager(workdir, keep=int(config.keep_checkpoints))
     try:
         state = train.restore_or_initialize(state, manager, config)
@@ -291,7 +293,7 @@ def run_distill(
             config.train_batch_size,
             mesh.size,
         )
-        with preemption.PreemptionWatcher() as watcher:
+        with watcher:
             state, last = train.train_loop(
                 state,
                 train_step,
@@ -306,6 +308,7 @@ def run_distill(
                 watcher=watcher,
             )
     finally:
+        watcher.close()
         # Also on preemption: the agreed step's checkpoint must be complete before exiting.
         manager.wait_until_finished()
         manager.close()
