@@ -104,8 +104,10 @@ def trust_ratio_mask(params: Any) -> Any:
     exclude_from_weight_decay = batch_normalization, bias, head_supervised).
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _leaf_name(path) not in EXCLUDED_LEAF_NAMES
-        and not SUPERVISED_HEAD_NAMES.intersection(_names(path)),
+        lambda path, _: (
+            _leaf_name(path) not in EXCLUDED_LEAF_NAMES
+            and not SUPERVISED_HEAD_NAMES.intersection(_names(path))
+        ),
         params,
     )
 
