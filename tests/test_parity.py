@@ -155,3 +155,34 @@ def test_zero_initialised_classifier_under_finetune_recipe_matches_plain_momentu
     trusted = optax.lars(schedule, trust_coefficient=0.001, eps=0.0, momentum=0.9)
     assert plain_loss < 0.5 * _train_classifier(trusted)
     assert plain_loss < 0.3
+
+
+@pytest.fixture(scope="module")
+def train_only_folder(tmp_path_factory):
+    """train/<class>/*.png, 3 classes x 4 images, and no test/ folder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("train_only")
+    for name in ("cat", "dog", "emu"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(root / "train" / name / f"{i}.png")
+    return str(root)
+
+
+def test_folder_without_test_split_names_the_val_protocol(train_only_folder):
+    from simclr_jax import data
+
+    config = load("cifar10_pretrain")
+    config.data.data_dir = train_only_folder
+    with pytest.raises(ValueError, match="eval_split='test'.*':val' protocol"):
+        data.get_dataset_info(config.data)
+
+
+def test_val_protocol_on_too_few_images_per_class_is_an_error(train_only_folder):
+    from simclr_jax import data
+
+    config = load("cifar10_pretrain", "val")
+    config.data.data_dir = train_only_folder
+    with pytest.raises(ValueError, match="class 'cat' has 4 images.*':val' protocol"):
+        data.get_dataset_info(config.data)
