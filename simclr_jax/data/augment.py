@@ -406,8 +406,9 @@ def _distort(image: tf.Tensor, d: dict[str, tf.Tensor]) -> tf.Tensor:
 
 # Everything of simclr_view after the crop (flip, colour jitter, grayscale, blur, clips) for
 # drawn values `d` (sample_view_draws); equal, within float rounding, to the per-op functions
-# above and to TensorFlow's colour kernels (tests/test_augment.py). XLA fuses the dozens of element-wise passes into a few loops:
-# the HSV kernels alone cost ~1 ms per 224 px view, the fused jitter a fraction of that.
+# above and to TensorFlow's colour kernels (tests/test_augment.py). XLA fuses the dozens of
+# element-wise passes into a few loops: the HSV kernels alone cost ~1 ms per 224 px view, the
+# fused jitter a fraction of that.
 distort = tf.function(_distort, jit_compile=True)
 
 
