@@ -65,6 +65,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.momentum = 0.9
     config.optim.nesterov = False  # momentum optimizer only
     config.optim.trust_coefficient = 0.001  # LARS eta
+    # LR of the supervised head (online probe / classifier) relative to the schedule's; the
+    # reference trains it at the full LR (1.0). Not a reference knob: for small smoke runs.
+    config.optim.classifier_lr_scale = 1.0
 
     config.data = ml_collections.ConfigDict()
     # tfdata: tf.data decodes and augments on the host. jax: TF-free loader (Pillow, NumPy) and

@@ -112,6 +112,13 @@ def trust_ratio_mask(params: Any) -> Any:
     )
 
 
+def classifier_mask(params: Any) -> Any:
+    """Tree of bools, True for the supervised head's leaves ('classifier')."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(SUPERVISED_HEAD_NAMES.intersection(_names(path))), params
+    )
+
+
 def l2_mask(params: Any) -> Any:
     """Tree of bools, True for every leaf outside batch norm (momentum / Adam L2 decay).
 
@@ -208,6 +215,11 @@ def _check_optim_config(optim_config: Any) -> None:
     momentum = optim_config["momentum"]
     if not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
         raise ValueError(f"optim.momentum={momentum!r} must be in [0, 1) (SimCLR: 0.9).")
+    scale = optim_config.get("classifier_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+        raise ValueError(
+            f"optim.classifier_lr_scale={scale!r} must be a number > 0 (the reference: 1.0)."
+        )
     eta = optim_config.get("trust_coefficient", 0.001)
     if name == "lars" and (not isinstance(eta, numbers.Real) or not eta > 0):
         raise ValueError(f"optim.trust_coefficient={eta!r} must be > 0 (SimCLR: 0.001).")
@@ -245,4 +257,8 @@ def create_optimizer(
         )
     else:
         tx = adam(schedule, weight_decay=weight_decay)
+    scale = float(optim_config.get("classifier_lr_scale", 1.0))
+    if scale != 1.0:
+        # Every rule here is linear in the LR, so scaling the final update scales its LR.
+        tx = optax.chain(tx, optax.masked(optax.scale(scale), classifier_mask))
     return tx, schedule

@@ -203,3 +203,23 @@ def test_bad_optimizer_config_raises_naming_field(overrides, kwargs, field):
         optim.create_optimizer(_config(**overrides), **arguments)
     if field == "optim.optimizer='sgdx'":
         assert "lars, momentum, adam" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["lars", "momentum"])
+def test_classifier_lr_scale_scales_only_the_classifier_step(name):
+    params, grads = _params_and_grads()
+    config = get_base_config().optim
+    config.optimizer = name
+
+    def first_update(scale):
+        config.classifier_lr_scale = scale
+        tx, _ = optim.create_optimizer(config, batch_size=256, total_steps=10, warmup_steps=0)
+        return _flat(tx.update(grads, tx.init(params), params)[0])
+
+    full, tenth = first_update(1.0), first_update(0.1)
+    for key in full:
+        factor = 0.1 if key[0] == "classifier" else 1.0
+        np.testing.assert_allclose(tenth[key], factor * full[key], rtol=1e-5, atol=1e-8)
+    config.classifier_lr_scale = 0.0
+    with pytest.raises(ValueError, match="optim.classifier_lr_scale=0.0"):
+        optim.create_optimizer(config, batch_size=256, total_steps=10, warmup_steps=0)
