@@ -171,9 +171,7 @@ def jitter_ranges(strength: float) -> dict[str, float]:
     }
 
 
-def brightness_draw(
-    seed: tf.Tensor, max_delta: float, mode: str
-) -> tuple[tf.Tensor, tf.Tensor]:
+def brightness_draw(seed: tf.Tensor, max_delta: float, mode: str) -> tuple[tf.Tensor, tf.Tensor]:
     """Brightness as x * scale + shift: simclrv2 draws scale ~ U[max(0, 1-b), 1+b] (shift 0),
     simclrv1 draws shift ~ U[-b, b] (scale 1)."""
     if mode == "simclrv2":
