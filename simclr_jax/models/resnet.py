@@ -424,7 +424,7 @@ class ResNet(nn.Module):
         resnet_d = self.sk_ratio > 0
         block_kind, stage_sizes = STAGE_SIZES[int(self.depth)]
 
-        size = images.shape[1] if self.cifar_stem == "auto" else None
+        size = images.shape[1] if isinstance(self.cifar_stem, str) else None
         cifar_stem = resolve_cifar_stem(self.cifar_stem, size)
         x = Stem(64 * width, cifar_stem, resnet_d, settings, name="stem")(
             images, train and frozen_until < 0

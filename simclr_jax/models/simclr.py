@@ -115,7 +115,9 @@ def validate_model_config(model_config: Any, *, num_classes: int, mode: str = "p
         proj_out_dim=c["proj_out_dim"],
         ft_proj_selector=c["ft_proj_selector"],
     )
-    if not isinstance(c["cifar_stem"], (bool, np.bool_)) and c["cifar_stem"] != "auto":
+    if not isinstance(c["cifar_stem"], (bool, np.bool_)) and not (
+        isinstance(c["cifar_stem"], str) and c["cifar_stem"] == "auto"
+    ):
         raise ValueError(
             f"model.cifar_stem={c['cifar_stem']!r} is not supported; choose one of "
             f"{', '.join(map(repr, CIFAR_STEM_CHOICES))} ('auto': on when data.image_size <= 32)"
@@ -139,7 +141,7 @@ def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain")
         width_multiplier=int(c["width_multiplier"]),
         sk_ratio=float(c["sk_ratio"]),
         se_ratio=float(c["se_ratio"]),
-        cifar_stem=c["cifar_stem"] if c["cifar_stem"] == "auto" else bool(c["cifar_stem"]),
+        cifar_stem=c["cifar_stem"] if isinstance(c["cifar_stem"], str) else bool(c["cifar_stem"]),
         bn_momentum=float(c["bn_momentum"]),
         bn_epsilon=float(c["bn_epsilon"]),
         dtype=resolve_dtype(c["dtype"]),
