@@ -67,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.optimizer = "lars"
         config.optim.learning_rate = 1.0
         config.optim.weight_decay = 1e-4
+        # The online probe runs outside LARS, as the reference, i.e. at the full LR (0.25 at
+        # this batch); on the unnormalised h of this tiny run that makes it oscillate (probe
+        # loss 4-11). 0.2 x gives the LR of the smoke linear eval (0.05), which is stable.
+        config.optim.classifier_lr_scale = 0.2
     else:
         config.train_batch_size = 256
         config.train_steps = 100 if mode == "linear_eval" else 30
