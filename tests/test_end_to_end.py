@@ -41,10 +41,11 @@ def save_random_encoder(workdir):
 def test_smoke_pipeline_end_to_end(tmp_path):
     """Smoke pretrain -> linear eval -> finetune -> eval, plus the random-encoder baseline.
 
-    Observed on 2 shared CPU cores: linear-eval top-1 0.351 after 150 pretraining steps vs
-    0.138 for the same protocol on a randomly initialized encoder (chance 0.10); kNN top-1
-    0.335 vs 0.212. The asserted margins (> 0.2 absolute, > random + 0.05) leave room for
-    platform noise.
+    Observed on 2 shared CPU cores (reference init, probe outside LARS at 0.2x the LR): linear-
+    eval top-1 0.364 after 150 pretraining steps vs 0.160 for the same protocol on a randomly
+    initialized encoder (chance 0.10), online probe 0.299 (0.307 at the config's 0.1x in a
+    separate run). The asserted margins (> 0.2 absolute, > random + 0.05, probe >= 75% of the
+    linear eval) leave room for platform noise.
     """
     pre = run("pretrain", tmp_path / "pretrain")
     assert np.isfinite(pre["loss"]) and pre["knn_top1"] > 0.1
