@@ -5,8 +5,9 @@ short budget, and the paper's ablations at the same budget.
 
 Args: simclr (default) | no_head (proj_head_mode=none) | no_jitter (colour jitter off; random
 grayscale stays). Everything else is configs/cifar10_pretrain.py (32 px, CIFAR stem, LARS,
-temperature 0.5, jitter 0.5, no blur, 4500/500 images per class train/validation by file
-name) at batch 128 for PROOF_STEPS steps: about 20 minutes per arm on an idle 2-core machine.
+temperature 0.5, jitter 0.5, no blur) with its ':val' protocol (4500/500 images per class
+train/validation by file name: the proof runs where only the training images are unpacked) at
+batch 128 for PROOF_STEPS steps: about 20 minutes per arm on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arm = (arg or "simclr").strip()
     if arm not in ARMS:
         raise ValueError(f"cifar10_proof.py arg {arm!r} is not an arm; choose one of {ARMS}.")
-    config = cifar10_pretrain.get_config()
+    config = cifar10_pretrain.get_config("val")
     config.train_batch_size = 128
     config.eval_batch_size = 500
     config.train_steps = PROOF_STEPS

@@ -37,7 +37,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.width_multiplier = 1  # integer 1-4
     config.model.sk_ratio = 0.0  # SimCLRv2 selective kernels (0.0625), switches on ResNet-D
     config.model.se_ratio = 0.0  # squeeze-excitation, 0 = off
-    config.model.cifar_stem = False  # 3x3/1 stem, no max-pool, for <= 32 px images
+    # 3x3/1 stem, no max-pool: True | False | 'auto' (on when data.image_size <= 32, the
+    # reference's rule). Typed object so that all three override it, also on the command line.
+    config.model.cifar_stem = ml_collections.FieldReference("auto", field_type=object)
     config.model.bn_momentum = 0.9
     config.model.bn_epsilon = 1e-5
     config.model.dtype = "float32"  # float32 | bfloat16 (params and batch stats stay float32)
@@ -73,6 +75,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optim.momentum = 0.9
     config.optim.nesterov = False  # momentum optimizer only
     config.optim.trust_coefficient = 0.001  # LARS eta
+    # LR of the supervised head (online probe / classifier) relative to the schedule's; the
+    # reference trains it at the full LR (1.0). Not a reference knob: for small smoke runs.
+    config.optim.classifier_lr_scale = 1.0
 
     config.data = ml_collections.ConfigDict()
     # tfdata: tf.data decodes and augments on the host. jax: TF-free Grain loader (Pillow,

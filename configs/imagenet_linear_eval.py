@@ -1,8 +1,9 @@
 """ImageNet linear evaluation: frozen encoder (BN in inference mode), linear classifier on h.
 
 Args: a model token as in imagenet_pretrain (default r50_1x), optional v1|v2 and runlocal.
-Nesterov momentum, lr 0.1 x B/256, no weight decay, batch 4096, 90 epochs, crop + flip.
-Pass --config.init_checkpoint=<pretraining workdir> (same model token).
+The reference README's command ('Finetuning the linear head' on ImageNet): Nesterov momentum,
+lr 0.1 x B/256, weight decay 1e-6, zero-initialised classifier, batch 4096, 90 epochs, no
+warmup, crop + flip. Pass --config.init_checkpoint=<pretraining workdir> (same model token).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = str(args.get("model", "r50_1x"))
     version = str(args.get("version", "v1" if model in ("r50_2x", "r50_4x") else "v2"))
     config = common.get_base_config()
-    presets.linear_eval_protocol(config)
+    presets.linear_eval_protocol(config, weight_decay=1e-6)
     presets.set_model(config, model)
     config.model.num_proj_layers = 2 if version == "v1" else 3
     config.data.source = "tfds"

@@ -44,32 +44,63 @@ def set_model(config: ml_collections.ConfigDict, token: str) -> None:
     config.model.sk_ratio = SK_RATIO if match.group(3) else 0.0
 
 
-def cifar10_data(config: ml_collections.ConfigDict) -> None:
-    """CIFAR-10 image folder with the last 500 images of each class held out for validation.
-    Pass --config.data.data_dir=<dir holding train/> (extract ../shared/data's tarball)."""
+# CIFAR-10 protocols: 'test' = the reference's (train on all 50,000 training images, evaluate
+# on the 10,000 test images); 'val' = the last 500 training images of each class (by file name)
+# held out, for tuning and for machines that only have the training images.
+CIFAR10_SPLITS = {
+    "test": ("train", "test"),
+    "val": ("train[:4500]", "train[4500:]"),
+}
+
+
+def parse_flags(arg: str | None, accepted: tuple[str, ...], field: str) -> set[str]:
+    """Splits 'val,runlocal' into a set; ValueError naming `field` and the accepted tokens."""
+    tokens = {t.strip() for t in (arg or "").split(",") if t.strip()}
+    unknown = sorted(tokens - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"{field} arg token {unknown[0]!r} is not known; accepted: {', '.join(accepted)} "
+            "(comma separated, or none)."
+        )
+    return tokens
+
+
+def cifar10_data(config: ml_collections.ConfigDict, protocol: str = "test") -> None:
+    """CIFAR-10 image folder, protocol 'test' (train -> test, the reference) or 'val' (the last
+    500 training images of each class held out). Pass --config.data.data_dir=<dir holding
+    train/ (and test/)> (extract ../shared/data's tarball)."""
+    if protocol not in CIFAR10_SPLITS:
+        raise ValueError(
+            f"CIFAR-10 protocol {protocol!r} is not known; accepted: {', '.join(CIFAR10_SPLITS)}."
+        )
     config.data.source = "folder"
     config.data.name = "cifar10"
     config.data.data_dir = ""
-    config.data.train_split = "train[:4500]"
-    config.data.eval_split = "train[4500:]"
+    config.data.train_split, config.data.eval_split = CIFAR10_SPLITS[protocol]
+
+
+def cifar10_augmentation(config: ml_collections.ConfigDict) -> None:
+    """The reference CIFAR-10 command's input: 32 px, colour jitter strength 0.5, no blur."""
     config.data.image_size = 32
     config.data.color_jitter_strength = 0.5
     config.data.blur_prob = 0.0
     config.data.shuffle_buffer = 50_000
 
 
-def linear_eval_protocol(config: ml_collections.ConfigDict) -> None:
-    """The reference linear evaluation: frozen encoder (BN in inference mode), classifier on h,
-    Nesterov momentum, lr 0.1 x B/256, no weight decay, no warmup."""
+def linear_eval_protocol(config: ml_collections.ConfigDict, weight_decay: float = 0.0) -> None:
+    """The reference linear evaluation (its README's commands): frozen encoder (BN in inference
+    mode), zero-initialised classifier on h, Nesterov momentum, lr 0.1 x B/256, no warmup;
+    weight_decay 0 for CIFAR-10, 1e-6 for ImageNet."""
     config.mode = "linear_eval"
     config.model.fine_tune_after_block = 4
     config.model.ft_proj_selector = 0
+    config.model.zero_init_logits_layer = True
     config.warmup_epochs = 0.0
     config.optim.optimizer = "momentum"
     config.optim.nesterov = True
     config.optim.learning_rate = 0.1
     config.optim.lr_scaling = "linear"
-    config.optim.weight_decay = 0.0
+    config.optim.weight_decay = weight_decay
 
 
 def apply_runlocal(config: ml_collections.ConfigDict) -> None:
@@ -85,7 +116,7 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.model.resnet_depth = 18
     config.model.width_multiplier = 1
     config.model.sk_ratio = 0.0
-    config.model.cifar_stem = False
+    config.model.cifar_stem = "auto"  # on at 32 px, as the reference decides
     config.model.dtype = "float32"
     config.train_batch_size = 16
     config.eval_batch_size = 64

@@ -1,7 +1,11 @@
 """Optimizers and learning-rate schedules: LARS / momentum / Adam with warmup + cosine decay.
 
-Batch-norm parameters and biases get neither weight decay nor the LARS trust ratio; which
-leaves those are is decided by `weight_decay_mask`, by leaf name.
+As the reference (google-research/simclr tf2/model.py, tf2/lars_optimizer.py): LARS leaves
+batch-norm parameters, biases and the supervised head ('classifier', the reference's
+head_supervised) out of weight decay and the trust ratio; the head's kernel gets its decay as an
+L2 term instead (gradient + wd*w), so the head runs plain TF-classic momentum at the full
+learning rate. Momentum and Adam add wd*w to the gradient of every leaf but the batch-norm
+ones (the reference's L2 loss over non-batch-norm weights). Leaves are told apart by path.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ LR_SCALINGS = ("linear", "sqrt", "none")
 # Flax names: nn.Dense / nn.Conv biases are 'bias'; nn.BatchNorm has 'scale' (gamma) and
 # 'bias' (beta). Kernels (conv, dense, SK attention convs) are the only decayed leaves.
 EXCLUDED_LEAF_NAMES = frozenset({"bias", "scale"})
+# Modules outside LARS adaptation: the supervised head (online probe / fine-tuning classifier).
+SUPERVISED_HEAD_NAMES = frozenset({"classifier"})
+# Batch-norm modules are named 'bn' in simclr_jax.models (Flax's default is 'BatchNorm_<i>').
+BATCH_NORM_MODULE_PREFIXES = ("bn", "BatchNorm")
 
 
 def _is_int(value: Any) -> bool:
@@ -71,14 +79,55 @@ def _leaf_name(path: tuple[Any, ...]) -> str:
     return str(last)
 
 
+def _names(path: tuple[Any, ...]) -> list[str]:
+    """Every key of a pytree path as a string."""
+    return [_leaf_name((p,)) for p in path]
+
+
 def weight_decay_mask(params: Any) -> Any:
-    """Tree of bools, True where a leaf gets weight decay (and LARS trust ratio).
+    """Tree of bools, True where LARS decays a leaf (wd*w added to its gradient).
 
     Excluded (False): leaves named 'bias' (dense/conv biases and BatchNorm beta) and 'scale'
-    (BatchNorm gamma). Everything else, i.e. conv and dense kernels, is True.
+    (BatchNorm gamma). Everything else, i.e. conv and dense kernels, is True; the supervised
+    head's kernel too, which stands for the reference's L2 loss term on it.
     """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: _leaf_name(path) not in EXCLUDED_LEAF_NAMES, params
+    )
+
+
+def trust_ratio_mask(params: Any) -> Any:
+    """Tree of bools, True where LARS scales a leaf's step by the trust ratio.
+
+    The decayed leaves (`weight_decay_mask`) minus the supervised head ('classifier'), which
+    the reference excludes from layer adaptation (exclude_from_layer_adaptation falls back to
+    exclude_from_weight_decay = batch_normalization, bias, head_supervised).
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: (
+            _leaf_name(path) not in EXCLUDED_LEAF_NAMES
+            and not SUPERVISED_HEAD_NAMES.intersection(_names(path))
+        ),
+        params,
+    )
+
+
+def classifier_mask(params: Any) -> Any:
+    """Tree of bools, True for the supervised head's leaves ('classifier')."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(SUPERVISED_HEAD_NAMES.intersection(_names(path))), params
+    )
+
+
+def l2_mask(params: Any) -> Any:
+    """Tree of bools, True for every leaf outside batch norm (momentum / Adam L2 decay).
+
+    The reference adds wd * l2_loss(v) for every trainable variable whose name lacks
+    'batch_normalization' when the optimizer is not LARS: kernels and biases alike.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(n.startswith(BATCH_NORM_MODULE_PREFIXES) for n in _names(path)),
+        params,
     )
 
 
@@ -90,14 +139,15 @@ def lars(
     trust_coefficient: float = 0.001,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """SimCLR LARS; BN params and biases excluded from weight decay and trust ratio.
+    """SimCLR LARS; BN params, biases and the supervised head outside the trust ratio.
 
     `config.optim.nesterov` applies to the momentum optimizer only (as in SimCLR, whose LARS
     runs classic momentum); `nesterov` here is for direct callers.
 
-    Per decayed leaf: g' = g + wd*w; trust = eta*||w||/||g'|| (1 if either norm is 0);
-    v = m*v + lr*trust*g'; w -= v (TF-style momentum: the LR is inside the momentum).
-    optax.lars composes exactly this rule (its trace holds -v), so it is used as is.
+    Per kernel: g' = g + wd*w; trust = eta*||w||/||g'|| (1 if either norm is 0, and 1 for the
+    classifier); v = m*v + lr*trust*g'; w -= v (TF-style momentum: the LR is inside the
+    momentum). BN params and biases: v = m*v + lr*g. optax.lars composes exactly this rule
+    (its trace holds -v), so it is used as is.
     """
     return optax.lars(
         learning_rate,
@@ -105,7 +155,7 @@ def lars(
         weight_decay_mask=weight_decay_mask,
         trust_coefficient=trust_coefficient,
         eps=0.0,
-        trust_ratio_mask=weight_decay_mask,
+        trust_ratio_mask=trust_ratio_mask,
         momentum=momentum,
         nesterov=nesterov,
     )
@@ -118,18 +168,22 @@ def momentum_optimizer(
     momentum: float = 0.9,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum; weight decay wd*w added to the gradient of kernels only."""
+    """SGD with (Nesterov) momentum; wd*w added to the gradient of every non-BN leaf (L2)."""
     sgd = optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
     if weight_decay == 0:
         return sgd
-    return optax.chain(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask), sgd)
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=l2_mask), sgd)
 
 
 def adam(
     learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.0
 ) -> optax.GradientTransformation:
-    """AdamW with decoupled weight decay on kernels only (BN params and biases excluded)."""
-    return optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
+    """Adam with L2 decay: wd*w added to the gradient of every non-BN leaf before Adam's
+    scaling (the reference's L2 loss term), not AdamW's decoupled decay."""
+    adam_tx = optax.adam(learning_rate)
+    if weight_decay == 0:
+        return adam_tx
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=l2_mask), adam_tx)
 
 
 def _check_durations(total_steps: Any, warmup_steps: Any) -> None:
@@ -161,6 +215,11 @@ def _check_optim_config(optim_config: Any) -> None:
     momentum = optim_config["momentum"]
     if not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
         raise ValueError(f"optim.momentum={momentum!r} must be in [0, 1) (SimCLR: 0.9).")
+    scale = optim_config.get("classifier_lr_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
+        raise ValueError(
+            f"optim.classifier_lr_scale={scale!r} must be a number > 0 (the reference: 1.0)."
+        )
     eta = optim_config.get("trust_coefficient", 0.001)
     if name == "lars" and (not isinstance(eta, numbers.Real) or not eta > 0):
         raise ValueError(f"optim.trust_coefficient={eta!r} must be > 0 (SimCLR: 0.001).")
@@ -198,4 +257,8 @@ def create_optimizer(
         )
     else:
         tx = adam(schedule, weight_decay=weight_decay)
+    scale = float(optim_config.get("classifier_lr_scale", 1.0))
+    if scale != 1.0:
+        # Every rule here is linear in the LR, so scaling the final update scales its LR.
+        tx = optax.chain(tx, optax.masked(optax.scale(scale), classifier_mask))
     return tx, schedule

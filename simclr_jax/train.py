@@ -35,7 +35,12 @@ from simclr_jax import (
     parallel,
     preemption,
 )
-from simclr_jax.models import create_model, num_head_outputs, validate_model_config
+from simclr_jax.models import (
+    create_model,
+    num_head_outputs,
+    resolve_cifar_stem,
+    validate_model_config,
+)
 from simclr_jax.train_state import TrainState
 
 MODES = ("pretrain", "linear_eval", "finetune", "distill", "eval")
@@ -120,15 +125,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             num_classes=config.model.num_classes,
             mode=evaluate.model_mode(config.mode),
         )
+        resolve_cifar_stem(config.model.cifar_stem, config.data.image_size)
 
 
 def resolve_config(
     config: ml_collections.ConfigDict, info: data.DatasetInfo
 ) -> ml_collections.ConfigDict:
-    """An unlocked copy with model.num_classes taken from the dataset."""
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    resolved.model.num_classes = int(info.num_classes)
-    return resolved
+    """An unlocked copy with model.num_classes taken from the dataset and model.cifar_stem
+    'auto' resolved to True/False, so checkpoints record the architecture explicitly."""
+    values = config.to_dict()
+    values["model"]["num_classes"] = int(info.num_classes)
+    if config.mode != "eval":
+        # In the dict: a ConfigDict keeps the type of 'auto' (str) and would refuse a bool.
+        values["model"]["cifar_stem"] = resolve_cifar_stem(
+            config.model.cifar_stem, config.data.image_size
+        )
+    return ml_collections.ConfigDict(values)
 
 
 # ------------------------------------------------------------------ state and optimizer

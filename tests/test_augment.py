@@ -280,6 +280,39 @@ def test_fused_saturation_and_hue_equal_the_kernels():
         np.testing.assert_allclose(augment._hue(x, delta), tf.image.adjust_hue(x, delta), atol=5e-6)
 
 
+def _kernel_jitter(image, seed, strength, mode):
+    """The reference's colour jitter written with TensorFlow's own image kernels, on the draws
+    of augment.sample_jitter_draws: what augment's single jitter implementation must equal."""
+    d = augment.sample_jitter_draws(seed, strength, mode)
+    ops = [
+        lambda x: x * d["brightness_scale"] + d["brightness_shift"],
+        lambda x: tf.image.adjust_contrast(x, d["contrast"]),
+        lambda x: tf.image.adjust_saturation(x, d["saturation"]),
+        lambda x: tf.image.adjust_hue(x, d["hue"]),
+    ]
+    for i in range(4):
+        image = tf.switch_case(d["order"][i], [lambda f=f, x=image: f(x) for f in ops])
+        image = tf.clip_by_value(image, 0.0, 1.0)
+    return image
+
+
+@pytest.mark.parametrize("strength,mode", [(0.5, "simclrv2"), (1.0, "simclrv1")])
+def test_color_jitter_equals_tensorflow_kernels(strength, mode):
+    image = tf.constant(_random_images(1, 16, seed=8)[0])
+    ours = tf.function(lambda s: augment.color_jitter(image, s, strength, mode))
+    kernels = tf.function(lambda s: _kernel_jitter(image, s, strength, mode))
+    for seed in _seeds(60):
+        np.testing.assert_allclose(ours(seed).numpy(), kernels(seed).numpy(), atol=2e-5)
+
+
+def test_fused_contrast_equals_the_kernel():
+    x = tf.constant(_random_images(2, 12, seed=9))
+    for factor in (0.2, 1.0, 1.8):
+        np.testing.assert_allclose(
+            augment._contrast(x, factor), tf.image.adjust_contrast(x, factor), atol=2e-6
+        )
+
+
 def test_seed_split_and_uniform_draws_match_the_public_stateless_ops():
     # augment uses the one-op V1 kernels; they must give the tf.random.stateless_* values.
     for seed in _seeds(50) + [tf.constant([-(2**62), 2**61 + 5], tf.int64)]:

@@ -41,10 +41,11 @@ def save_random_encoder(workdir):
 def test_smoke_pipeline_end_to_end(tmp_path):
     """Smoke pretrain -> linear eval -> finetune -> eval, plus the random-encoder baseline.
 
-    Observed on 2 shared CPU cores: linear-eval top-1 0.351 after 150 pretraining steps vs
-    0.138 for the same protocol on a randomly initialized encoder (chance 0.10); kNN top-1
-    0.335 vs 0.212. The asserted margins (> 0.2 absolute, > random + 0.05) leave room for
-    platform noise.
+    Observed on 2 shared CPU cores (reference init, probe outside LARS at 0.2x the LR): linear-
+    eval top-1 0.364 after 150 pretraining steps vs 0.160 for the same protocol on a randomly
+    initialized encoder (chance 0.10), online probe 0.299 (0.307 at the config's 0.1x in a
+    separate run). The asserted margins (> 0.2 absolute, > random + 0.05, probe >= 75% of the
+    linear eval) leave room for platform noise.
     """
     pre = run("pretrain", tmp_path / "pretrain")
     assert np.isfinite(pre["loss"]) and pre["knn_top1"] > 0.1
@@ -64,6 +65,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     np.testing.assert_allclose(lin["knn_top1"], pre["knn_top1"], atol=1e-6)
     assert lin["top1"] > 0.1 + 0.1
     assert lin["top1"] > base["top1"] + 0.05
+    # The online probe (outside LARS, as the reference) nearly matches a frozen linear eval of
+    # the same encoder; with the classifier under the trust ratio it reached 40% of it.
+    print(f"online probe top-1 {pre['top1']:.3f} vs frozen linear eval {lin['top1']:.3f}")
+    assert pre["top1"] >= 0.75 * lin["top1"]
     fine = run(  # a few cheap steps: this checks restore + training + eval, not accuracy
         "finetune",
         tmp_path / "finetune",

@@ -328,17 +328,42 @@ def test_bottleneck_block_is_identity_at_init():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
 
 
-def test_conv_init_is_he_fan_out(r18_variables):
-    kernel = np.asarray(
-        r18_variables["params"]["encoder"]["stage3"]["block1"]["conv1"]["conv"]["kernel"]
-    )
-    fan_out = 3 * 3 * kernel.shape[-1]
-    assert kernel.std() == pytest.approx(np.sqrt(2.0 / fan_out), rel=0.05)
-    head = np.asarray(r18_variables["params"]["projection_head"]["layer1"]["dense"]["kernel"])
+# tf.keras VarianceScaling() (the reference's conv init): scale 1, fan_in, normal truncated at
+# 2 sigma with the std divided by 0.8796 so that the truncated draw keeps variance 1/fan_in.
+TRUNCATED_STD_FACTOR = 0.87962566103423978
+
+
+def _check_fan_in_truncated(kernel, *, rel):
+    kernel = np.asarray(kernel, np.float64)
+    fan_in = int(np.prod(kernel.shape[:-1]))
+    assert kernel.var() == pytest.approx(1.0 / fan_in, rel=rel)
+    bound = 2.0 * np.sqrt(1.0 / fan_in) / TRUNCATED_STD_FACTOR
+    assert np.abs(kernel).max() <= bound * (1 + 1e-6)
+    assert np.abs(kernel).max() > 0.95 * bound  # truncated at 2 sigma, not narrower
+
+
+def test_conv_init_is_reference_variance_scaling(r18_variables):
+    params = r18_variables["params"]
+    kernel = params["encoder"]["stage3"]["block1"]["conv1"]["conv"]["kernel"]  # 3x3x256x256
+    _check_fan_in_truncated(kernel, rel=0.05)
+    for path, leaf in flax.traverse_util.flatten_dict(params["encoder"]).items():
+        if path[-1] == "kernel" and leaf.size >= 4096:
+            _check_fan_in_truncated(leaf, rel=0.15)
+    head = np.asarray(params["projection_head"]["layer1"]["dense"]["kernel"])
     assert head.std() == pytest.approx(0.01, rel=0.05)
 
 
-# ------------------------------------------------------------------ NumPy re-derived modules
+def test_sk_and_se_convs_use_the_reference_init():
+    x = jnp.ones((2, 4, 4, 256))
+    sk = SelectiveKernelConv(features=128, strides=1, sk_ratio=0.0625)
+    sk_params = flax.traverse_util.flatten_dict(sk.init(INIT_KEY, x, train=False)["params"])
+    se = SqueezeExcite(reduced_features=64)
+    se_params = flax.traverse_util.flatten_dict(se.init(INIT_KEY, x)["params"])
+    kernels = [v for tree in (sk_params, se_params) for k, v in tree.items() if k[-1] == "kernel"]
+    assert len(kernels) == 5  # split_conv, reduce, expand; SE reduce, expand
+    for kernel in kernels:
+        _check_fan_in_truncated(kernel, rel=0.15)
+    np.testing.assert_array_equal(se_params[("reduce", "bias")], 0.0)
 
 
 def np_conv(x, kernel, stride=1):
@@ -743,3 +768,13 @@ def test_conv_kernel_grad_modes_pick_the_path():
     config.conv_kernel_grad = "fast"
     with pytest.raises(ValueError, match="model.conv_kernel_grad='fast'"):
         create_model(config, num_classes=10)
+
+
+@pytest.mark.parametrize("size,want", [(32, (3, 3)), (16, (3, 3)), (40, (7, 7))])
+def test_cifar_stem_auto_follows_the_image_size(size, want):
+    config = model_config(cifar_stem="auto", resnet_depth=18)
+    model = create_model(config, num_classes=NUM_CLASSES)
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False), INIT_KEY, jnp.zeros((1, size, size, 3))
+    )
+    assert shapes["params"]["encoder"]["stem"]["conv1"]["conv"]["kernel"].shape[:2] == want

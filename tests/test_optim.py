@@ -23,12 +23,15 @@ def _params_and_grads():
         "bn": {"scale": arr(4), "bias": arr(4)},
         "dense": {"kernel": arr(4, 3), "bias": arr(3)},
         "zero": {"kernel": np.zeros((2, 2), np.float32)},  # ||w|| = 0 -> trust 1
+        "classifier": {"kernel": arr(4, 3), "bias": arr(3)},  # L2-decayed, no trust ratio
     }
     grads = jax.tree.map(lambda p: arr(*p.shape), params)
     return params, grads
 
 
-DECAYED = {("conv", "kernel"), ("zero", "kernel"), ("dense", "kernel")}
+DECAYED = {("conv", "kernel"), ("zero", "kernel"), ("dense", "kernel"), ("classifier", "kernel")}
+TRUSTED = DECAYED - {("classifier", "kernel")}
+NOT_BN = set(DECAYED) | {("dense", "bias"), ("classifier", "bias")}
 
 
 def _numpy_lars_step(params, grads, velocity, lr, wd, eta=0.001, m=0.9):
@@ -40,6 +43,7 @@ def _numpy_lars_step(params, grads, velocity, lr, wd, eta=0.001, m=0.9):
         trust = 1.0
         if key in DECAYED:
             g = g + wd * w
+        if key in TRUSTED:
             w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
             if w_norm > 0 and g_norm > 0:
                 trust = eta * w_norm / g_norm
@@ -59,6 +63,17 @@ def test_weight_decay_mask_excludes_bias_and_bn_scale():
     assert {key for key, decayed in mask.items() if decayed} == DECAYED
 
 
+def test_trust_ratio_mask_also_excludes_the_supervised_head():
+    params, _ = _params_and_grads()
+    mask = _flat(optim.trust_ratio_mask(params))
+    assert {key for key, adapted in mask.items() if adapted} == TRUSTED
+
+
+def test_l2_mask_excludes_batch_norm_only():
+    params, _ = _params_and_grads()
+    assert {key for key, on in _flat(optim.l2_mask(params)).items() if on} == NOT_BN
+
+
 def test_two_lars_steps_match_hand_computation():
     params, grads = _params_and_grads()
     lr, wd = 0.7, 1e-2
@@ -75,7 +90,10 @@ def test_two_lars_steps_match_hand_computation():
         for key in want_params:
             np.testing.assert_allclose(got[key], want_params[key], rtol=1e-5, atol=1e-7)
     # Excluded leaves moved by the plain momentum rule, much further than trust-scaled kernels.
-    assert np.abs(got[("bn", "bias")] - _flat(_params_and_grads()[0])[("bn", "bias")]).min() > 0.01
+    start = _flat(_params_and_grads()[0])
+    moved = {key: np.abs(got[key] - start[key]).mean() for key in got}
+    assert moved[("bn", "bias")] > 30 * moved[("conv", "kernel")]
+    assert moved[("classifier", "kernel")] > 30 * moved[("conv", "kernel")]
 
 
 def test_lars_zero_gradient_means_trust_one_and_no_nan():
@@ -85,26 +103,27 @@ def test_lars_zero_gradient_means_trust_one_and_no_nan():
     np.testing.assert_array_equal(updates["dense"]["kernel"], 0.0)
 
 
-def test_momentum_optimizer_decays_only_kernels():
+def test_momentum_optimizer_decays_everything_but_batch_norm():
     params, grads = _params_and_grads()
     lr, wd, m = 0.1, 0.5, 0.9
     tx = optim.momentum_optimizer(lr, weight_decay=wd, momentum=m, nesterov=True)
     updates, _ = tx.update(grads, tx.init(params), params)
     flat_p, flat_g, flat_u = _flat(params), _flat(grads), _flat(updates)
     for key in flat_p:
-        g = flat_g[key] + (wd * flat_p[key] if key in DECAYED else 0.0)
+        g = flat_g[key] + (wd * flat_p[key] if key in NOT_BN else 0.0)
         # Nesterov from zero momentum: update = -lr * (m * g + g).
         np.testing.assert_allclose(flat_u[key], -lr * (1 + m) * g, rtol=1e-5, atol=1e-7)
 
 
-def test_adam_weight_decay_skips_bias_and_scale():
+def test_adam_weight_decay_is_l2_on_everything_but_batch_norm():
     params, _ = _params_and_grads()
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     tx = optim.adam(0.1, weight_decay=0.5)
     updates = _flat(tx.update(zero_grads, tx.init(params), params)[0])
     for key, w in _flat(params).items():
-        want = -0.1 * 0.5 * w if key in DECAYED else np.zeros_like(w)
-        np.testing.assert_allclose(updates[key], want, rtol=1e-6, atol=1e-8)
+        # L2 (not AdamW): the gradient is wd*w, and Adam's first step is -lr * sign(gradient).
+        want = -0.1 * np.sign(w) if key in NOT_BN else np.zeros_like(w)
+        np.testing.assert_allclose(updates[key], want, rtol=1e-5, atol=1e-6)
 
 
 def test_warmup_cosine_schedule():
@@ -184,3 +203,23 @@ def test_bad_optimizer_config_raises_naming_field(overrides, kwargs, field):
         optim.create_optimizer(_config(**overrides), **arguments)
     if field == "optim.optimizer='sgdx'":
         assert "lars, momentum, adam" in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["lars", "momentum"])
+def test_classifier_lr_scale_scales_only_the_classifier_step(name):
+    params, grads = _params_and_grads()
+    config = get_base_config().optim
+    config.optimizer = name
+
+    def first_update(scale):
+        config.classifier_lr_scale = scale
+        tx, _ = optim.create_optimizer(config, batch_size=256, total_steps=10, warmup_steps=0)
+        return _flat(tx.update(grads, tx.init(params), params)[0])
+
+    full, tenth = first_update(1.0), first_update(0.1)
+    for key in full:
+        factor = 0.1 if key[0] == "classifier" else 1.0
+        np.testing.assert_allclose(tenth[key], factor * full[key], rtol=1e-5, atol=1e-8)
+    config.classifier_lr_scale = 0.0
+    with pytest.raises(ValueError, match="optim.classifier_lr_scale=0.0"):
+        optim.create_optimizer(config, batch_size=256, total_steps=10, warmup_steps=0)

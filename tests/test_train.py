@@ -71,9 +71,13 @@ def test_one_step_on_8_devices_equals_1_device(devices):
     }
     params1, stats1, metrics1 = one_pretrain_step(devices[:1], batch)
     params8, stats8, metrics8 = one_pretrain_step(devices, batch)
-    assert_trees_close(metrics1, metrics8, rtol=1e-5, atol=1e-6)
+    # Looser than float32 rounding of one op: under the reference's conv init (VarianceScaling,
+    # fan_in; He fan_out passed at 1e-5 / 1e-6 with the same step) the second step amplifies
+    # the different reduction order of 8 devices to ~2e-5 relative in the norms and ~7e-5
+    # absolute in parameters of size ~1e-2.
+    assert_trees_close(metrics1, metrics8, rtol=5e-5, atol=1e-6)
     assert_trees_close(stats1, stats8, rtol=1e-5, atol=1e-6)
-    assert_trees_close(params1, params8, rtol=1e-5, atol=1e-6)
+    assert_trees_close(params1, params8, rtol=1e-5, atol=2e-4)
     # The comparison above means something only if the step moved the parameters.
     assert metrics1["grad_norm"] > 0 and np.isfinite(metrics1["loss"])
 

@@ -171,34 +171,46 @@ def jitter_ranges(strength: float) -> dict[str, float]:
     }
 
 
+def brightness_draw(seed: tf.Tensor, max_delta: float, mode: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """Brightness as x * scale + shift: simclrv2 draws scale ~ U[max(0, 1-b), 1+b] (shift 0),
+    simclrv1 draws shift ~ U[-b, b] (scale 1)."""
+    if mode == "simclrv2":
+        return _uniform(seed, max(0.0, 1.0 - max_delta), 1.0 + max_delta), tf.constant(0.0)
+    if mode == "simclrv1":
+        return tf.constant(1.0), _uniform(seed, -max_delta, max_delta)
+    raise ValueError(f"data.brightness_mode={mode!r}; allowed: {BRIGHTNESS_MODES}.")
+
+
 def adjust_brightness(image: tf.Tensor, seed: tf.Tensor, max_delta: float, mode: str) -> tf.Tensor:
     """simclrv2: x * U[max(0, 1-b), 1+b]; simclrv1: x + U[-b, b]."""
-    if mode == "simclrv2":
-        factor = _uniform(seed, max(0.0, 1.0 - max_delta), 1.0 + max_delta)
-        return image * factor
-    if mode == "simclrv1":
-        return image + _uniform(seed, -max_delta, max_delta)
-    raise ValueError(f"data.brightness_mode={mode!r}; allowed: {BRIGHTNESS_MODES}.")
+    scale, shift = brightness_draw(seed, max_delta, mode)
+    return image * scale + shift
+
+
+def sample_jitter_draws(
+    seed: tf.Tensor, strength: float, brightness_mode: str = "simclrv2"
+) -> dict[str, tf.Tensor]:
+    """The random draws of one colour jitter: op order and the four factors."""
+    deltas = jitter_ranges(strength)
+    order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(split_seed(seed, 5))
+    c, s, h = deltas["contrast"], deltas["saturation"], deltas["hue"]
+    scale, shift = brightness_draw(b_seed, deltas["brightness"], brightness_mode)
+    return {
+        "order": tf.argsort(tf.raw_ops.StatelessRandomUniform(shape=[4], seed=order_seed)),
+        "brightness_scale": scale,
+        "brightness_shift": shift,
+        "contrast": _uniform(c_seed, 1.0 - c, 1.0 + c),
+        "saturation": _uniform(s_seed, 1.0 - s, 1.0 + s),
+        "hue": _uniform(h_seed, -h, h),
+    }
 
 
 def color_jitter(
     image: tf.Tensor, seed: tf.Tensor, strength: float, brightness_mode: str = "simclrv2"
 ) -> tf.Tensor:
-    """Brightness, contrast, saturation and hue in random order, clipped after each."""
-    deltas = jitter_ranges(strength)
-    order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(split_seed(seed, 5))
-    c, s, h = deltas["contrast"], deltas["saturation"], deltas["hue"]
-    ops = [
-        lambda x: adjust_brightness(x, b_seed, deltas["brightness"], brightness_mode),
-        lambda x: tf.image.adjust_contrast(x, _uniform(c_seed, 1.0 - c, 1.0 + c)),
-        lambda x: tf.image.adjust_saturation(x, _uniform(s_seed, 1.0 - s, 1.0 + s)),
-        lambda x: tf.image.adjust_hue(x, _uniform(h_seed, -h, h)),
-    ]
-    order = tf.argsort(tf.random.stateless_uniform([4], seed=order_seed))
-    for i in range(4):
-        image = tf.switch_case(order[i], [lambda f=f, x=image: f(x) for f in ops])
-        image = tf.clip_by_value(image, 0.0, 1.0)
-    return image
+    """Brightness, contrast, saturation and hue in random order, clipped after each (the
+    reference's colour jitter; the maths is _jitter's, shared with the fused path)."""
+    return _jitter(image, sample_jitter_draws(seed, strength, brightness_mode))
 
 
 def to_grayscale(image: tf.Tensor) -> tf.Tensor:
@@ -303,25 +315,12 @@ def sample_view_draws(
     """Every random draw of a view after its crop, from the same seeds (so the same values) as
     random_flip, random_color_distortion (color_jitter inside) and random_blur."""
     jitter_seed, jitter_apply_seed, gray_seed = tf.unstack(split_seed(color_seed, 3))
-    order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(split_seed(jitter_seed, 5))
     blur = params.blur_prob > 0.0
     blur_apply_seed, sigma_seed = tf.unstack(split_seed(blur_seed, 2)) if blur else (None, None)
-    deltas = jitter_ranges(params.color_jitter_strength)
-    b, c, s, h = (deltas[k] for k in ("brightness", "contrast", "saturation", "hue"))
-    # Brightness as x * scale + shift: simclrv2 draws the scale, simclrv1 the shift.
-    if params.brightness_mode == "simclrv2":
-        scale, shift = _uniform(b_seed, max(0.0, 1.0 - b), 1.0 + b), tf.constant(0.0)
-    else:
-        scale, shift = tf.constant(1.0), _uniform(b_seed, -b, b)
     return {
         "flip": _uniform(flip_seed) < params.flip_prob,
         "jitter": _uniform(jitter_apply_seed) < params.color_jitter_prob,
-        "order": tf.argsort(tf.raw_ops.StatelessRandomUniform(shape=[4], seed=order_seed)),
-        "brightness_scale": scale,
-        "brightness_shift": shift,
-        "contrast": _uniform(c_seed, 1.0 - c, 1.0 + c),
-        "saturation": _uniform(s_seed, 1.0 - s, 1.0 + s),
-        "hue": _uniform(h_seed, -h, h),
+        **sample_jitter_draws(jitter_seed, params.color_jitter_strength, params.brightness_mode),
         "gray": _uniform(gray_seed) < params.grayscale_prob,
         # No blur draws at blur_prob 0 (as random_blur): each draw costs a few microseconds.
         "blur": _uniform(blur_apply_seed) < params.blur_prob if blur else tf.constant(False),
@@ -370,13 +369,20 @@ def _hue(x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
     return vmax[..., None] - spread[..., None] * t
 
 
+def _contrast(x: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """tf.image.adjust_contrast: (x - per-channel mean) * factor + mean."""
+    mean = tf.reduce_mean(x, axis=[-3, -2], keepdims=True)
+    return (x - mean) * factor + mean
+
+
 def _jitter(x: tf.Tensor, d: dict[str, tf.Tensor]) -> tf.Tensor:
-    """color_jitter with drawn factors: the four ops in d['order'], clipped after each (the
-    branches read x when called, i.e. the output of the previous step)."""
-    mean = lambda: tf.reduce_mean(x, axis=[0, 1], keepdims=True)  # noqa: E731
+    """The colour jitter maths, once, for drawn factors `d` (sample_jitter_draws): the four
+    ops in d['order'], clipped after each (the branches read x when called, i.e. the output
+    of the previous step). Contrast, saturation and hue equal TensorFlow's kernels within
+    float rounding (tests/test_augment.py)."""
     ops = [
         lambda: x * d["brightness_scale"] + d["brightness_shift"],
-        lambda: (x - mean()) * d["contrast"] + mean(),  # tf.image.adjust_contrast
+        lambda: _contrast(x, d["contrast"]),
         lambda: _saturation(x, d["saturation"]),
         lambda: _hue(x, d["hue"]),
     ]
@@ -398,8 +404,9 @@ def _distort(image: tf.Tensor, d: dict[str, tf.Tensor]) -> tf.Tensor:
 
 # Everything of simclr_view after the crop (flip, colour jitter, grayscale, blur, clips) for
 # drawn values `d` (sample_view_draws); equal, within float rounding, to the per-op functions
-# above (tests/test_augment.py). XLA fuses the dozens of element-wise passes into a few loops:
-# the HSV kernels alone cost ~1 ms per 224 px view, the fused jitter a fraction of that.
+# above and to TensorFlow's colour kernels (tests/test_augment.py). XLA fuses the dozens of
+# element-wise passes into a few loops: the HSV kernels alone cost ~1 ms per 224 px view, the
+# fused jitter a fraction of that.
 distort = tf.function(_distort, jit_compile=True)
 
 

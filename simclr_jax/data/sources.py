@@ -225,9 +225,16 @@ def folder_source(
     name, start, end = parse_split(split, field)
     directory = os.path.join(data_dir, name) if name else data_dir
     if not epath.Path(directory).is_dir():
+        # CIFAR-10 folders are often unpacked with train/ only: name the protocol that fits.
+        hint = (
+            " With training images only, use the ':val' protocol (e.g. "
+            "configs/cifar10_pretrain.py:val: train[:4500] -> train[4500:])."
+            if name == "test"
+            else ""
+        )
         raise ValueError(
             f"{field}={split!r}: folder {directory!r} does not exist; expected "
-            "data.data_dir/<split>/<class>/<image> (or a flat folder of images)."
+            f"data.data_dir/<split>/<class>/<image> (or a flat folder of images).{hint}"
         )
     loose, classes = _list_folder(directory)
     if classes:
@@ -235,6 +242,14 @@ def folder_source(
         per_class = [
             (c, slice_per_class(list(classes[c]), start, end, field, split)) for c in class_names
         ]
+        empty = [c for c, files in per_class if not files]
+        if empty and (start or end):
+            raise ValueError(
+                f"{field}={split!r}: class {empty[0]!r} has {len(classes[empty[0]])} images in "
+                f"{directory!r} and none fall in this slice; every class needs more images than "
+                "the slice start (the ':val' protocol, train[:4500] / train[4500:], needs more "
+                "than 4500 per class, as CIFAR-10's 5000)."
+            )
         paths = [os.path.join(directory, c, f) for c, files in per_class for f in files]
         labels = [label for label, (_, files) in enumerate(per_class) for _ in files]
     else:

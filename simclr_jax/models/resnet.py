@@ -41,9 +41,28 @@ MAX_WIDTH_MULTIPLIER = 4
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SK_MIN_DIM = 32
 
-# He init with fan_out (torchvision's kaiming_normal_(mode="fan_out")): keeps the backward
-# signal variance constant through ReLU convs.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# The reference's tf.keras.initializers.VarianceScaling() for every conv (SK and SE included):
+# scale 1, fan_in, normal truncated at 2 sigma with the std corrected for the truncation.
+conv_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+CIFAR_STEM_CHOICES = (True, False, "auto")
+CIFAR_STEM_MAX_SIZE = 32  # the reference: cifar_stem = image_size <= 32
+
+
+def resolve_cifar_stem(cifar_stem: Any, image_size: Any) -> bool:
+    """model.cifar_stem True/False as given; 'auto' -> image_size <= 32, as the reference."""
+    if isinstance(cifar_stem, (bool, np.bool_)):
+        return bool(cifar_stem)
+    if cifar_stem != "auto":
+        raise ValueError(
+            f"model.cifar_stem={cifar_stem!r} is not supported; choose True, False or 'auto' "
+            f"(on when data.image_size <= {CIFAR_STEM_MAX_SIZE})"
+        )
+    if not is_integer(image_size) or image_size <= 0:
+        raise ValueError(
+            f"model.cifar_stem='auto' needs a positive integer data.image_size, got "
+            f"{image_size!r}; fix data.image_size or set model.cifar_stem to True or False"
+        )
+    return int(image_size) <= CIFAR_STEM_MAX_SIZE
 
 
 def is_integer(value: Any) -> bool:
@@ -372,7 +391,7 @@ class ResNet(nn.Module):
     width_multiplier: int = 1
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
-    cifar_stem: bool = False
+    cifar_stem: bool | str = False  # 'auto': from the input size (<= 32 px), as the reference
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
@@ -405,7 +424,9 @@ class ResNet(nn.Module):
         resnet_d = self.sk_ratio > 0
         block_kind, stage_sizes = STAGE_SIZES[int(self.depth)]
 
-        x = Stem(64 * width, self.cifar_stem, resnet_d, settings, name="stem")(
+        size = images.shape[1] if isinstance(self.cifar_stem, str) else None
+        cifar_stem = resolve_cifar_stem(self.cifar_stem, size)
+        x = Stem(64 * width, cifar_stem, resnet_d, settings, name="stem")(
             images, train and frozen_until < 0
         )
         if frozen_until == 0:
@@ -448,4 +469,5 @@ __all__ = [
     "feature_dim",
     "validate_encoder_args",
     "resolve_dtype",
+    "resolve_cifar_stem",
 ]

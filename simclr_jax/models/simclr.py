@@ -16,7 +16,13 @@ from simclr_jax.models.heads import (
     validate_head_args,
     validate_num_classes,
 )
-from simclr_jax.models.resnet import ResNet, is_integer, resolve_dtype, validate_encoder_args
+from simclr_jax.models.resnet import (
+    CIFAR_STEM_CHOICES,
+    ResNet,
+    is_integer,
+    resolve_dtype,
+    validate_encoder_args,
+)
 
 MODES = ("pretrain", "finetune")
 MODEL_FIELDS = (
@@ -109,9 +115,17 @@ def validate_model_config(model_config: Any, *, num_classes: int, mode: str = "p
         proj_out_dim=c["proj_out_dim"],
         ft_proj_selector=c["ft_proj_selector"],
     )
-    for field in ("cifar_stem", "zero_init_logits_layer"):
-        if not isinstance(c[field], (bool, np.bool_)):
-            raise ValueError(f"model.{field}={c[field]!r} must be True or False")
+    if not isinstance(c["cifar_stem"], (bool, np.bool_)) and not (
+        isinstance(c["cifar_stem"], str) and c["cifar_stem"] == "auto"
+    ):
+        raise ValueError(
+            f"model.cifar_stem={c['cifar_stem']!r} is not supported; choose one of "
+            f"{', '.join(map(repr, CIFAR_STEM_CHOICES))} ('auto': on when data.image_size <= 32)"
+        )
+    if not isinstance(c["zero_init_logits_layer"], (bool, np.bool_)):
+        raise ValueError(
+            f"model.zero_init_logits_layer={c['zero_init_logits_layer']!r} must be True or False"
+        )
 
 
 def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain") -> SimCLR:
@@ -127,7 +141,7 @@ def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain")
         width_multiplier=int(c["width_multiplier"]),
         sk_ratio=float(c["sk_ratio"]),
         se_ratio=float(c["se_ratio"]),
-        cifar_stem=bool(c["cifar_stem"]),
+        cifar_stem=c["cifar_stem"] if isinstance(c["cifar_stem"], str) else bool(c["cifar_stem"]),
         bn_momentum=float(c["bn_momentum"]),
         bn_epsilon=float(c["bn_epsilon"]),
         dtype=resolve_dtype(c["dtype"]),
