@@ -117,9 +117,7 @@ def main() -> None:
             rate, per_cpu_second = measure(config, batch, args.seconds)
             rows.append((size, blur, batch, deterministic, rate, per_cpu_second))
         print(f"\nInput pipeline, pretraining (2 views/image), {os.cpu_count()} CPU cores\n")
-        print(
-            "| case | batch | deterministic | images/s | images per CPU-second |"
-        )
+        print("| case | batch | deterministic | images/s | images per CPU-second |")
         print("|---|---|---|---|---|")
         for size, blur, batch, deterministic, rate, per_cpu_second in rows:
             case = f"{size} px, {'blur' if blur else 'no blur'}"
