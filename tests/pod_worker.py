@@ -213,7 +213,11 @@ def install_hooks() -> None:
 def main() -> None:
     """Sets the device count before JAX starts, installs the hooks, runs main.py."""
     devices = os.environ.get(ENV_PREFIX + "DEVICES", "1")
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Simulated devices share 2 cores: lift XLA:CPU's 40 s collective rendezvous limit (conftest).
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices}"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+    )
     sys.path.insert(0, str(REPO))
     install_hooks()
     from absl import app
