@@ -279,10 +279,11 @@ def test_local_workdir_on_a_multi_host_slice_is_refused(tmp_path):
 def locked_as_installed(path: Path) -> Path:
     """requirements/lock.txt with the versions of this test environment: the workers' offline
     pip then finds every pin satisfied by the packages the tests run with."""
-    installed = {
-        re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
-        for d in importlib.metadata.distributions()
-    }
+    installed: dict[str, str] = {}
+    for d in importlib.metadata.distributions():
+        # First on sys.path wins, as for imports: setuptools may put its vendored (older)
+        # copies of packages such as `packaging` further down the path.
+        installed.setdefault(re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(), d.version)
     lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
     names = [line.split("==")[0] for line in lock if "==" in line]
     path.write_text("".join(f"{n}=={installed[n]}\n" for n in names if n in installed))
