@@ -43,12 +43,10 @@ HERE = pathlib.Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))  # `configs` and bench_* are not installed packages
 sys.path.insert(0, str(HERE.parent))
 
-# name -> (torchvision model, CIFAR stem, image size, batch (images), classes, temperature);
-# the same works as bench_step.BENCHMARKS.
-WORKS = {
-    "r18_32": ("resnet18", True, 32, 128, 10, 0.5),
-    "r50_224": ("resnet50", False, 224, 16, 1000, 0.1),
-}
+# name -> (depth, CIFAR stem, image size, batch (images), classes, temperature): the works
+# bench_step.py times, so both sides build exactly its configs.
+from bench_step import BENCHMARKS as WORKS  # noqa: E402
+
 IMPLS = ("jax", "torch", "torch_cl")
 PEERS_MISSING = "PyTorch is not installed: pip install -e '.[peers]', or pass --impls jax"
 
@@ -106,10 +104,10 @@ def torch_step(work: str, batch: int, channels_last: bool) -> Any:
     import torchvision
     from torch import nn
 
-    arch, cifar_stem, size, _, num_classes, temperature = WORKS[work]
+    depth, cifar_stem, size, _, num_classes, temperature = WORKS[work]
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    encoder = getattr(torchvision.models, arch)()
+    encoder = getattr(torchvision.models, f"resnet{depth}")()
     if cifar_stem:
         encoder.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         encoder.maxpool = nn.Identity()
