@@ -42,6 +42,7 @@ setuptools.setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            "pytest-timeout>=2.3",  # a hung test fails with every thread's stack, not CI's limit
             "ruff>=0.5",
             "matplotlib>=3.8",
             "scipy>=1.10",  # KS test of the crop statistics

@@ -3,13 +3,14 @@
 import os
 
 # Must happen before JAX initializes its backends; a mesh over devices[:1] gives the
-# single-device reference the 8-device results are compared with. 8 simulated devices share
-# 2 cores: a device thread can reach a collective minutes after the others (R50 steps, a busy
-# machine), past XLA:CPU's 40 s rendezvous limit, which aborts the process.
+# single-device reference the 8-device results are compared with. XLA:CPU aborts a process
+# whose devices wait at a collective past a limit: 300 s, far above any lag of 8 simulated
+# devices on 2 busy cores, so that a deadlock (models/conv.py says which one we had) fails
+# in minutes, with XLA's message naming the collective, rather than at CI's time limit.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
-    + " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=300"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

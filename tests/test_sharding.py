@@ -2,6 +2,8 @@
 8 devices: equal loss, parameter gradients and (global, not per-device) BN batch statistics;
 and the CPU im2col conv kernel gradient (models/conv.py) gives XLA's gradients on both."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +27,8 @@ def tiny_model_config(**overrides):
     return config
 
 
-def gradients_on(devices, variables, images, labels, **model_overrides):
-    """(loss, parameter gradients, updated batch stats) with the batch sharded over devices."""
-    mesh = parallel.create_mesh(devices=devices)
+def grad_fn_on(mesh, variables, **model_overrides):
+    """jit of value_and_grad of the contrastive + probe loss, batch sharded over the mesh."""
     model = create_model(tiny_model_config(**model_overrides), num_classes=NUM_CLASSES)
 
     def loss_fn(params, views, view_labels):
@@ -42,11 +43,16 @@ def gradients_on(devices, variables, images, labels, **model_overrides):
         probe = losses.softmax_cross_entropy(out["logits"], view_labels, NUM_CLASSES)
         return contrast + probe, updated["batch_stats"]
 
-    grad_fn = jax.jit(
+    return jax.jit(
         jax.value_and_grad(loss_fn, has_aux=True),
         in_shardings=(parallel.replicated(mesh), *[parallel.batch_sharding(mesh)] * 2),
         out_shardings=parallel.replicated(mesh),
     )
+
+
+def gradients_on(devices, variables, images, labels, **model_overrides):
+    """(loss, parameter gradients, updated batch stats) with the batch sharded over devices."""
+    grad_fn = grad_fn_on(parallel.create_mesh(devices=devices), variables, **model_overrides)
     views = images.reshape(2 * NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3)
     (loss, stats), grads = grad_fn(variables["params"], views, np.repeat(labels, 2))
     return jax.device_get((loss, grads, stats))
@@ -100,3 +106,33 @@ def test_im2col_kernel_gradient_gives_the_xla_step(devices, num_devices):
         gradients_on(devices[:1], *inputs, conv_kernel_grad="xla"),
         gradients_on(devices[:num_devices], *inputs, conv_kernel_grad="im2col"),
     )
+
+
+def loop_bodies(hlo: str) -> dict[str, str]:
+    """{name: text} of every computation an HLO module runs as a while-loop body."""
+    names = set(re.findall(r"\bbody=%?([\w.\-]+)", hlo))
+    bodies = {}
+    for block in re.split(r"\n(?=\S)", hlo):  # computations start at column 0
+        header = re.match(r"%?([\w.\-]+) ", block)
+        if header and header.group(1) in names:
+            bodies[header.group(1)] = block
+    assert names <= set(bodies), f"loop bodies not found in the HLO: {names - set(bodies)}"
+    return bodies
+
+
+def test_im2col_step_keeps_collectives_out_of_loops(devices):
+    """The im2col kernel gradient's scan holds per-device partial sums, reduced once after the
+    loop. An all-reduce inside the loop ran beside the step's other all-reduces, the devices
+    entered them in different orders and the 8-device step deadlocked (tests hung in CI)."""
+    variables, images, labels = make_inputs()
+    mesh = parallel.create_mesh(devices=devices)
+    grad_fn = grad_fn_on(mesh, variables, conv_kernel_grad="im2col")
+    views = images.reshape(2 * NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3)
+    hlo = grad_fn.lower(variables["params"], views, np.repeat(labels, 2)).compile().as_text()
+    bodies = loop_bodies(hlo)
+    assert bodies, "expected a scan: the stem's kernel gradient has 2 chunks of 1,024 rows"
+    collectives = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    for name, body in bodies.items():
+        found = [op for op in collectives if op in body]
+        assert not found, f"loop body {name} runs {found}"
+    assert "all-reduce" in hlo  # the gradients are still reduced over the devices

@@ -15,6 +15,7 @@ gradient: their conv emitters are fast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -108,39 +109,64 @@ def kernel_grad_im2col(
 ) -> jax.Array:
     """dL/dw (kh, kw, C, O) = patches(x)^T @ dy, accumulated in float32 over batch chunks.
 
-    Chunk i holds images i, i + chunks, i + 2*chunks, ...: strided rather than contiguous, so
-    when the batch is sharded over devices every chunk spans all of them and each device
-    works on its own images.
+    The batch is split into `groups` contiguous blocks, one per device when it is sharded
+    over them, and each block into chunks: scan iteration i takes chunk i of every block, so
+    every device works on its own images. Each block keeps its own partial sum through the
+    loop and the blocks are summed once after it. A contraction over the sharded batch inside
+    the loop would put an all-reduce in every iteration; XLA:CPU runs such a loop beside the
+    step's other collectives, devices can then enter them in different orders, and the step
+    deadlocks (seen with 8 simulated devices).
     """
     kh, kw, c, o = kernel_shape
     n, ho, wo, _ = dy.shape
-    chunks = _num_chunks(n, ho * wo)
+    groups = _batch_groups(n)
+    per_group = n // groups
+    chunks = _num_chunks(per_group, n * ho * wo)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    xs = jnp.swapaxes(xp.reshape(n // chunks, chunks, *xp.shape[1:]), 0, 1)
-    dys = jnp.swapaxes(dy.reshape(n // chunks, chunks, *dy.shape[1:]), 0, 1)
+
+    def blocks(a: jax.Array) -> jax.Array:
+        # (n, ...) -> (chunks, groups, per_group // chunks, ...): image g*per_group + k*chunks
+        # + i is in chunk i, block g.
+        a = a.reshape(groups, per_group // chunks, chunks, *a.shape[1:])
+        return jnp.moveaxis(a, 2, 0)
 
     def accumulate(total, chunk):
-        x_chunk, dy_chunk = chunk
-        rows = x_chunk.shape[0] * ho * wo
+        x_chunk, dy_chunk = chunk  # (groups, images, ...)
+        g, images = x_chunk.shape[:2]
         taps = [
             lax.slice(
                 x_chunk,
-                (0, i, j, 0),
-                (x_chunk.shape[0], i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, c),
-                (1, strides[0], strides[1], 1),
+                (0, 0, i, j, 0),
+                (g, images, i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, c),
+                (1, 1, strides[0], strides[1], 1),
             )
             for i in range(kh)
             for j in range(kw)
         ]
-        patches = jnp.concatenate(taps, axis=-1).reshape(rows, kh * kw * c)
-        grad = jnp.dot(patches.T, dy_chunk.reshape(rows, o), preferred_element_type=jnp.float32)
+        patches = jnp.concatenate(taps, axis=-1).reshape(g, images * ho * wo, kh * kw * c)
+        grad = jnp.einsum(
+            "grk,gro->gko",
+            patches,
+            dy_chunk.reshape(g, images * ho * wo, o),
+            preferred_element_type=jnp.float32,
+        )
         return total + grad, None
 
-    total, _ = lax.scan(accumulate, jnp.zeros((kh * kw * c, o), jnp.float32), (xs, dys))
-    return total.reshape(kh, kw, c, o)
+    zeros = jnp.zeros((groups, kh * kw * c, o), jnp.float32)
+    total, _ = lax.scan(accumulate, zeros, (blocks(xp), blocks(dy)))
+    return total.sum(axis=0).reshape(kh, kw, c, o)
 
 
-def _num_chunks(batch: int, positions: int) -> int:
-    """The divisor of batch closest above batch * positions / CHUNK_ROWS (1 for small work)."""
-    wanted = max(1, batch * positions // CHUNK_ROWS)
-    return min(d for d in range(1, batch + 1) if batch % d == 0 and d >= min(wanted, batch))
+def _batch_groups(batch: int) -> int:
+    """Blocks the batch may be sharded in: a batch split over the devices (the data axis of a
+    mesh over all of them, or a sub-mesh whose size divides theirs) falls on block borders."""
+    return math.gcd(batch, jax.device_count())
+
+
+def _num_chunks(per_group: int, rows: int) -> int:
+    """The divisor of per_group closest above rows / CHUNK_ROWS (1 for small work): about
+    CHUNK_ROWS patch rows per scan iteration over all groups."""
+    wanted = max(1, rows // CHUNK_ROWS)
+    return min(
+        d for d in range(1, per_group + 1) if per_group % d == 0 and d >= min(wanted, per_group)
+    )
