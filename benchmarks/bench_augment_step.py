@@ -9,10 +9,10 @@ model). Three timings, all device-resident:
   the Grain loader ships): flip, colour jitter, grayscale, blur;
 - augment + step: both, as run_training chains them with data.backend='jax'.
 `--batch max` picks the largest power-of-two batch whose compiled step fits the device's
-memory (XLA's memory analysis, nothing allocated while searching). MFU is the step's FLOPs
-(XLA's cost analysis of the partitioned step, so per device) per second over the chip's peak
-dense bf16 FLOP/s (PEAK_TFLOPS by device kind, or --peak_tflops); blank where the peak is
-unknown (CPUs).
+memory (XLA's memory analysis; while searching only parameters and optimizer state are
+allocated, never a batch or activations). MFU is the step's FLOPs (XLA's cost analysis of
+the partitioned step, so per device) per second over the chip's peak dense bf16 FLOP/s
+(PEAK_TFLOPS by device kind, or --peak_tflops); blank where the peak is unknown (CPUs).
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ from benchmarks.bench_step import BENCHMARKS, build_config, step_gflop  # noqa: 
 from simclr_jax import data, parallel, train  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
 
-# Peak dense bf16 TFLOP/s per chip, from the vendors' data sheets, by jax device_kind prefix.
+# Peak dense bf16 TFLOP/s per chip by jax device_kind prefix (first match wins), the vendors'
+# published figures as recalled, not re-checked: pass --peak_tflops where it matters.
 PEAK_TFLOPS = {
     "NVIDIA H200": 989.0,
     "NVIDIA H100": 989.0,
     "NVIDIA A100": 312.0,
     "TPU v4": 275.0,
     "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,
+    "TPU v5": 459.0,  # v5p
     "TPU v6 lite": 918.0,
 }
 FIT_FRACTION = 0.9  # of the device's memory a batch may plan to use (fragmentation headroom)
@@ -69,7 +69,8 @@ def peak_flops(device_kind: str, override_tflops: float | None) -> float | None:
 
 
 class Bench:
-    """The train state, step and device augmentation of one work at one batch size."""
+    """The train state and the step of one work at one batch size, compiled once (against
+    the batch's shapes: the search below allocates no batch or activations)."""
 
     def __init__(self, work: str, batch: int, dtype: str, kernel_grad: str = "auto") -> None:
         self.config = build_config(work, batch, kernel_grad)
@@ -84,7 +85,8 @@ class Bench:
         self.state, shardings = train.create_train_state(
             model, tx, self.mesh, image_size=self.size, seed=0
         )
-        self.step = train.make_train_step(self.config, model, tx, schedule, self.mesh, shardings)
+        step = train.make_train_step(self.config, model, tx, schedule, self.mesh, shardings)
+        self.compiled = step.lower(self.state, self.abstract_views()).compile()
 
     def abstract_views(self) -> dict:
         """The step's batch as shapes with shardings (compile without allocating it)."""
@@ -95,14 +97,16 @@ class Bench:
             "label": jax.ShapeDtypeStruct((self.batch,), np.int32, sharding=sharding),
         }
 
-    def compile(self):
-        return self.step.lower(self.state, self.abstract_views()).compile()
-
 
 @functools.cache
+def bench_for(work: str, batch: int, dtype: str, kernel_grad: str = "auto") -> Bench:
+    """One Bench per setting: the batch search and the timed run share the compiled step."""
+    return Bench(work, batch, dtype, kernel_grad)
+
+
 def planned_bytes(work: str, batch: int, dtype: str) -> int:
     """Per-device bytes the compiled step needs: arguments, outputs not aliased to them, temps."""
-    m = Bench(work, batch, dtype).compile().memory_analysis()
+    m = bench_for(work, batch, dtype).compiled.memory_analysis()
     return (
         m.argument_size_in_bytes
         + m.output_size_in_bytes
@@ -155,11 +159,13 @@ def main() -> None:
         )
     else:
         batch = int(args.batch)
-    bench = Bench(args.work, batch, args.dtype)
+    bench = bench_for(args.work, batch, args.dtype)
     # XLA counts a scan body once: on CPU (im2col kernel gradient, models/conv.py) the FLOPs
     # come from the native-gradient build of the same step (identical work).
     on_cpu = jax.default_backend() == "cpu"
-    gflop = step_gflop((Bench(args.work, batch, args.dtype, "xla") if on_cpu else bench).compile())
+    gflop = step_gflop(
+        bench_for(args.work, batch, args.dtype, "xla" if on_cpu else "auto").compiled
+    )
     augment = data.make_device_augment(
         bench.config.data, bench.mesh, num_views=2, augmentation="simclr", seed=0
     )
@@ -174,7 +180,7 @@ def main() -> None:
     holder = {"state": bench.state}
 
     def run_step(batch_views):
-        holder["state"], metrics = bench.step(holder["state"], batch_views)
+        holder["state"], metrics = bench.compiled(holder["state"], batch_views)
         jax.block_until_ready(metrics)
 
     step_s = median_time(lambda: run_step(views), args.steps)
