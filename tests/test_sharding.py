@@ -50,11 +50,15 @@ def grad_fn_on(mesh, variables, **model_overrides):
     )
 
 
+def views_and_labels(images, labels):
+    """The step's interleaved batch: (2N, H, W, 3) views and a label per view."""
+    return images.reshape(2 * NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3), np.repeat(labels, 2)
+
+
 def gradients_on(devices, variables, images, labels, **model_overrides):
     """(loss, parameter gradients, updated batch stats) with the batch sharded over devices."""
     grad_fn = grad_fn_on(parallel.create_mesh(devices=devices), variables, **model_overrides)
-    views = images.reshape(2 * NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3)
-    (loss, stats), grads = grad_fn(variables["params"], views, np.repeat(labels, 2))
+    (loss, stats), grads = grad_fn(variables["params"], *views_and_labels(images, labels))
     return jax.device_get((loss, grads, stats))
 
 
@@ -127,8 +131,7 @@ def test_im2col_step_keeps_collectives_out_of_loops(devices):
     variables, images, labels = make_inputs()
     mesh = parallel.create_mesh(devices=devices)
     grad_fn = grad_fn_on(mesh, variables, conv_kernel_grad="im2col")
-    views = images.reshape(2 * NUM_IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3)
-    hlo = grad_fn.lower(variables["params"], views, np.repeat(labels, 2)).compile().as_text()
+    hlo = grad_fn.lower(variables["params"], *views_and_labels(images, labels)).compile().as_text()
     bodies = loop_bodies(hlo)
     assert bodies, "expected a scan: the stem's kernel gradient has 2 chunks of 1,024 rows"
     collectives = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
