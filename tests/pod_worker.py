@@ -6,6 +6,8 @@ that kill or preempt it at a chosen step; also the helpers the tests launch it w
 Hooks (environment variables, all optional):
   SIMCLR_TEST_SIGTERM_AT=k      this process sends itself SIGTERM when step k has run
   SIMCLR_TEST_KILL_AT=k         SIGKILL when step k has run (no clean-up of any kind)
+  SIMCLR_TEST_KILL_AFTER_COMMIT=1  with KILL_AT: first wait until a checkpoint has committed
+                                (async saves can lag the steps on a loaded machine)
   SIMCLR_TEST_KILL_IN_SAVE=k    SIGKILL while checkpoint k is being committed (files written,
                                 not yet renamed to its final name)
   SIMCLR_TEST_SIGTERM_IN_RESTORE=1  SIGTERM while the workdir's checkpoint is being restored
@@ -150,6 +152,19 @@ def _hook(name: str) -> int | None:
     return int(value) if value else None
 
 
+def _wait_for_a_committed_checkpoint(timeout: float = 300) -> None:
+    """Blocks until the workdir (from --workdir) holds a checkpoint Orbax has committed: a
+    directory named by its step alone (unfinished saves carry a temporary suffix)."""
+    (workdir,) = [arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir=")]
+    checkpoints = Path(workdir) / "checkpoints"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"test hook: no checkpoint committed in {checkpoints} within {timeout} s")
+
+
 def install_hooks() -> None:
     """Patches the library (in this process only) as the environment asks."""
     from simclr_jax import metrics
@@ -160,6 +175,8 @@ def install_hooks() -> None:
     def add(self, step, step_metrics):
         real_add(self, step, step_metrics)
         if step == kill_at:
+            if _hook("KILL_AFTER_COMMIT"):
+                _wait_for_a_committed_checkpoint()
             os.kill(os.getpid(), signal.SIGKILL)
         if step == sigterm_at:
             print(f"test hook: SIGTERM at step {step}", flush=True)

@@ -54,8 +54,8 @@ def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, st
         timeout=timeout,
     )  # fmt: skip
     _check(codes, logs, [0] * processes)
-    kill_at = random.choice(range(4, steps))  # after checkpoint 2 has had time to commit
-    hooks = dict.fromkeys(range(processes), {"kill_at": kill_at})
+    kill_at = random.choice(range(3, steps))  # after checkpoint 2, which the hook waits for
+    hooks = dict.fromkeys(range(processes), {"kill_at": kill_at, "kill_after_commit": 1})
     flags = tiny_flags(killed, **overrides)
     codes, logs = run_pod(
         processes, devices, flags, cache, tmp_path / "l1", timeout=timeout, hooks_for=hooks
