@@ -12,7 +12,7 @@ sharded step; its variables are an argument of that step, never donated or check
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ import optax
 from clu import metric_writers
 from etils import epath
 
-from simclr_jax import checkpoint, data, evaluate, losses, parallel, preemption
+from simclr_jax import checkpoint, data, evaluate, losses, parallel
 from simclr_jax.models import create_model
 from simclr_jax.train_state import TrainState
 
@@ -210,12 +210,44 @@ def make_distill_step(
     return lambda state, batch: jitted(state, teacher_variables, batch)
 
 
+class DistillBatches:
+    """The distillation input: global batches {'image'} of the unlabeled train split
+    (fine-tuning augmentation), plus {'labeled_image', 'labeled_label'} from the labelled subset
+    when distill.alpha < 1, the two streams advanced together. state() and close() cover both,
+    so a resumed run continues both where they were (Grain's iterator state included)."""
+
+    def __init__(self, unlabeled: data.TrainBatches, labeled: data.TrainBatches | None) -> None:
+        self._unlabeled, self._labeled = unlabeled, labeled
+
+    def __iter__(self) -> DistillBatches:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        batch = {"image": next(self._unlabeled)["image"]}
+        if self._labeled is not None:
+            labeled = next(self._labeled)
+            batch.update(labeled_image=labeled["image"], labeled_label=labeled["label"])
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        """The unlabeled stream's TrainBatches.state(), with the labelled one's under 'labeled'."""
+        labeled = self._labeled.state() if self._labeled is not None else None
+        return {**self._unlabeled.state(), "labeled": labeled}
+
+    def close(self) -> None:
+        for stream in (self._unlabeled, self._labeled):
+            if stream is not None:
+                stream.close()
+
+
 def distill_batches(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, start_step: int
-) -> Iterator[dict[str, jax.Array]]:
-    """Global batches {'image'} of the unlabeled train split (fine-tuning augmentation), plus
-    {'labeled_image', 'labeled_label'} from the labelled subset when distill.alpha < 1; batch
-    k depends only on (seed, k) with deterministic data."""
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    start_step: int,
+    data_state: dict[str, Any] | None = None,
+) -> DistillBatches:
+    """The input of run_distill from batch start_step; batch k depends only on (seed, k) with
+    deterministic data. data_state: a DistillBatches.state() saved with the checkpoint."""
     common = {"num_views": 1, "augmentation": "crop_flip", "start_step": start_step}
     unlabeled = data.make_train_batches(
         config.data,
@@ -223,10 +255,11 @@ def distill_batches(
         split=config.data.train_split,
         batch_size=int(config.train_batch_size),
         seed=int(config.seed),
+        data_state=data_state,
         **common,
     )
     if float(config.distill.alpha) >= 1.0:
-        return ({"image": b["image"]} for b in unlabeled)
+        return DistillBatches(unlabeled, None)
     labeled_data = ml_collections.ConfigDict(config.data.to_dict())
     labeled_data.label_subset = config.distill.label_subset
     labeled = data.make_train_batches(
@@ -235,12 +268,10 @@ def distill_batches(
         split=config.distill.labeled_split,
         batch_size=int(config.train_batch_size),
         seed=int(config.seed) + 1,  # another order than the unlabeled stream's
+        data_state=(data_state or {}).get("labeled"),
         **common,
     )
-    return (
-        {"image": u["image"], "labeled_image": b["image"], "labeled_label": b["label"]}
-        for u, b in zip(unlabeled, labeled, strict=False)
-    )
+    return DistillBatches(unlabeled, labeled)
 
 
 def run_distill(
@@ -254,24 +285,12 @@ def run_distill(
     from simclr_jax import train  # train dispatches here: imported late to avoid a cycle
 
     durations = train.resolve_durations(config, info.num_examples[config.data.train_split])
-    num_classes = int(config.model.num_classes)
     teacher, teacher_variables, teacher_shardings = restore_teacher(config, mesh)
-    student = create_model(config.model, num_classes=num_classes, mode="finetune")
+    student = create_model(config.model, num_classes=int(config.model.num_classes), mode="finetune")
     tx, schedule = train.create_optimizer(config, durations)
-    state, shardings = train.create_train_state(
-        student,
-        tx,
-        mesh,
-        image_size=int(config.data.image_size),
-        seed=int(config.seed),
-        fsdp_min_size=int(config.mesh.get("fsdp_min_size", 0)),
-    )
-    # Listening from before the restore: a SIGTERM there ends the run cleanly too.
-    watcher = preemption.PreemptionWatcher()
-    manager = checkpoint.create_manager(workdir, keep=int(config.keep_checkpoints))
-    try:
-        state = train.restore_or_initialize(state, manager, config)
-        train_step = make_distill_step(
+
+    def make_step(shardings: Any) -> Callable:
+        return make_distill_step(
             student,
             teacher,
             teacher_variables,
@@ -283,35 +302,29 @@ def run_distill(
             temperature=float(config.distill.temperature),
             alpha=float(config.distill.alpha),
         )
-        batches = distill_batches(config, mesh, int(jax.device_get(state.step)))
-        logging.info(
-            "mode=distill: %d steps (%.1f steps/epoch), tau %g, alpha %g, batch %d on %d devices.",
-            durations.total_steps,
-            durations.steps_per_epoch,
-            config.distill.temperature,
-            config.distill.alpha,
-            config.train_batch_size,
-            mesh.size,
-        )
-        with watcher:
-            state, last = train.train_loop(
-                state,
-                train_step,
-                batches,
-                config=config,
-                durations=durations,
-                manager=manager,
-                writer=writer,
-                on_eval=lambda s: train.evaluate_model(
-                    student, s.variables(), config, mesh, knn=False
-                ),
-                watcher=watcher,
-            )
-    finally:
-        watcher.close()
-        # Also on preemption: the agreed step's checkpoint must be complete before exiting.
-        manager.wait_until_finished()
-        manager.close()
+
+    logging.info(
+        "mode=distill: %d steps (%.1f steps/epoch), tau %g, alpha %g, batch %d on %d devices.",
+        durations.total_steps,
+        durations.steps_per_epoch,
+        config.distill.temperature,
+        config.distill.alpha,
+        config.train_batch_size,
+        mesh.size,
+    )
+    state, last = train.fit(
+        config,
+        workdir,
+        mesh,
+        durations,
+        student,
+        tx,
+        writer,
+        make_step=make_step,
+        make_batches=lambda start_step, data_state: distill_batches(
+            config, mesh, start_step, data_state
+        ),
+    )
     results = train.evaluate_model(
         student, state.variables(), config, mesh, knn=bool(config.knn_eval)
     )

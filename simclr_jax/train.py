@@ -523,20 +523,25 @@ def saved_data_state(manager: Any, step: int) -> dict[str, Any] | None:
     return checkpoint.read_meta(manager, step).get("data_state")
 
 
-def run_training(
+def fit(
     config: ml_collections.ConfigDict,
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
-    info: data.DatasetInfo,
+    durations: Durations,
+    model: Any,
+    tx: optax.GradientTransformation,
     writer: metric_writers.MetricWriter,
-) -> dict[str, Any]:
-    """pretrain / linear_eval / finetune: build, restore or init, train, evaluate."""
-    durations = resolve_durations(config, info.num_examples[config.data.train_split])
-    num_classes = int(config.model.num_classes)
-    model = create_model(
-        config.model, num_classes=num_classes, mode=evaluate.model_mode(config.mode)
-    )
-    tx, schedule = create_optimizer(config, durations)
+    *,
+    make_step: Callable[[Any], Callable],
+    make_batches: Callable[[int, dict[str, Any] | None], Any],
+) -> tuple[TrainState, dict[str, Any]]:
+    """What every training mode shares: the state created on the mesh, restored from this
+    workdir (or initialized, from init_checkpoint), then trained to durations.total_steps with
+    periodic checkpoints, evaluation and preemption handling.
+
+    make_step(state shardings) -> step(state, batch). make_batches(start step, data_state saved
+    with the restored checkpoint or None) -> the input; it is closed however training ends, so
+    the input's worker processes (Grain) stop too."""
     state, shardings = create_train_state(
         model,
         tx,
@@ -550,32 +555,11 @@ def run_training(
     manager = checkpoint.create_manager(workdir, keep=int(config.keep_checkpoints))
     try:
         state = restore_or_initialize(state, manager, config)
-        pretrain = config.mode == "pretrain"
-        train_step = make_train_step(config, model, tx, schedule, mesh, shardings)
+        train_step = make_step(shardings)
         start_step = int(jax.device_get(state.step))
-        batches = data.make_train_batches(
-            config.data,
-            mesh,
-            split=config.data.train_split,
-            batch_size=config.train_batch_size,
-            num_views=2 if pretrain else 1,
-            augmentation="simclr" if pretrain else "crop_flip",
-            seed=int(config.seed),
-            start_step=start_step,
-            data_state=saved_data_state(manager, start_step),
-        )
-        logging.info(
-            "mode=%s: %d steps (%.1f steps/epoch, warmup %d), global batch %d on %d devices.",
-            config.mode,
-            durations.total_steps,
-            durations.steps_per_epoch,
-            durations.warmup_steps,
-            config.train_batch_size,
-            mesh.size,
-        )
-        # closing: stops the input's worker processes (Grain) however training ends.
+        batches = make_batches(start_step, saved_data_state(manager, start_step))
         with watcher, contextlib.closing(batches):
-            state, last = train_loop(
+            return train_loop(
                 state,
                 train_step,
                 batches,
@@ -591,6 +575,57 @@ def run_training(
         # Also on preemption: the agreed step's checkpoint must be complete before exiting.
         manager.wait_until_finished()
         manager.close()
+
+
+def run_training(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    mesh: jax.sharding.Mesh,
+    info: data.DatasetInfo,
+    writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
+    """pretrain / linear_eval / finetune: build, restore or init, train, evaluate."""
+    durations = resolve_durations(config, info.num_examples[config.data.train_split])
+    num_classes = int(config.model.num_classes)
+    model = create_model(
+        config.model, num_classes=num_classes, mode=evaluate.model_mode(config.mode)
+    )
+    tx, schedule = create_optimizer(config, durations)
+    pretrain = config.mode == "pretrain"
+
+    def make_batches(start_step: int, data_state: dict[str, Any] | None) -> data.TrainBatches:
+        return data.make_train_batches(
+            config.data,
+            mesh,
+            split=config.data.train_split,
+            batch_size=config.train_batch_size,
+            num_views=2 if pretrain else 1,
+            augmentation="simclr" if pretrain else "crop_flip",
+            seed=int(config.seed),
+            start_step=start_step,
+            data_state=data_state,
+        )
+
+    logging.info(
+        "mode=%s: %d steps (%.1f steps/epoch, warmup %d), global batch %d on %d devices.",
+        config.mode,
+        durations.total_steps,
+        durations.steps_per_epoch,
+        durations.warmup_steps,
+        config.train_batch_size,
+        mesh.size,
+    )
+    state, last = fit(
+        config,
+        workdir,
+        mesh,
+        durations,
+        model,
+        tx,
+        writer,
+        make_step=lambda shardings: make_train_step(config, model, tx, schedule, mesh, shardings),
+        make_batches=make_batches,
+    )
     results = evaluate_model(model, state.variables(), config, mesh, knn=bool(config.knn_eval))
     return {"mode": config.mode, "step": int(jax.device_get(state.step)), **last, **results}
 

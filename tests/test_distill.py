@@ -255,15 +255,18 @@ def teacher_workdir(tmp_path_factory):
     return save_random_checkpoint(tmp_path_factory.mktemp("teacher"), "finetune", depth=34)
 
 
+@pytest.mark.parametrize("backend", ["tfdata", "jax"])
 def test_resume_after_preemption_is_exact_and_eval_reads_the_student(
-    tmp_path, monkeypatch, teacher_workdir, tiny_pretrain_workdir
+    tmp_path, monkeypatch, teacher_workdir, tiny_pretrain_workdir, backend
 ):
-    """4 steps straight == SIGTERM after step 2 (saved, Preempted), then resumed for 2; the
+    """4 steps straight == SIGTERM after step 2 (saved, Preempted), then resumed for 2, on
+    either input backend (Grain: both streams' iterator states travel in the checkpoint); the
     eval mode restores the student; the teacher's checkpoint is not written."""
     overrides = {
         "distill.teacher_checkpoint": teacher_workdir,
         "init_checkpoint": str(tiny_pretrain_workdir),
         "distill.alpha": 0.5,
+        "data.backend": backend,
     }
     teacher_before = tree_digest(teacher_workdir)
     straight = train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "straight"))
@@ -288,7 +291,11 @@ def test_resume_after_preemption_is_exact_and_eval_reads_the_student(
     with pytest.raises(preemption.Preempted):
         train.train_and_evaluate(tiny_config(**overrides), resumed_dir)
     monkeypatch.setattr(distill, "make_distill_step", real_make)
-    assert checkpoint.open_for_restore(resumed_dir)[1] == 2
+    manager, step = checkpoint.open_for_restore(resumed_dir)
+    data_state = checkpoint.read_meta(manager, step)["data_state"]
+    assert step == 2 and data_state["next_step"] == data_state["labeled"]["next_step"] == 2
+    if backend == "jax":  # Grain's own iterator state, for the unlabeled and labelled streams
+        assert data_state["host"] and data_state["labeled"]["host"], data_state
     resumed = train.train_and_evaluate(tiny_config(**overrides), resumed_dir)
     assert resumed["step"] == 4
     np.testing.assert_allclose(resumed["top1"], straight["top1"], atol=0)

@@ -4,6 +4,7 @@ augmentation ('jax'); see backends.py. Nothing here imports TensorFlow until the
 is used."""
 
 from simclr_jax.data.backends import (
+    TrainBatches,
     make_batch_augmenter,
     make_device_augment,
     make_eval_iterator,
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetInfo",
     "EvalData",
     "NumpyIterator",
+    "TrainBatches",
     "get_dataset_info",
     "make_batch_augmenter",
     "make_device_augment",
