@@ -1,6 +1,7 @@
 """mode 'distill' (SimCLRv2 stage 3): the loss against NumPy, gradients reach the student only,
-the teacher stays bit-identical, 1 vs 8 devices, resume / preemption / eval, bad input, and the
-bundled-data chain pretrain -> fine-tune (10% labels) -> distill."""
+the teacher stays bit-identical, 1 vs 8 devices, resume / preemption / eval, bad input. The
+bundled-data chain pretrain -> fine-tune (10% labels) -> distill is in tests/test_end_to_end.py
+(it shares that file's pretraining run)."""
 
 import hashlib
 import os
@@ -372,53 +373,3 @@ def test_bad_distill_fields_name_the_field(overrides, match):
     config = tiny_config(**{"distill.teacher_checkpoint": "/some/finetune", **overrides})
     with pytest.raises(ValueError, match=match):
         train.validate_config(config)
-
-
-# ------------------------------------------------------------------ the v2 chain on bundled data
-
-
-def run_smoke(mode, workdir, **overrides):
-    """One phase of launch/run_local.sh's chain (configs/smoke.py) in workdir."""
-    config = smoke.get_config(mode)
-    config.update_from_flattened_dict({"knn_eval": False, **overrides})
-    return train.train_and_evaluate(config, str(workdir))
-
-
-@pytest.mark.slow
-def test_pretrain_finetune_distill_chain_on_bundled_data(tmp_path):
-    """The README's chain: smoke pretrain -> fine-tune on 10% of the labels -> distill on all
-    3000 training images. The student reaches the teacher (within 0.02) and is not worse than
-    the same student fine-tuned on the labelled subset alone for the same steps, batch and
-    learning rate, beyond the eval set's sampling noise (two standard errors).
-
-    At smoke scale the gap is within that noise: measured by hand on 1 CPU device, teacher
-    0.318, student 0.326, labelled subset only 0.306; in a clean-clone suite run on 8 simulated
-    devices, teacher 0.294, student 0.296, labelled subset only 0.300. "Student above the
-    labelled-only student" (issue 19) is therefore asserted up to the noise, not strictly."""
-    run_smoke("pretrain", tmp_path / "pretrain")
-    pretrained = str(tmp_path / "pretrain")
-    teacher = run_smoke("finetune", tmp_path / "finetune", init_checkpoint=pretrained)
-    student = run_smoke(
-        "distill",
-        tmp_path / "distill",
-        init_checkpoint=pretrained,
-        **{"distill.teacher_checkpoint": str(tmp_path / "finetune")},
-    )
-    distill_config = smoke.get_config("distill")
-    labels_only = run_smoke(
-        "finetune",
-        tmp_path / "labels_only",
-        init_checkpoint=pretrained,
-        train_steps=distill_config.train_steps,
-        train_batch_size=distill_config.train_batch_size,
-        **{"optim.learning_rate": distill_config.optim.learning_rate},
-    )
-    print(
-        f"top-1: teacher {teacher['top1']:.3f}, distilled student {student['top1']:.3f}, "
-        f"labelled subset only {labels_only['top1']:.3f}"
-    )
-    np.testing.assert_allclose(student["teacher_top1"], teacher["top1"], atol=1e-6)
-    assert student["top1"] >= teacher["top1"] - 0.02
-    eval_images = student["num_eval_examples"]
-    noise = 2 * np.sqrt(labels_only["top1"] * (1 - labels_only["top1"]) / eval_images)
-    assert student["top1"] > labels_only["top1"] - noise
