@@ -2,6 +2,8 @@
 
 import os
 
+from pod_worker import COLLECTIVE_WAIT_LIMIT_FLAG
+
 # Must happen before JAX initializes its backends; a mesh over devices[:1] gives the
 # single-device reference the 8-device results are compared with. XLA:CPU aborts a process
 # whose devices wait at a collective past a limit: 300 s, far above any lag of 8 simulated
@@ -10,7 +12,7 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
-    + " --xla_cpu_collective_call_terminate_timeout_seconds=300"
+    + f" {COLLECTIVE_WAIT_LIMIT_FLAG}"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

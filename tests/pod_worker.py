@@ -30,6 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "SIMCLR_TEST_"
 SOCKET_BUFFER_BYTES = 4 << 20  # launch/simulate_pod.py's default
+# XLA:CPU aborts a process whose devices wait at one collective longer than this: a deadlock
+# then fails in minutes (why: conftest.py). The tests and every worker they start use it.
+COLLECTIVE_WAIT_LIMIT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=300"
 
 
 # ------------------------------------------------------------------ helpers for the tests
@@ -230,10 +233,8 @@ def install_hooks() -> None:
 def main() -> None:
     """Sets the device count before JAX starts, installs the hooks, runs main.py."""
     devices = os.environ.get(ENV_PREFIX + "DEVICES", "1")
-    # The collective wait limit of conftest.py: a deadlock fails in minutes.
     os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices}"
-        " --xla_cpu_collective_call_terminate_timeout_seconds=300"
+        f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_WAIT_LIMIT_FLAG}"
     )
     sys.path.insert(0, str(REPO))
     install_hooks()
