@@ -6,8 +6,10 @@ trace of train.py's step) beside PyTorch's (torch.profiler, NCHW and channels-la
 The step of each side is compare_peers.py's (the same work: ResNet, 3-layer head, probe,
 NT-Xent, float32); every (work, implementation) runs in a fresh subprocess. One table per work:
 milliseconds and % of the traced step per category. The step total is the host's wall time of
-the traced step (profiler on, so a little above an untraced step); time in which no op runs
-(XLA's runtime between thunks, PyTorch's Python and autograd engine) is its own row.
+the traced step (profiler on, so a little above an untraced step); time in which no traced op
+runs is its own row: PyTorch's Python; on XLA's side the runtime between thunks and the
+asynchronous part of plain `dot` thunks (see gaps_after), which a line under the table splits
+by the op that ended just before.
 
 How the ops are counted:
 - XLA: the trace's events on XLA's CPU threads are HLO instructions of the compiled step
@@ -183,6 +185,21 @@ def share_wall_time(spans: list[tuple[float, float, str]]) -> dict[str, float]:
     return dict(totals)
 
 
+def gaps_after(spans: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Seconds in which no span runs, per category of the span that ended last before. XLA:CPU
+    runs a plain `dot` (Eigen) asynchronously: its event covers the launch, the product is
+    computed afterwards with no event, so that time shows up as a gap right after the dot
+    (e.g. in the im2col scan, a 1024x576 @ 1024x64 dot's event lasts ~0.1 ms, the gap after it
+    ~0.55 ms). Other gaps are the runtime handing ops between threads."""
+    gaps, reached, last = collections.Counter(), None, ""
+    for start, end, category in sorted(spans):
+        if reached is not None and start > reached:
+            gaps[last] += start - reached
+        if reached is None or end > reached:
+            reached, last = end, category
+    return dict(gaps)
+
+
 def xla_trace_spans(trace_dir: str, instructions: dict) -> list[tuple[float, float, str]]:
     """(start s, end s, instruction name) of every HLO instruction event on XLA's threads."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TF ships the XSpace proto
@@ -204,15 +221,16 @@ def xla_trace_spans(trace_dir: str, instructions: dict) -> list[tuple[float, flo
     return spans
 
 
-def categorize_xla(hlo_text: str, trace_dir: str) -> dict[str, float]:
-    """Seconds per category of the traced XLA step (wall time shared among concurrent ops)."""
+def categorize_xla(hlo_text: str, trace_dir: str) -> tuple[dict[str, float], int, dict]:
+    """(seconds per category of the traced XLA step, wall time shared among concurrent ops;
+    number of op executions traced; gaps_after)."""
     instructions, computations = parse_hlo(hlo_text)
     scopes = loop_scopes(instructions)
     spans = [
         (start, end, xla_category(instructions[name], computations, scopes))
         for start, end, name in xla_trace_spans(trace_dir, instructions)
     ]
-    return share_wall_time(spans)
+    return share_wall_time(spans), len(spans), gaps_after(spans)
 
 
 def trace_step(compiled: Any, state: Any, batch_arrays: Any) -> tuple[float, str]:
@@ -244,7 +262,8 @@ def jax_profile(work: str, batch: int) -> dict[str, Any]:
     batch_arrays = next(synthetic_batches(config, mesh))
     compiled = step.lower(state, batch_arrays).compile()
     step_s, trace_dir = trace_step(compiled, state, batch_arrays)
-    return {"step_s": step_s, "seconds": categorize_xla(compiled.as_text(), trace_dir)}
+    seconds, ops, gaps = categorize_xla(compiled.as_text(), trace_dir)
+    return {"step_s": step_s, "seconds": seconds, "ops": ops, "gaps": gaps}
 
 
 # ---------------------------------------------------------------- PyTorch: op names -> categories
@@ -287,10 +306,10 @@ def torch_profile(work: str, batch: int, channels_last: bool) -> dict[str, Any]:
         start = time.perf_counter()
         run()
         step_s = time.perf_counter() - start
-    seconds = collections.Counter()
-    for event in profile.events():
+    seconds, events = collections.Counter(), profile.events()
+    for event in events:
         seconds[torch_category(event)] += event.self_cpu_time_total / 1e6
-    return {"step_s": step_s, "seconds": dict(seconds)}
+    return {"step_s": step_s, "seconds": dict(seconds), "ops": len(events)}
 
 
 # ---------------------------------------------------------------- driver
@@ -327,6 +346,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
     totals = [f"**{results[impl]['step_s'] * 1e3:.0f}** | 100%" for impl in impls]
     lines.append("| step (host wall time, traced) | " + " | ".join(totals) + " |")
+    counts = [f"{results[impl]['ops']:,} | " for impl in impls]
+    lines.append(
+        "| op executions traced (XLA thunks; PyTorch events, nested) | " + " | ".join(counts) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -364,6 +387,10 @@ def main() -> None:
             print(f"{work} batch {batch} {impl}: {results[impl]['step_s']:.2f} s "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
         print(f"\n{work}, batch {batch} (two views each):\n\n{table(results)}\n", flush=True)
+        if "jax" in results:
+            gaps = sorted(results["jax"]["gaps"].items(), key=lambda item: -item[1])
+            listed = ", ".join(f"{c} {s * 1e3:.0f} ms" for c, s in gaps[:4])
+            print(f"XLA's no-op-running time in the step, by the op that ended before: {listed}\n")
     print(
         "Approximations: XLA rows split concurrent ops' wall time equally; a fusion counts "
         "whole under its first-matching rule (a BN+ReLU fusion is batch norm if named in 'bn', "

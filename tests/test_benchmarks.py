@@ -61,15 +61,17 @@ def test_profile_step_categories_cover_the_traced_step(devices):
     batch = next(synthetic_batches(config, mesh))
     compiled = step.lower(state, batch).compile()
     step_s, trace_dir = profile_step.trace_step(compiled, state, batch)
-    seconds = profile_step.categorize_xla(compiled.as_text(), trace_dir)
+    seconds, ops, gaps = profile_step.categorize_xla(compiled.as_text(), trace_dir)
 
     instructions, _ = profile_step.parse_hlo(compiled.as_text())
     spans = sorted(profile_step.xla_trace_spans(trace_dir, instructions))
+    assert ops == len(spans) > 0
     busy, reached = 0.0, spans[0][0]  # time in which at least one op ran
     for start, end, _ in spans:
         busy += max(0.0, end - max(start, reached))
         reached = max(reached, end)
     assert sum(seconds.values()) == pytest.approx(busy, rel=1e-6)
+    assert busy + sum(gaps.values()) == pytest.approx(reached - spans[0][0], rel=1e-6)
     assert busy <= step_s
     assert set(seconds) <= set(profile_step.CATEGORIES)
     for kind in ("conv forward", "conv input grad", "conv kernel grad", "batch norm (fwd+bwd)"):
