@@ -201,10 +201,11 @@ def ours_rate(root: pathlib.Path, size: int, batch: int, seconds: float) -> floa
 # ---------------------------------------------------------------- driver
 
 
-def in_subprocess(*args: str) -> dict[str, Any]:
-    """Runs this script's hidden --_child mode in a fresh interpreter; returns its JSON line."""
+def in_subprocess(*args: str, script: pathlib.Path = HERE) -> dict[str, Any]:
+    """Runs a script's hidden --_child mode (this one's by default) in a fresh interpreter;
+    returns the JSON line it printed last."""
     out = subprocess.run(
-        [sys.executable, str(HERE), "--_child", *args], check=True, capture_output=True, text=True
+        [sys.executable, str(script), "--_child", *args], check=True, capture_output=True, text=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_augment_step
+from benchmarks import bench_augment_step, profile_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +44,36 @@ def test_batch_search_stops_at_the_budget(devices):
     assert search("r18_32", "float32", start=8, limit=64, budget=fits) == 16
     with pytest.raises(SystemExit, match="not even --batch 32 fits"):
         search("r18_32", "float32", start=32, limit=64, budget=fits)
+
+
+def test_profile_step_categories_cover_the_traced_step(devices):
+    """benchmarks/profile_step.py's XLA side on a tiny step (1 device, batch 2, 16 px): every
+    traced op gets a category, the categories add up to the time ops ran, and the three kinds
+    of convolution work are found."""
+    from bench_step import build_config, build_step, synthetic_batches  # on profile_step's path
+
+    from simclr_jax import parallel
+
+    config = build_config("r18_32", 2, "auto")
+    config.data.image_size = 16
+    mesh = parallel.create_mesh(devices=devices[:1])
+    state, step = build_step(config, mesh)
+    batch = next(synthetic_batches(config, mesh))
+    compiled = step.lower(state, batch).compile()
+    step_s, trace_dir = profile_step.trace_step(compiled, state, batch)
+    seconds, ops, gaps = profile_step.categorize_xla(compiled.as_text(), trace_dir)
+
+    instructions, _ = profile_step.parse_hlo(compiled.as_text())
+    spans = sorted(profile_step.xla_trace_spans(trace_dir, instructions))
+    assert ops == len(spans) > 0
+    busy, reached = 0.0, spans[0][0]  # time in which at least one op ran
+    for start, end, _ in spans:
+        busy += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    assert sum(seconds.values()) == pytest.approx(busy, rel=1e-6)
+    assert busy + sum(gaps.values()) == pytest.approx(reached - spans[0][0], rel=1e-6)
+    assert busy <= step_s
+    assert set(seconds) <= set(profile_step.CATEGORIES)
+    for kind in ("conv forward", "conv input grad", "conv kernel grad", "batch norm (fwd+bwd)"):
+        assert seconds.get(kind, 0) > 0, (kind, seconds)
+    assert seconds.get("other", 0) < 0.05 * busy, seconds
