@@ -86,16 +86,17 @@ def synthetic_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[
 
 
 def pipeline_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[Any]:
-    """Batches from the tf.data pipeline on the bundled sample (crop-resized to image_size)."""
-    iterator = data.make_train_iterator(
+    """Batches from the tf.data pipeline on the bundled sample (crop-resized to image_size), as
+    run_training gets them."""
+    return data.make_train_batches(
         config.data,
+        mesh,
         split="train",
         batch_size=config.train_batch_size,
         num_views=2,
         augmentation="simclr",
         seed=0,
     )
-    return train.global_batches(iterator, mesh)
 
 
 def build_step(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Any, Any]:

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -438,14 +437,6 @@ def check_init_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> No
 
 
 # ------------------------------------------------------------------ loops
-
-
-def global_batches(
-    iterator: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh
-) -> Iterator[dict[str, jax.Array]]:
-    """Per-process NumPy batches -> global arrays sharded on 'data'."""
-    for batch in iterator:
-        yield parallel.host_batch_to_global(batch, mesh)
 
 
 def train_loop(
