@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -297,6 +298,24 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(2)
 
 
+def wait_for_training(workers: list[Path], timeout: float) -> None:
+    """Waits for step 2 in worker 0's log. If it never comes, every worker's Python prints all
+    its threads' stacks into its log (faulthandler, on SIGABRT to the run's process group) and
+    the failure shows the logs: a worker once stayed silent, stuck before joining the run."""
+    try:
+        log0 = workers[0] / "simclr_jax_run.log"
+        wait_for(lambda: "step 2/1000" in log0.read_text(), timeout, "step 2 on worker 0")
+    except AssertionError as timed_out:
+        for worker in workers:
+            try:
+                os.killpg(int((worker / "simclr_jax_run.pid").read_text()), signal.SIGABRT)
+            except (OSError, ValueError):
+                pass  # that worker's run has already ended
+        time.sleep(10)
+        logs = [f"--- {w.name}:\n{(w / 'simclr_jax_run.log').read_text()[-6000:]}" for w in workers]
+        raise AssertionError("\n".join([str(timed_out), *logs])) from None
+
+
 @pytest.mark.slow
 def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     """A real 2-process CPU training through every launcher subcommand."""
@@ -309,7 +328,8 @@ def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     (image / f"python{version}").symlink_to(Path(sys._base_executable).resolve())
     site = sysconfig.get_paths()["purelib"]
     image_env = {"PYTHONPATH": site, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-                 "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fmt: skip
+                 "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                 "PYTHONFAULTHANDLER": "1"}  # fmt: skip
     env = {**fake_env(root, {"all": image_env, "1": {"PYTHONPATH": ""}}),
            "FAKE_GCLOUD_IMAGE_PATH": str(image)}  # fmt: skip
     workers = [root / "nodes" / "pod" / f"worker{w}" for w in (0, 1)]
@@ -358,8 +378,7 @@ def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
 
     started = run("--config.train_steps=1000")
     assert started.returncode == 0, started.stdout + started.stderr
-    log0 = workers[0] / "simclr_jax_run.log"
-    wait_for(lambda: "step 2/1000" in log0.read_text(), 900, "step 2 on worker 0")
+    wait_for_training(workers, 900)
 
     status = launch("status", *pod, env=env)
     assert status.returncode == 0
