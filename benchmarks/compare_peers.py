@@ -315,6 +315,19 @@ def input_table(cifar_dir: pathlib.Path | None, rounds: int, seconds: float) -> 
     return "\n".join(lines)
 
 
+def works_and_impls(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[str], list[str]]:
+    """--works and --impls as lists, or the parser's error naming the valid choices."""
+    works = [w for w in args.works.split(",") if w]
+    impls = [i for i in args.impls.split(",") if i]
+    if not works or any(w not in WORKS for w in works):
+        parser.error(f"--works={args.works!r}: choose from {', '.join(WORKS)}")
+    if not impls or any(i not in IMPLS for i in impls):
+        parser.error(f"--impls={args.impls!r}: choose from {', '.join(IMPLS)}")
+    return works, impls
+
+
 def main() -> None:
     """Parses flags, runs the interleaved rounds and prints the tables."""
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
@@ -329,12 +342,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per input measurement")
     parser.add_argument("--cifar_dir", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    works = [w for w in args.works.split(",") if w]
-    impls = [i for i in args.impls.split(",") if i]
-    if not works or any(w not in WORKS for w in works):
-        parser.error(f"--works={args.works!r}: choose from {', '.join(WORKS)}")
-    if not impls or any(i not in IMPLS for i in impls):
-        parser.error(f"--impls={args.impls!r}: choose from {', '.join(IMPLS)}")
+    works, impls = works_and_impls(parser, args)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
     needs_torch = args.input or any(i != "jax" for i in impls)

@@ -43,7 +43,14 @@ HERE = pathlib.Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent))
 
-from compare_peers import IMPLS, PEERS_MISSING, WORKS, in_subprocess, machine  # noqa: E402
+from compare_peers import (  # noqa: E402
+    IMPLS,
+    PEERS_MISSING,
+    WORKS,
+    in_subprocess,
+    machine,
+    works_and_impls,
+)
 
 CATEGORIES = (
     "conv forward",
@@ -367,12 +374,7 @@ def main() -> None:
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--batch", type=int, default=None, help="images (default: the work's)")
     args = parser.parse_args()
-    works = [w for w in args.works.split(",") if w]
-    impls = [i for i in args.impls.split(",") if i]
-    if not works or any(w not in WORKS for w in works):
-        parser.error(f"--works={args.works!r}: choose from {', '.join(WORKS)}")
-    if not impls or any(i not in IMPLS for i in impls):
-        parser.error(f"--impls={args.impls!r}: choose from {', '.join(IMPLS)}")
+    works, impls = works_and_impls(parser, args)
     if any(i != "jax" for i in impls):
         try:
             import torch  # noqa: F401
