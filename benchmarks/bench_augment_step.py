@@ -9,10 +9,11 @@ model). Three timings, all device-resident:
   the Grain loader ships): flip, colour jitter, grayscale, blur;
 - augment + step: both, as run_training chains them with data.backend='jax'.
 `--batch max` picks the largest power-of-two batch whose compiled step fits the device's
-memory (XLA's memory analysis; while searching only parameters and optimizer state are
-allocated, never a batch or activations). MFU is the step's FLOPs (XLA's cost analysis of
-the partitioned step, so per device) per second over the chip's peak dense bf16 FLOP/s
-(PEAK_TFLOPS by device kind, or --peak_tflops); blank where the peak is unknown (CPUs).
+memory (XLA's memory analysis; no batch or activations are allocated while searching, but
+every batch tried keeps its own parameters and optimizer state, cached with its compiled
+step). MFU is the step's FLOPs (XLA's cost analysis of the partitioned step, so per device)
+per second over the chip's peak dense bf16 FLOP/s (PEAK_TFLOPS by device kind, or
+--peak_tflops); blank where the peak is unknown (CPUs).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def peak_flops(device_kind: str, override_tflops: float | None) -> float | None:
 
 
 class Bench:
-    """The train state and the step of one work at one batch size, compiled once (against
-    the batch's shapes: the search below allocates no batch or activations)."""
+    """The train state and the step of one work at one batch size, compiled once against the
+    batch's shapes (no batch or activations allocated)."""
 
     def __init__(self, work: str, batch: int, dtype: str, kernel_grad: str = "auto") -> None:
         self.config = build_config(work, batch, kernel_grad)
