@@ -78,3 +78,22 @@ def test_profile_step_categories_cover_the_traced_step(devices):
     for kind in ("conv forward", "conv input grad", "conv kernel grad", "batch norm (fwd+bwd)"):
         assert seconds.get(kind, 0) > 0, (kind, seconds)
     assert seconds.get("other", 0) < 0.05 * busy, seconds
+
+
+@pytest.mark.slow
+def test_profile_step_command_prints_the_table():
+    """The README's command, jax side only (torch is an optional extra), at batch 2: a fresh
+    subprocess traces the step and the table has the step and the convolution rows."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    result = subprocess.run(
+        [sys.executable, "benchmarks/profile_step.py", "--impls", "jax", "--batch", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for row in ("conv forward", "conv kernel grad", "step \\(host wall time, traced\\)"):
+        match = re.search(rf"^\| {row} \| \**([\d,]+)\** \|", result.stdout, re.M)
+        assert match and int(match.group(1).replace(",", "")) > 0, (row, result.stdout)
