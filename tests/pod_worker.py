@@ -155,17 +155,23 @@ def _hook(name: str) -> int | None:
     return int(value) if value else None
 
 
+def complete_steps(workdir: str | Path) -> list[int]:
+    """Steps with a committed checkpoint (what a relaunch may resume from): Orbax names a
+    checkpoint's directory by its step alone once committed, unfinished saves carry a suffix."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
 def _wait_for_a_committed_checkpoint(timeout: float = 300) -> None:
-    """Blocks until the workdir (from --workdir) holds a checkpoint Orbax has committed: a
-    directory named by its step alone (unfinished saves carry a temporary suffix)."""
+    """Blocks until this worker's workdir (its --workdir flag) holds a committed checkpoint."""
     (workdir,) = [arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir=")]
-    checkpoints = Path(workdir) / "checkpoints"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-            return
+    while not complete_steps(workdir):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"test hook: no checkpoint committed in {workdir} within {timeout} s")
         time.sleep(0.1)
-    raise SystemExit(f"test hook: no checkpoint committed in {checkpoints} within {timeout} s")
 
 
 def install_hooks() -> None:

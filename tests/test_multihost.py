@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from pod_worker import run_pod, tiny_flags
+from pod_worker import complete_steps, run_pod, tiny_flags
 
 from simclr_jax import checkpoint, evaluate, parallel
 
@@ -32,12 +32,6 @@ EVAL_EXAMPLES, EVAL_BATCH = 100, 48  # tiny_flags: test[:10] is 10 images per cl
 SAME_BATCH = {"same_global_batch": 1}
 METRICS = ("loss", "contrast_loss", "contrast_acc", "probe_loss", "grad_norm", "param_norm")
 EVAL_METRICS = ("eval_loss", "top1", "top5", "num_eval_examples")
-
-
-def complete_steps(workdir):
-    """Steps with a committed checkpoint (what a relaunch may resume from)."""
-    directory = workdir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 @functools.cache  # each restore costs tens of seconds on 2 busy cores; tests share them
