@@ -53,6 +53,7 @@ ARCHIVE_NAME = "simclr_jax_src.tar.gz"
 LOCK_NAME = "simclr_jax_lock.txt"
 COORDINATOR_PORT = 8476  # JAX's default coordinator port on Cloud TPU
 QUEUED_POLL_S = 30
+DETACH_WAIT_S = 60  # for the started run to leave the ssh session
 
 
 class LaunchError(Exception):
@@ -177,8 +178,9 @@ def train_argv(args: argparse.Namespace, worker: int, num_workers: int, coordina
 def run_inner(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
     """The detached shell: trains, then logs the exit status."""
     # It records its own pid (the process group's id, thanks to setsid, even where setsid had
-    # to fork) and traps TERM (a trap, not an ignore, so Python keeps its own handler) to outlive
-    # `stop`'s signal to the group and still write the exit status to the log.
+    # to fork), which tells run_remote that it is detached, and traps TERM (a trap, not an
+    # ignore, so Python keeps its own handler) to outlive `stop`'s signal to the group and still
+    # write the exit status to the log.
     return (
         f"echo $$ > {PID}; trap : TERM; "
         f"{train_argv(args, worker, num_workers, coordinator)}; code=$?; "
@@ -189,11 +191,17 @@ def run_inner(args: argparse.Namespace, worker: int, num_workers: int, coordinat
 def run_remote(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
     """Starts the run in its own session (it survives the ssh session) logging to LOG."""
     inner = run_inner(args, worker, num_workers, coordinator)
+    # Returning before the child has called setsid() would let the ssh session's end (SIGHUP
+    # to its process group) kill the run before it starts: a loaded host once left a worker
+    # with nothing in its log but the start line. So it waits for the pid the detached shell
+    # writes once it is in its own session.
     return (
         f"cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
-        f'echo "=== worker {worker}: start at $(date -u +%FT%TZ)" >> {LOG} && '
-        f"{{ setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 < /dev/null & "
-        f'echo $! > {PID}; }} && echo "started pid $(cat {PID})"'
+        f'echo "=== worker {worker}: start at $(date -u +%FT%TZ)" >> {LOG} && rm -f {PID} && '
+        f"{{ setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 < /dev/null & }} && "
+        f"for _ in $(seq {DETACH_WAIT_S * 10}); do [ -s {PID} ] && break; sleep 0.1; done; "
+        f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; else echo "the run did not '
+        f'detach within {DETACH_WAIT_S} s; see {LOG}" >&2; exit 5; fi'
     )
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,34 @@ def test_run_command_delivers_env_and_arguments_verbatim(tmp_path):
     assert "=== worker 1: start" in log and "=== exited with status 3" in log
     assert (home / "simclr_jax_run.workdir").read_text() == "gs://b/it's here\n"
     assert pid > 0
+
+
+def test_a_run_slow_to_detach_survives_the_end_of_the_ssh_session(tmp_path):
+    """The fake ssh sends SIGHUP to the session's process group once the start command returns.
+    With setsid slowed by 2 s, as on a loaded host, the run must still start and finish: a
+    worker once logged nothing but its start line because its run died before detaching."""
+    root, image = tmp_path / "gcloud", tmp_path / "image"
+    image.mkdir()
+    slow_setsid = image / "setsid"
+    slow_setsid.write_text(f'#!/bin/bash\nsleep 2\nexec {shutil.which("setsid")} "$@"\n')
+    slow_setsid.chmod(0o755)
+    env = {**fake_env(root), "FAKE_GCLOUD_IMAGE_PATH": str(image)}
+    assert launch("create", *POD, "--accelerator", "v4-8", env=env).returncode == 0
+    home = root / "nodes" / "simclr-v4" / "worker0"
+    (home / "simclr_jax").mkdir()
+    python = home / "simclr_jax_venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/bash\necho 'training ran'\n")
+    python.chmod(0o755)
+    (home / "simclr_jax_venv" / "simclr_jax_installed").write_text("abc123\n")
+
+    started = launch("run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), env=env)
+    assert started.returncode == 0, started.stderr
+    log = home / "simclr_jax_run.log"
+    wait_for(
+        lambda: "=== exited" in log.read_text(), 30, f"the run's exit line in\n{log.read_text()}"
+    )
+    assert "training ran" in log.read_text() and "=== exited with status 0" in log.read_text()
 
 
 # ------------------------------------------------------------------ simulated pod
@@ -400,8 +429,9 @@ def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     logs = launch("logs", *pod, env=env, timeout=900)  # follows until the run ends
     assert logs.returncode == 0
-    assert f"Resuming from {workdir / 'checkpoints'} step {saved}." in logs.stdout
-    assert f"step {saved + 2}/{saved + 2} (100.0%)" in logs.stdout
+    log = logs.stdout[-8000:]  # shown whole when an assertion fails
+    assert f"Resuming from {workdir / 'checkpoints'} step {saved}." in logs.stdout, log
+    assert f"step {saved + 2}/{saved + 2} (100.0%)" in logs.stdout, log
     assert logs.stdout.rstrip().splitlines()[-1].startswith("=== exited with status 0")
     steps = [json.loads(line).get("step") for line in (workdir / "metrics.jsonl").open()]
     assert steps[-1] == saved + 2 and saved + 1 in steps
