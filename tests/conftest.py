@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated CPU devices, so sharding and cross-replica code is exercised."""
 
 import os
+import shutil
+import tempfile
 
 from pod_worker import COLLECTIVE_WAIT_LIMIT_FLAG
 
@@ -15,6 +17,14 @@ os.environ["XLA_FLAGS"] = (
     + f" {COLLECTIVE_WAIT_LIMIT_FLAG}"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the whole run: every train_and_evaluate builds a new
+# step function, so tests compile the same programs again and again. The first process to
+# import this file (pytest's controller, before xdist starts its workers, which inherit the
+# variable) makes the directory and removes it at the end; the runs tests start share it too.
+# A cached executable is the one XLA would compile, so bit-for-bit comparisons are unaffected.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="simclr_jax_test_jit_")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -57,3 +67,8 @@ def tiny_pretrain_workdir(tmp_path_factory):
     )
     train.train_and_evaluate(config, str(workdir))
     return workdir
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
