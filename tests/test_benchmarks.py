@@ -14,19 +14,21 @@ from benchmarks import bench_augment_step, profile_step
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_accelerator_script_writes_both_tables(tmp_path):
-    env = {**os.environ, "TINY": "1", "PYTHON": sys.executable}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on a single-chip machine
+def run_on_one_device(command: list[str], env: dict[str, str], timeout: float):
+    """Runs a benchmark command as a user would, from the repository root, with one CPU device
+    (without conftest's 8, as on a single-chip machine); fails showing its output."""
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env}
     result = subprocess.run(
-        ["bash", "benchmarks/accelerator.sh", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_accelerator_script_writes_both_tables(tmp_path):
+    env = {"TINY": "1", "PYTHON": sys.executable}
+    run_on_one_device(["bash", "benchmarks/accelerator.sh", str(tmp_path)], env, timeout=900)
     report = (tmp_path / "accelerator.md").read_text()
     if (REPO.parent / "shared/data/cifar10-train-jpeg.tar.gz").exists():  # as in CI
         assert "not found" not in report, "the CIFAR-10 JPEG branch was not taken"
@@ -84,16 +86,8 @@ def test_profile_step_categories_cover_the_traced_step(devices):
 def test_profile_step_command_prints_the_table():
     """The README's command, jax side only (torch is an optional extra), at batch 2: a fresh
     subprocess traces the step and the table has the step and the convolution rows."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-    result = subprocess.run(
-        [sys.executable, "benchmarks/profile_step.py", "--impls", "jax", "--batch", "2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command = [sys.executable, "benchmarks/profile_step.py", "--impls", "jax", "--batch", "2"]
+    result = run_on_one_device(command, {}, timeout=600)
     for row in ("conv forward", "conv kernel grad", "step \\(host wall time, traced\\)"):
         match = re.search(rf"^\| {row} \| \**([\d,]+)\** \|", result.stdout, re.M)
         assert match and int(match.group(1).replace(",", "")) > 0, (row, result.stdout)
