@@ -188,7 +188,13 @@ def run_inner(args: argparse.Namespace, worker: int, num_workers: int, coordinat
     )
 
 
-def run_remote(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
+def run_remote(
+    args: argparse.Namespace,
+    worker: int,
+    num_workers: int,
+    coordinator: str,
+    detach_wait_s: int = DETACH_WAIT_S,
+) -> str:
     """Starts the run in its own session (it survives the ssh session) logging to LOG."""
     inner = run_inner(args, worker, num_workers, coordinator)
     # Returning before the child has called setsid() would let the ssh session's end (SIGHUP
@@ -199,9 +205,9 @@ def run_remote(args: argparse.Namespace, worker: int, num_workers: int, coordina
         f"cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
         f'echo "=== worker {worker}: start at $(date -u +%FT%TZ)" >> {LOG} && rm -f {PID} && '
         f"{{ setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 < /dev/null & }} && "
-        f"for _ in $(seq {DETACH_WAIT_S * 10}); do [ -s {PID} ] && break; sleep 0.1; done; "
+        f"for _ in $(seq {int(detach_wait_s) * 10}); do [ -s {PID} ] && break; sleep 0.1; done; "
         f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; else echo "the run did not '
-        f'detach within {DETACH_WAIT_S} s; see {LOG}" >&2; exit 5; fi'
+        f'detach within {int(detach_wait_s)} s; see {LOG}" >&2; exit 5; fi'
     )
 
 

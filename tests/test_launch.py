@@ -231,6 +231,24 @@ def test_a_run_slow_to_detach_survives_the_end_of_the_ssh_session(tmp_path):
     assert "training ran" in log.read_text() and "=== exited with status 0" in log.read_text()
 
 
+def test_a_run_that_never_detaches_is_an_error_naming_the_log(tmp_path):
+    """The start command's other branch: when the detached shell never writes its pid (here a
+    setsid that fails at once), the command fails after the wait and says where to look."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    (home / "simclr_jax").mkdir(parents=True)
+    bin_dir.mkdir()
+    (bin_dir / "setsid").write_text("#!/bin/bash\nexit 1\n")
+    (bin_dir / "setsid").chmod(0o755)
+    args = argparse.Namespace(config="c.py", workdir="/tmp/w", env=[], override=[])
+    remote = tpu.run_remote(args, 0, 1, "10.0.0.2:8476", detach_wait_s=1)
+    env = {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert "the run did not detach within 1 s" in result.stderr
+    assert f"see {home}/simclr_jax_run.log" in result.stderr
+    assert not (home / "simclr_jax_run.pid").exists() and "started" not in result.stdout
+
+
 # ------------------------------------------------------------------ simulated pod
 
 
