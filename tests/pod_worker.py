@@ -67,14 +67,15 @@ def tiny_flags(workdir: str | Path, **overrides: object) -> list[str]:
     ]
 
 
-def worker_env(devices: int, cache_dir: str | Path, **hooks: object) -> dict[str, str]:
-    """Environment of one worker: its device count, a shared compilation cache, hooks."""
+def worker_env(devices: int, **hooks: object) -> dict[str, str]:
+    """Environment of one worker: its device count and hooks. It inherits the test run's
+    compilation cache (JAX_COMPILATION_CACHE_DIR, tests/conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.update(
         {
             f"{ENV_PREFIX}DEVICES": str(devices),
-            "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            # Relaunches then skip compiling: most of a relaunch's cost on 2 CPU cores.
+            # Every program cached, so relaunches skip compiling: most of a relaunch's cost on
+            # 2 CPU cores.
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
             # The pytest process (conftest.py) runs with this precision; runs compared
@@ -119,7 +120,6 @@ def run_pod(
     num_processes: int,
     devices_per_process: int,
     flags: list[str],
-    cache_dir: Path,
     log_dir: Path,
     *,
     timeout: float = 300,
@@ -141,7 +141,7 @@ def run_pod(
             else []
         )
         logs.append(log_dir / f"process{pid}.log")
-        env = worker_env(devices_per_process, cache_dir, **hooks)
+        env = worker_env(devices_per_process, **hooks)
         procs.append(start([*flags, *distributed, *extra_flags], env, logs[-1]))
     codes = wait_all(procs, timeout)
     return codes, [path.read_text() for path in logs]

@@ -39,7 +39,6 @@ def _check(codes, logs, expected):
     "processes,devices,steps,grain_workers", [(1, 2, 6, 2), (2, 1, 5, 0)], ids=["1proc", "2proc"]
 )
 def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, steps, grain_workers):
-    cache = tmp_path / "cache"
     overrides = {
         "data.backend": "jax",
         "data.grain_workers": grain_workers,
@@ -50,7 +49,7 @@ def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, st
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     timeout = 300 + 150 * steps * processes
     codes, logs = run_pod(
-        processes, devices, tiny_flags(reference, **overrides), cache, tmp_path / "l0",
+        processes, devices, tiny_flags(reference, **overrides), tmp_path / "l0",
         timeout=timeout,
     )  # fmt: skip
     _check(codes, logs, [0] * processes)
@@ -58,13 +57,13 @@ def test_sigkill_then_relaunch_is_bit_identical(tmp_path, processes, devices, st
     hooks = dict.fromkeys(range(processes), {"kill_at": kill_at, "kill_after_commit": 1})
     flags = tiny_flags(killed, **overrides)
     codes, logs = run_pod(
-        processes, devices, flags, cache, tmp_path / "l1", timeout=timeout, hooks_for=hooks
+        processes, devices, flags, tmp_path / "l1", timeout=timeout, hooks_for=hooks
     )
     _check(codes, logs, [-signal.SIGKILL] * processes)
     saved = _meta(killed, -1)
     assert saved["step"] < kill_at and saved["data_state"]["next_step"] == saved["step"]
     assert saved["data_state"]["host"]["grain"], saved["data_state"]  # Grain's own state
-    codes, logs = run_pod(processes, devices, flags, cache, tmp_path / "l2", timeout=timeout)
+    codes, logs = run_pod(processes, devices, flags, tmp_path / "l2", timeout=timeout)
     _check(codes, logs, [0] * processes)
     assert json.loads((killed / "results.json").read_text())["step"] == steps
     a, b = _variables(reference, steps), _variables(killed, steps)

@@ -6,7 +6,7 @@ One uninterrupted 1-process x 8-device run is the reference for everything here:
   finishes; parameters and metrics equal the reference's, its eval counts every example once.
 - killed: 1 process, SIGKILL at a random step, then SIGKILL while the last checkpoint is being
   committed, then a relaunch: parameters bit-identical to the reference (deterministic data).
-All runs share one XLA compilation cache, so relaunches skip compiling.
+All runs share the test run's XLA compilation cache, so relaunches skip compiling.
 """
 
 import functools
@@ -60,27 +60,22 @@ def check_ran(codes, logs, expected):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory):
     """Uninterrupted run: 1 process x 8 devices, checkpoints at steps 2, 4, 6."""
     root = tmp_path_factory.mktemp("reference")
-    codes, logs = run_pod(1, 8, tiny_flags(root / "run"), cache, root / "logs")
+    codes, logs = run_pod(1, 8, tiny_flags(root / "run"), root / "logs")
     check_ran(codes, logs, [0])
     return root / "run"
 
 
 @pytest.fixture(scope="module")
-def pod(tmp_path_factory, cache, reference):
+def pod(tmp_path_factory, reference):
     """2 processes x 4 devices from the reference's step 2; SIGTERM to process 1 at step 3."""
     root = tmp_path_factory.mktemp("pod")
     workdir = root / "run"
     shutil.copytree(reference / "checkpoints" / "2", workdir / "checkpoints" / "2")
     hooks = {0: SAME_BATCH, 1: {**SAME_BATCH, "sigterm_at": 3}}
-    first = run_pod(2, 4, tiny_flags(workdir), cache, root / "preempted", hooks_for=hooks)
+    first = run_pod(2, 4, tiny_flags(workdir), root / "preempted", hooks_for=hooks)
     after_first = SimpleNamespace(
         steps=complete_steps(workdir), finished=(workdir / "results.json").exists()
     )
@@ -88,7 +83,6 @@ def pod(tmp_path_factory, cache, reference):
         2,
         4,
         tiny_flags(workdir),
-        cache,
         root / "relaunch",
         hooks_for=dict.fromkeys(range(2), SAME_BATCH),
     )
@@ -96,20 +90,20 @@ def pod(tmp_path_factory, cache, reference):
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory, cache, reference):
+def killed(tmp_path_factory, reference):
     """1 process x 8 devices: SIGKILL at a random step, SIGKILL while committing checkpoint 6,
     then a relaunch that finishes."""
     root = tmp_path_factory.mktemp("killed")
     workdir, flags = root / "run", tiny_flags(root / "run")
     kill_at = random.choice([3, 4, 5])
-    runs = [run_pod(1, 8, flags, cache, root / "sigkill", hooks_for={0: {"kill_at": kill_at}})]
+    runs = [run_pod(1, 8, flags, root / "sigkill", hooks_for={0: {"kill_at": kill_at}})]
     steps = [complete_steps(workdir)]
     runs.append(
-        run_pod(1, 8, flags, cache, root / "in_save", hooks_for={0: {"kill_in_save": TOTAL_STEPS}})
+        run_pod(1, 8, flags, root / "in_save", hooks_for={0: {"kill_in_save": TOTAL_STEPS}})
     )
     steps.append(complete_steps(workdir))
     leftovers = sorted(p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name)
-    runs.append(run_pod(1, 8, flags, cache, root / "finish"))
+    runs.append(run_pod(1, 8, flags, root / "finish"))
     return SimpleNamespace(
         workdir=workdir, kill_at=kill_at, runs=runs, steps=steps, leftovers=leftovers
     )

@@ -98,15 +98,14 @@ def test_preemption_uses_only_public_jax_api():
 
 @pytest.mark.slow  # two tiny runs of main.py: about a minute on 2 busy cores
 def test_sigterm_during_restore_exits_cleanly_and_keeps_the_checkpoint(tmp_path):
-    workdir, cache = tmp_path / "run", tmp_path / "cache"
-    codes, logs = run_pod(1, 1, tiny_flags(workdir, train_steps=2), cache, tmp_path / "first")
+    workdir = tmp_path / "run"
+    codes, logs = run_pod(1, 1, tiny_flags(workdir, train_steps=2), tmp_path / "first")
     assert codes == [0], logs[0][-3000:]
     finished = (workdir / "results.json").read_text()
     codes, logs = run_pod(
         1,
         1,
         tiny_flags(workdir, train_steps=4),
-        cache,
         tmp_path / "second",
         hooks_for={0: {"sigterm_in_restore": 1}},
     )
