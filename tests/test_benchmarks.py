@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_data import CIFAR_TARBALL
 
 from benchmarks import bench_augment_step, profile_step
 
@@ -30,7 +31,7 @@ def test_accelerator_script_writes_both_tables(tmp_path):
     env = {"TINY": "1", "PYTHON": sys.executable}
     run_on_one_device(["bash", "benchmarks/accelerator.sh", str(tmp_path)], env, timeout=900)
     report = (tmp_path / "accelerator.md").read_text()
-    if (REPO.parent / "shared/data/cifar10-train-jpeg.tar.gz").exists():  # as in CI
+    if CIFAR_TARBALL.exists():  # as in CI
         assert "not found" not in report, "the CIFAR-10 JPEG branch was not taken"
     for timing in ("step", "augment", "augment \\+ step"):
         row = re.search(rf"^\| {timing} \| ([\d.,]+) \| ([\d.,]+) \|", report, re.M)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import re
 import subprocess
@@ -19,21 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from shared_data import OFFICIAL_CHECKPOINTS as FIXTURES
+from shared_data import require
 
 from simclr_jax import convert
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "data" / "official-checkpoints"
 TOLERANCE = 1e-4  # of each array's max magnitude, as the issue asks
 
 
 @pytest.fixture(scope="session")
 def fixtures_present() -> None:
     """Skips without the shared fixtures locally; CI must have them."""
-    if not (FIXTURES / "weight_rule.py").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must provide the checkpoint fixtures at {FIXTURES}")
-        pytest.skip(f"{FIXTURES} is absent")
+    require(FIXTURES / "weight_rule.py", "the official-checkpoint fixtures")
 
 
 def tf():

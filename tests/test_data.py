@@ -3,7 +3,6 @@ bad input and the preview."""
 
 import hashlib
 import io
-import os
 import shutil
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from shared_data import CIFAR_TARBALL, require
 
 from configs.common import get_base_config
 from simclr_jax import visualize
@@ -26,7 +26,6 @@ from simclr_jax.data import (
     sources,
 )
 
-TARBALL = Path(__file__).parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
 CLASSES.append("truck")
 
@@ -46,15 +45,12 @@ def _data_config(**overrides):
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory):
     """The CIFAR-10 JPEG folder extracted once per session."""
-    if not TARBALL.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must provide the CIFAR-10 tarball at {TARBALL}")
-        pytest.skip(f"CIFAR-10 tarball not found at {TARBALL} (shared data not present)")
+    tarball = require(CIFAR_TARBALL, "the CIFAR-10 JPEG tarball")
     root = tmp_path_factory.mktemp("cifar10")
     if shutil.which("tar"):  # much faster than tarfile for 50,000 members
-        subprocess.run(["tar", "xzf", str(TARBALL), "-C", str(root)], check=True)
+        subprocess.run(["tar", "xzf", str(tarball), "-C", str(root)], check=True)
     else:
-        with tarfile.open(TARBALL) as tar:
+        with tarfile.open(tarball) as tar:
             tar.extractall(root, filter="data")
     return str(root)
 

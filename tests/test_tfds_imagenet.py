@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import IMAGENET_SUBSETS as SUBSETS
+from shared_data import require
 
 from configs import imagenet_linear_eval, imagenet_pretrain
 from simclr_jax import data, train
 from simclr_jax.data import pipeline, sources
 
 REPO = Path(__file__).resolve().parents[1]
-SUBSETS = REPO / ".." / "shared" / "data" / "imagenet-subsets"
 # TensorFlow as if not installed: find_spec returns None and `import tensorflow` fails (TFDS
 # tells "not installed" from "blocked" by sys.modules, so sys.modules[...] = None won't do).
 HIDE_TF = textwrap.dedent("""
@@ -109,8 +110,7 @@ def _prepare(name: str, data_dir: Path, manual: Path, file_format: str = "tfreco
 def imagenet(tmp_path_factory):
     """(data_dir, manual_dir, names per synset, ArrayRecord data_dir): imagenet2012 and both
     subsets prepared as TFRecord, imagenet2012 also as ArrayRecord (for the Grain path)."""
-    if not (SUBSETS / "1percent.txt").exists():
-        pytest.skip(f"{SUBSETS} (the published subset lists) is absent")
+    require(SUBSETS / "1percent.txt", "the published ImageNet subset lists")
     root = tmp_path_factory.mktemp("imagenet")
     names = _pick_names()
     _write_manual_dir(root / "manual", names)
