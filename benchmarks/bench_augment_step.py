@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_step import BENCHMARKS, build_config, step_gflop  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 from simclr_jax import data, parallel, train  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
 
@@ -46,17 +45,6 @@ PEAK_TFLOPS = {
     "TPU v6 lite": 918.0,
 }
 FIT_FRACTION = 0.9  # of the device's memory a batch may plan to use (fragmentation headroom)
-
-
-def median_time(fn, steps: int) -> float:
-    """Median seconds of fn() (which blocks), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_flops(device_kind: str, override_tflops: float | None) -> float | None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_time  # noqa: E402
 from simclr_jax.models import conv  # noqa: E402
 
 # name -> (spatial size, in channels, out channels, kernel, stride); batch from --batch.
@@ -32,15 +31,8 @@ SHAPES = {
 }
 
 
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of fn(*args) after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn, args: tuple, repeats: int) -> float:
+    return median_time(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def time_conv(batch: int, size: int, cin: int, cout: int, kernel: int, stride: int, repeats: int):
@@ -59,13 +51,13 @@ def time_conv(batch: int, size: int, cin: int, cout: int, kernel: int, stride: i
     )
     cases = [(forward, (x, w)), (input_grad, (x, dy))]
     cases += [(xla_kernel_grad, (x, dy)), (im2col_kernel_grad, (x, dy))]
-    return [flops / median_seconds(fn, *args, repeats=repeats) / 1e9 for fn, args in cases]
+    return [flops / seconds(fn, args, repeats) / 1e9 for fn, args in cases]
 
 
 def matmul_gflops(repeats: int, n: int = 4096) -> float:
     """float32 n x n x n matmul rate: the machine's practical peak under XLA."""
     a = jnp.ones((n, n), jnp.float32)
-    return 2 * n**3 / median_seconds(jax.jit(jnp.matmul), a, a, repeats=repeats) / 1e9
+    return 2 * n**3 / seconds(jax.jit(jnp.matmul), (a, a), repeats) / 1e9
 
 
 def main() -> None:

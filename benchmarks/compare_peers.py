@@ -47,23 +47,13 @@ sys.path.insert(0, str(HERE.parent))
 # name -> (depth, CIFAR stem, image size, batch (images), classes, temperature): the works
 # bench_step.py times, so both sides build exactly its configs.
 from bench_step import BENCHMARKS as WORKS  # noqa: E402
+from timing import median_time  # noqa: E402
 
 IMPLS = ("jax", "torch", "torch_cl")
 PEERS_MISSING = "PyTorch is not installed: pip install -e '.[peers]', or pass --impls jax"
 
 
 # ---------------------------------------------------------------- one measurement (subprocess)
-
-
-def time_steps(step: Any, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls of step() after one warm-up call."""
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def jax_step(work: str, batch: int) -> Any:
@@ -148,8 +138,7 @@ def measure_step(impl: str, work: str, batch: int, steps: int) -> dict[str, Any]
         run = jax_step(work, batch)
     else:
         run = torch_step(work, batch, channels_last=impl == "torch_cl")
-    times = time_steps(run, steps)
-    step_s = statistics.median(times)
+    step_s = median_time(run, steps)
     return {"step_s": step_s, "images_per_s": batch / step_s}
 
 
