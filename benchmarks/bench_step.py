@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.common import get_base_config
 from simclr_jax import data, parallel, train
-from simclr_jax.models import create_model
+from simclr_jax.models import conv, create_model
 
 # name -> (resnet_depth, cifar_stem, image_size, batch, num_classes, temperature)
 BENCHMARKS = {
@@ -221,7 +221,16 @@ def main() -> None:
         choices=("auto", "xla", "im2col"),
         help="model.conv_kernel_grad: auto = im2col on CPU (models/conv.py); xla = native",
     )
+    parser.add_argument(
+        "--chunk_rows",
+        type=int,
+        default=conv.CHUNK_ROWS,
+        help="im2col patch rows per scan iteration of the kernel gradient (models/conv.py)",
+    )
     args = parser.parse_args()
+    if args.chunk_rows < 1:
+        parser.error(f"--chunk_rows={args.chunk_rows} must be >= 1")
+    conv.CHUNK_ROWS = args.chunk_rows  # read when the step is traced: a tuning knob, not config
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown or not names:
