@@ -205,9 +205,9 @@ def run_remote(
         f"cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
         f'echo "=== worker {worker}: start at $(date -u +%FT%TZ)" >> {LOG} && rm -f {PID} && '
         f"{{ setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 < /dev/null & }} && "
-        f"for _ in $(seq {int(detach_wait_s) * 10}); do [ -s {PID} ] && break; sleep 0.1; done; "
+        f"for _ in $(seq {detach_wait_s * 10}); do [ -s {PID} ] && break; sleep 0.1; done; "
         f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; else echo "the run did not '
-        f'detach within {int(detach_wait_s)} s; see {LOG}" >&2; exit 5; fi'
+        f'detach within {detach_wait_s} s; see {LOG}" >&2; exit 5; fi'
     )
 
 
