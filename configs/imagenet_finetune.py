@@ -1,10 +1,14 @@
-"""ImageNet semi-supervised fine-tuning (SimCLRv2): restore encoder + first head layer, train all.
+"""ImageNet semi-supervised fine-tuning (SimCLRv2): restore the encoder and the head layers the
+classifier reads, train all.
 
 Args: the label fraction 1pct | 10pct | 100pct (default 10pct), a model token as in
 imagenet_pretrain (default r50_1x), optional v1|v2, runlocal. Comma separated, e.g.
-'1pct,r152_3x_sk'. v2: classifier on the first projection-head layer (ft_proj_selector 1);
-v1: on h. LARS, lr 0.005 x sqrt(B) (0.16 at B=1024), no weight decay, no warmup, zero-initialized
-classifier; 60 epochs for 1%, 30 for 10% and 100%. Pass --config.init_checkpoint=<pretrain workdir>.
+'1pct,r152_3x_sk'. v2: classifier on the first projection-head layer (ft_proj_selector 1) for
+1% and 10% of the labels, on the head's input h (selector 0) for 100%, as SimCLRv2 section 3
+says: "we fine-tune from the first layer of the projection head for 1%/10% of labeled examples,
+but from the input of the projection head when 100% labels are present"; v1: on h. LARS, lr
+0.005 x sqrt(B) (0.16 at B=1024), no weight decay, no warmup, zero-initialized classifier; 60
+epochs for 1%, 30 for 10% and 100%. Pass --config.init_checkpoint=<pretrain workdir>.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ import ml_collections
 
 FRACTIONS = ("1pct", "10pct", "100pct")
 EPOCHS = {"1pct": 60, "10pct": 30, "100pct": 30}
+# hiddens[j] the classifier reads (0: h, the head's input; 1: the first head layer's output).
+# v2 follows the paper's rule: first head layer for 1%/10% of the labels, h for 100%.
+FT_PROJ_SELECTOR = {
+    "v1": {"1pct": 0, "10pct": 0, "100pct": 0},
+    "v2": {"1pct": 1, "10pct": 1, "100pct": 0},
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets.set_model(config, model)
     config.model.num_proj_layers = 2 if version == "v1" else 3
     config.model.fine_tune_after_block = -1
-    config.model.ft_proj_selector = 0 if version == "v1" else 1
+    config.model.ft_proj_selector = FT_PROJ_SELECTOR[version][fraction]
     config.model.zero_init_logits_layer = True
     config.data.source = "tfds"
     config.data.name = "imagenet2012"

@@ -183,17 +183,19 @@ def distillation_loss(
     labels: jax.Array | None = None,
     alpha: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SimCLRv2 distillation (paper eqs. 2-3): alpha x mean_x -sum_y P_T(y|x;tau) log P_S(y|x;tau)
-    + (1 - alpha) x mean cross entropy of labeled_logits (tau 1) when alpha < 1.
+    """SimCLRv2 distillation (paper eqs. 2-3): alpha x tau^2 x mean_x -sum_y P_T(y|x;tau)
+    log P_S(y|x;tau) + (1 - alpha) x mean cross entropy of labeled_logits (tau 1) when alpha < 1.
 
-    The teacher's probabilities are constants (stop_gradient). Means, not the paper's sums
-    over the data set: the scale is absorbed by the learning rate.
+    The tau^2 weight is the reference's (add_kd_loss: softmax_cross_entropy(..., weights=tau**2)):
+    the gradient on the student's logits is tau x (P_S - P_T), so its scale does not grow as
+    1/tau when tau is lowered. The teacher's probabilities are constants (stop_gradient). Means,
+    not the paper's sums over the data set: the scale is absorbed by the learning rate.
     """
     tau = _check_temperature(temperature)
     teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     targets = jax.nn.softmax(teacher / tau, axis=-1)
     log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
-    distill = jnp.mean(-jnp.sum(targets * log_student, axis=-1))
+    distill = tau**2 * jnp.mean(-jnp.sum(targets * log_student, axis=-1))
     agreement = jnp.argmax(student_logits, axis=-1) == jnp.argmax(teacher, axis=-1)
     metrics = {"distill_loss": distill, "teacher_agreement": jnp.mean(agreement)}
     if alpha >= 1.0 or labeled_logits is None:

@@ -4,14 +4,19 @@ As the reference (google-research/simclr tf2/model.py, tf2/lars_optimizer.py): L
 batch-norm parameters, biases and the supervised head ('classifier', the reference's
 head_supervised) out of weight decay and the trust ratio; the head's kernel gets its decay as an
 L2 term instead (gradient + wd*w), so the head runs plain TF-classic momentum at the full
-learning rate. Momentum and Adam add wd*w to the gradient of every leaf but the batch-norm
-ones (the reference's L2 loss over non-batch-norm weights). Leaves are told apart by path.
+learning rate. Distillation's LARS (the reference's distillation colab) excludes only batch
+normalization and biases, so there the student's head kernel is trust-ratio scaled like every
+other kernel (`trust_ratio_exclusions('distill')` is empty). Momentum and Adam add wd*w to the
+gradient of every leaf but the batch-norm ones (the reference's L2 loss over non-batch-norm
+weights). Leaves are told apart by path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -96,17 +101,19 @@ def weight_decay_mask(params: Any) -> Any:
     )
 
 
-def trust_ratio_mask(params: Any) -> Any:
+def trust_ratio_mask(params: Any, excluded_modules: Collection[str] = SUPERVISED_HEAD_NAMES) -> Any:
     """Tree of bools, True where LARS scales a leaf's step by the trust ratio.
 
-    The decayed leaves (`weight_decay_mask`) minus the supervised head ('classifier'), which
-    the reference excludes from layer adaptation (exclude_from_layer_adaptation falls back to
-    exclude_from_weight_decay = batch_normalization, bias, head_supervised).
+    The decayed leaves (`weight_decay_mask`) minus those under a module named in
+    `excluded_modules`. The default, the supervised head ('classifier'), is what the reference
+    excludes from layer adaptation when pretraining and fine-tuning (exclude_from_layer_adaptation
+    falls back to exclude_from_weight_decay = batch_normalization, bias, head_supervised); its
+    distillation excludes no module (pass an empty collection).
     """
+    excluded = frozenset(excluded_modules)
     return jax.tree_util.tree_map_with_path(
         lambda path, _: (
-            _leaf_name(path) not in EXCLUDED_LEAF_NAMES
-            and not SUPERVISED_HEAD_NAMES.intersection(_names(path))
+            _leaf_name(path) not in EXCLUDED_LEAF_NAMES and not excluded.intersection(_names(path))
         ),
         params,
     )
@@ -117,6 +124,13 @@ def classifier_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda path, _: bool(SUPERVISED_HEAD_NAMES.intersection(_names(path))), params
     )
+
+
+def trust_ratio_exclusions(mode: str) -> frozenset[str]:
+    """Modules LARS keeps out of the trust ratio in a train mode: none when distilling (the
+    reference's distillation LARS excludes only batch norm and biases), else the supervised head.
+    """
+    return frozenset() if mode == "distill" else SUPERVISED_HEAD_NAMES
 
 
 def l2_mask(params: Any) -> Any:
@@ -138,14 +152,16 @@ def lars(
     momentum: float = 0.9,
     trust_coefficient: float = 0.001,
     nesterov: bool = False,
+    trust_ratio_excluded_modules: Collection[str] = SUPERVISED_HEAD_NAMES,
 ) -> optax.GradientTransformation:
-    """SimCLR LARS; BN params, biases and the supervised head outside the trust ratio.
+    """SimCLR LARS; BN params, biases and `trust_ratio_excluded_modules` (default: the
+    supervised head) outside the trust ratio.
 
     `config.optim.nesterov` applies to the momentum optimizer only (as in SimCLR, whose LARS
     runs classic momentum); `nesterov` here is for direct callers.
 
     Per kernel: g' = g + wd*w; trust = eta*||w||/||g'|| (1 if either norm is 0, and 1 for the
-    classifier); v = m*v + lr*trust*g'; w -= v (TF-style momentum: the LR is inside the
+    excluded modules); v = m*v + lr*trust*g'; w -= v (TF-style momentum: the LR is inside the
     momentum). BN params and biases: v = m*v + lr*g. optax.lars composes exactly this rule
     (its trace holds -v), so it is used as is.
     """
@@ -155,7 +171,9 @@ def lars(
         weight_decay_mask=weight_decay_mask,
         trust_coefficient=trust_coefficient,
         eps=0.0,
-        trust_ratio_mask=trust_ratio_mask,
+        trust_ratio_mask=functools.partial(
+            trust_ratio_mask, excluded_modules=frozenset(trust_ratio_excluded_modules)
+        ),
         momentum=momentum,
         nesterov=nesterov,
     )
@@ -231,8 +249,12 @@ def create_optimizer(
     batch_size: int,
     total_steps: int,
     warmup_steps: int,
+    trust_ratio_excluded_modules: Collection[str] = SUPERVISED_HEAD_NAMES,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Builds (optimizer, LR schedule) from `config.optim` and the run's batch and durations."""
+    """Builds (optimizer, LR schedule) from `config.optim` and the run's batch and durations.
+
+    trust_ratio_excluded_modules: modules LARS leaves out of the trust ratio (the caller's
+    choice by mode: the supervised head except when distilling); ignored by the others."""
     _check_optim_config(optim_config)
     _check_durations(total_steps, warmup_steps)
     peak_lr = scaled_learning_rate(
@@ -247,6 +269,7 @@ def create_optimizer(
             weight_decay=weight_decay,
             momentum=optim_config["momentum"],
             trust_coefficient=optim_config.get("trust_coefficient", 0.001),
+            trust_ratio_excluded_modules=trust_ratio_excluded_modules,
         )
     elif name == "momentum":
         tx = momentum_optimizer(

@@ -176,6 +176,7 @@ def create_optimizer(
         batch_size=config.train_batch_size,
         total_steps=durations.total_steps,
         warmup_steps=durations.warmup_steps,
+        trust_ratio_excluded_modules=optim.trust_ratio_exclusions(config.mode),
     )
     tx = optax.multi_transform(
         {TRAINABLE: tx, FROZEN: optax.set_to_zero()}, lambda p: param_labels(p, config)

@@ -144,6 +144,25 @@ def test_recipe_values():
     assert small.data.label_subset == "" and small.distill.label_subset == "10pct"
 
 
+PAPER_FT_LAYER_RULE = (
+    "SimCLRv2 paper section 3: fine-tune from the first layer of the projection head for "
+    "1%/10% of labeled examples, but from the input of the projection head when 100% labels "
+    "are present"
+)
+
+
+@pytest.mark.parametrize("model", ["r50_1x", "r152_3x_sk"])
+def test_finetune_layer_by_label_fraction_follows_the_paper(model):
+    """v2 classifier input by label fraction, the paper's rule (PAPER_FT_LAYER_RULE):
+    hiddens[1] (first head layer) for 1% and 10%, hiddens[0] (h, the head's input) for 100%."""
+    for fraction, selector in (("1pct", 1), ("10pct", 1), ("100pct", 0)):
+        config = load("imagenet_finetune", f"{fraction},{model},v2")
+        assert config.model.num_proj_layers == 3
+        assert config.model.ft_proj_selector == selector, PAPER_FT_LAYER_RULE
+    # v1 has no head to fine-tune from: h at every fraction.
+    assert load("imagenet_finetune", "100pct,r50_1x,v1").model.ft_proj_selector == 0
+
+
 def test_runlocal_follows_the_cifar_stem_rule():
     for name, arg in (("cifar10_pretrain", "runlocal"), ("imagenet_pretrain", "runlocal")):
         config = load(name, arg)

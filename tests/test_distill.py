@@ -28,9 +28,11 @@ def np_log_softmax(x):
 
 
 def np_distillation_loss(student, teacher, tau, labeled=None, labels=None, alpha=1.0):
-    """Paper eq. 3 with means: -alpha E_x sum_y P_T log P_S - (1 - alpha) E log P_S(y)."""
+    """Paper eq. 3 with means and the reference's tau^2 weight (add_kd_loss):
+    -alpha tau^2 E_x sum_y P_T log P_S - (1 - alpha) E log P_S(y)."""
     p_teacher = np.exp(np_log_softmax(teacher.astype(np.float64) / tau))
-    distill_term = -(p_teacher * np_log_softmax(student.astype(np.float64) / tau)).sum(-1).mean()
+    cross_entropy = -(p_teacher * np_log_softmax(student.astype(np.float64) / tau)).sum(-1)
+    distill_term = tau**2 * cross_entropy.mean()
     if alpha == 1.0:
         return distill_term
     log_p = np_log_softmax(labeled.astype(np.float64))
@@ -61,6 +63,36 @@ def test_loss_matches_numpy(tau, alpha):
     # The labelled term changes the loss: the test above would notice a dropped term.
     if alpha < 1.0:
         assert abs(expected - np_distillation_loss(student, teacher, tau)) > 1e-3
+
+
+def np_softmax(x):
+    return np.exp(np_log_softmax(x))
+
+
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_loss_and_student_gradient_carry_the_tau_squared_weight(tau):
+    """The reference's add_kd_loss is softmax_cross_entropy(softmax(teacher / tau),
+    student / tau, weights=tau**2): loss tau^2 x CE, gradient on the student's logits
+    tau x (P_S - P_T) / batch, both against NumPy in float64."""
+    rng = np.random.default_rng(7)
+    student = rng.normal(0, 3, (16, 10)).astype(np.float32)
+    teacher = rng.normal(0, 3, (16, 10)).astype(np.float32)
+    s64, t64 = student.astype(np.float64), teacher.astype(np.float64)
+    p_teacher, p_student = np_softmax(t64 / tau), np_softmax(s64 / tau)
+    want_loss = tau**2 * -(p_teacher * np.log(p_student)).sum(-1).mean()
+    want_grad = tau * (p_student - p_teacher) / len(student)
+
+    def loss_fn(logits):
+        return losses.distillation_loss(logits, teacher, temperature=tau)[0]
+
+    loss, grad = jax.value_and_grad(loss_fn)(student)
+    assert abs(float(loss) - want_loss) / abs(want_loss) < 1e-5
+    grad = np.asarray(grad, np.float64)
+    assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < 1e-5
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-9)
+    # The teacher's logits get no gradient: its probabilities are constants.
+    teacher_grad = jax.grad(lambda t: losses.distillation_loss(student, t, temperature=tau)[0])
+    np.testing.assert_array_equal(np.asarray(teacher_grad(teacher)), 0.0)
 
 
 def test_loss_is_minimal_when_student_equals_teacher():

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from configs.common import get_base_config
-from simclr_jax import optim
+from simclr_jax import optim, train
 
 
 def _params_and_grads():
@@ -67,6 +67,58 @@ def test_trust_ratio_mask_also_excludes_the_supervised_head():
     params, _ = _params_and_grads()
     mask = _flat(optim.trust_ratio_mask(params))
     assert {key for key, adapted in mask.items() if adapted} == TRUSTED
+
+
+def test_trust_ratio_mask_without_excluded_modules_adapts_every_decayed_leaf():
+    params, _ = _params_and_grads()
+    mask = _flat(optim.trust_ratio_mask(params, excluded_modules=()))
+    assert {key for key, adapted in mask.items() if adapted} == DECAYED
+
+
+def test_trust_ratio_exclusions_by_mode():
+    """Distillation's LARS (the reference colab) excludes only batch norm and biases; the
+    other modes keep the supervised head out of the trust ratio."""
+    assert optim.trust_ratio_exclusions("distill") == frozenset()
+    for mode in ("pretrain", "linear_eval", "finetune"):
+        assert optim.trust_ratio_exclusions(mode) == {"classifier"}
+
+
+def _model_params():
+    """Model paths: a trainable encoder kernel and the classifier (the student's head)."""
+    rng = np.random.default_rng(3)
+    arr = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    return {
+        "encoder": {"stage4": {"block0": {"conv1": {"conv": {"kernel": arr(3, 3, 4, 8)}}}}},
+        "classifier": {"kernel": arr(8, 10), "bias": arr(10)},
+    }
+
+
+@pytest.mark.parametrize("mode", ["distill", "finetune", "linear_eval"])
+def test_student_classifier_gets_the_trust_ratio_only_when_distilling(mode):
+    """One LARS update of train.create_optimizer against NumPy: in distill mode the classifier
+    kernel's step is lr * eta * ||w|| / ||g + wd*w|| * (g + wd*w) like any kernel; in
+    linear_eval and finetune it is lr * (g + wd*w) (trust 1)."""
+    lr, wd = 0.5, 1e-3
+    config = get_base_config()
+    config.mode = mode
+    config.model.fine_tune_after_block = 4 if mode == "linear_eval" else -1
+    config.optim.update(optimizer="lars", learning_rate=lr, lr_scaling="none", weight_decay=wd)
+    params = _model_params()
+    grads = jax.tree.map(lambda p: np.full_like(p, 0.3) + 0.05 * p, params)
+    tx, _ = train.create_optimizer(config, train.Durations(10, 0, 1.0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new_params = optax.apply_updates(params, updates)
+
+    w = params["classifier"]["kernel"].astype(np.float64)
+    g = grads["classifier"]["kernel"].astype(np.float64) + wd * w
+    trust = config.optim.trust_coefficient * np.linalg.norm(w) / np.linalg.norm(g)
+    assert trust < 0.01  # so the two rules below cannot be confused
+    want = w - lr * (trust if mode == "distill" else 1.0) * g
+    got = np.asarray(new_params["classifier"]["kernel"], np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    # The bias stays outside decay and trust ratio in every mode: plain momentum step.
+    want_bias = params["classifier"]["bias"] - lr * grads["classifier"]["bias"]
+    np.testing.assert_allclose(new_params["classifier"]["bias"], want_bias, rtol=1e-5)
 
 
 def test_l2_mask_excludes_batch_norm_only():
