@@ -7,9 +7,9 @@ Sources: 32 px, the bundled CIFAR-10 sample (3000 JPEGs; CIFAR settings: jitter 
 blur); 224 px with blur (ImageNet settings), a temp folder of 500x375 JPEGs (ImageNet's
 typical size) made by upscaling bundled images. Rows:
 - grain host, threads / N workers: grain_pipeline host batches alone (decode, crop on the
-  full-resolution image, bicubic resize to image_size, uint8), in-process threads or N
+  full-resolution image, bicubic resize to image_size, float32), in-process threads or N
   worker processes (data.grain_workers), with the workers' resident memory;
-- jax, device augment only: make_augment_fn on device-resident host-cropped uint8 views
+- jax, device augment only: make_augment_fn on device-resident host-cropped float32 views
   (flip, jitter, grayscale, blur: the accelerator's share; on this CPU the "device" is the
   same 2 cores);
 - jax, end to end: data.make_train_batches (Grain -> global arrays -> device augmentation);
@@ -84,7 +84,7 @@ def bench_case(config, batch: int, seconds: float, with_tf: bool, workers: int):
             memory = worker_memory_mib()
         sample = next(host)
         host.close()
-    augment = jax_augment.make_augment_fn(config, mesh, image_size=int(config.image_size))
+    augment = jax_augment.make_augment_fn(data.augment_params(config), mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     images = jax.device_put(sample["image"], batch_sharding)
     ids = jax.device_put(sample["id"], batch_sharding)

@@ -59,11 +59,11 @@ def preview_grid(
     train split with its pretraining augmentation; tiles are image_size * scale pixels."""
     import tensorflow as tf
 
-    from simclr_jax.data import augment, pipeline, sources
+    from simclr_jax.data import augment, pipeline, sources, spec
 
     if num_images < 1:
         raise ValueError(f"num_images={num_images!r} must be >= 1.")
-    params = augment.AugmentParams.from_config(data_config)
+    params = spec.augment_params(data_config)
     source = sources.get_source(
         data_config, data_config.train_split, supervised=False, field="data.train_split"
     )

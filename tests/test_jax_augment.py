@@ -1,4 +1,5 @@
-"""On-accelerator SimCLR augmentations: windows, resampling, colour ops, rates, sharding."""
+"""The Grain path's augmentations: host crop windows and resampling (grain_pipeline,
+numpy_pipeline), and on the accelerator colour ops, blur, rates and sharding (jax_augment)."""
 
 import colorsys
 import dataclasses
@@ -11,20 +12,20 @@ import numpy as np
 import pytest
 
 from simclr_jax import parallel
+from simclr_jax.data import grain_pipeline, numpy_pipeline, spec
 from simclr_jax.data import jax_augment as ja
 
-BASE = ja.JaxAugmentParams()  # the ImageNet defaults of configs/common.py
+BASE = spec.AugmentParams()  # the ImageNet defaults of configs/common.py
 N_DRAWS = 4000
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
 
 
 # Jitted: op-by-op dispatch of these small programs costs more than one compile.
-crop_resize_flip = jax.jit(ja.crop_resize_flip, static_argnums=(2,))
 gaussian_blur = jax.jit(ja.gaussian_blur, static_argnums=(2,))
 color_jitter = jax.jit(ja.color_jitter, static_argnames=("strength", "brightness_mode"))
 
 
-def _params(**changes) -> ja.JaxAugmentParams:
+def _params(**changes) -> spec.AugmentParams:
     return dataclasses.replace(BASE, **changes)
 
 
@@ -38,11 +39,11 @@ def _within_binomial(hits: np.ndarray, p: float, sigmas: float = 4.0) -> bool:
 
 
 @functools.cache
-def _draws_fn(params: ja.JaxAugmentParams):
-    return jax.jit(jax.vmap(lambda k: ja.sample_view_draws(k, params, 16, 16)))
+def _draws_fn(params: spec.AugmentParams):
+    return jax.jit(jax.vmap(lambda k: ja.sample_view_draws(k, params)))
 
 
-def _draws(params: ja.JaxAugmentParams, n: int, seed: int = 0) -> ja.ViewDraws:
+def _draws(params: spec.AugmentParams, n: int, seed: int = 0) -> ja.ViewDraws:
     return _draws_fn(params)(_keys(n, seed))
 
 
@@ -78,10 +79,9 @@ def _numpy_tf_crop(rng, height, width, min_area, ratio_range, covered, attempts=
 
 
 def _windows(height, width, n=N_DRAWS, **kwargs) -> np.ndarray:
-    # NumPy draws fed to the sampler: no PRNG in the program, which keeps compiles short.
-    uniforms = np.random.default_rng(0).uniform(size=(n, 4, ja.MAX_CROP_ATTEMPTS))
-    sample = jax.vmap(lambda u: ja.crop_window_from_uniforms(u, height, width, **kwargs))
-    return np.asarray(jax.jit(sample)(uniforms.astype(np.float32)), dtype=np.int64)
+    uniforms = np.random.default_rng(0).uniform(size=(n, 4, spec.MAX_CROP_ATTEMPTS))
+    sample = grain_pipeline.crop_window_from_uniforms
+    return np.array([sample(u, height, width, **kwargs) for u in uniforms], dtype=np.int64)
 
 
 def test_crop_windows_respect_area_aspect_and_image_bounds():
@@ -116,10 +116,10 @@ def test_without_object_cover_the_area_floor_is_crop_min_area():
 def test_impossible_crop_falls_back_to_whole_image():
     whole = np.tile([0, 0, 24, 20], (64, 1))
     np.testing.assert_array_equal(_windows(24, 20, n=64, min_object_covered=1.5), whole)
-    sample = functools.partial(
-        ja.sample_crop_window, height=24, width=20, aspect_ratio_range=(50.0, 60.0)
+    uniforms = grain_pipeline.view_uniforms(0, 0, 0)
+    window = grain_pipeline.crop_window_from_uniforms(
+        uniforms, 24, 20, aspect_ratio_range=(50.0, 60.0)
     )
-    window = jax.jit(sample)(jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(window), whole[0])
 
 
@@ -150,19 +150,18 @@ def _numpy_bicubic(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def test_uncropped_same_size_resize_is_identity():
-    image = _color_image(24)
-    out = crop_resize_flip(jnp.asarray(image), jnp.array([0, 0, 24, 24]), 24)
-    np.testing.assert_allclose(np.asarray(out), image, atol=1e-6)
+    image = (_color_image(24) * 255).astype(np.uint8)
+    out = grain_pipeline.crop_resize(image, (0, 0, 24, 24), 24)
+    np.testing.assert_allclose(out, image / 255.0, atol=1e-6)
 
 
 def test_crop_resize_flip_matches_numpy_bicubic_of_the_crop():
-    image = np.random.default_rng(3).uniform(0, 1, (20, 26, 3)).astype(np.float32)
+    image = np.random.default_rng(3).integers(0, 256, (20, 26, 3), dtype=np.uint8)
     y, x, h, w = 3, 5, 11, 14
-    expected = _numpy_bicubic(image[y : y + h, x : x + w].astype(np.float64), 16)
-    window = jnp.array([y, x, h, w])
-    out = crop_resize_flip(jnp.asarray(image), window, 16)
-    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
-    flipped = crop_resize_flip(jnp.asarray(image), window, 16, flip=True)
+    expected = _numpy_bicubic(image[y : y + h, x : x + w] / 255.0, 16)
+    out = grain_pipeline.crop_resize(image, (y, x, h, w), 16)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    flipped = jax.jit(ja.flip)(out, True)
     np.testing.assert_allclose(np.asarray(flipped), expected[:, ::-1], atol=1e-5)
 
 
@@ -287,11 +286,11 @@ def _numpy_gaussian(sigma: float, taps: int) -> np.ndarray:
 
 @pytest.mark.parametrize("image_size,taps", [(32, 3), (64, 7), (224, 23), (9, 1)])
 def test_blur_kernel_size_is_a_tenth_made_odd(image_size, taps):
-    assert ja.blur_kernel_size(image_size) == taps
+    assert spec.blur_kernel_size(image_size) == taps
 
 
 def test_blur_of_an_impulse_is_the_gaussian_kernel_with_zero_padding():
-    sigma, taps = 1.3, ja.blur_kernel_size(64)
+    sigma, taps = 1.3, spec.blur_kernel_size(64)
     kernel2d = np.outer(_numpy_gaussian(sigma, taps), _numpy_gaussian(sigma, taps))
     impulse = np.zeros((20, 20, 3), np.float32)
     impulse[10, 10] = 1.0
@@ -306,10 +305,9 @@ def test_blur_of_an_impulse_is_the_gaussian_kernel_with_zero_padding():
 
 
 def test_blur_in_the_pipeline_uses_the_view_sigma_and_size():
-    image = jnp.asarray(_color_image(20, seed=5))
+    crop = jnp.asarray(_color_image(32, seed=5) * 1.2 - 0.1)  # bicubic overshoot: not clipped
     params = _params(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=1.0)
     draws = ja.ViewDraws(
-        window=jnp.array([2, 3, 15, 14]),
         flip=jnp.array(True),
         jitter=jnp.array(False),
         jitter_order=jnp.arange(4),
@@ -318,10 +316,10 @@ def test_blur_in_the_pipeline_uses_the_view_sigma_and_size():
         blur=jnp.array(True),
         blur_sigma=jnp.array(1.2),
     )
-    apply = jax.jit(ja.apply_view, static_argnums=(2, 3))
-    with_blur = apply(image, draws, params, 32)
-    without = apply(image, draws._replace(blur=jnp.array(False)), params, 32)
-    expected = crop_resize_flip(image, draws.window, 32, flip=True)
+    apply = jax.jit(ja.apply_view, static_argnums=(2,))
+    with_blur = apply(crop, draws, params)
+    without = apply(crop, draws._replace(blur=jnp.array(False)), params)
+    expected = crop[:, ::-1]
     np.testing.assert_allclose(np.asarray(without), np.clip(expected, 0, 1), atol=1e-6)
     expected = jnp.clip(gaussian_blur(without, 1.2, 3), 0.0, 1.0)
     np.testing.assert_allclose(np.asarray(with_blur), np.asarray(expected), atol=1e-6)
@@ -331,14 +329,15 @@ def test_blur_in_the_pipeline_uses_the_view_sigma_and_size():
 # ------------------------------------------------------------------ end to end
 
 
-def _ramp_batch(n: int, size: int = 24) -> np.ndarray:
+def _ramp_batch(n: int, size: int = 16) -> np.ndarray:
     ramp = np.broadcast_to(np.linspace(0.1, 0.9, size, dtype=np.float32), (size, size))
-    return np.broadcast_to(np.stack([ramp, ramp[::-1].T, ramp * 0.5], -1), (n, size, size, 3))
+    crop = np.stack([ramp, ramp[::-1].T, ramp * 0.5], -1)
+    return np.broadcast_to(crop, (n, 1, size, size, 3))
 
 
 def test_crop_and_flip_flips_at_the_configured_rate():
     n = 2000
-    augment = ja.make_augment_fn(BASE, image_size=16, num_views=1, augmentation="crop_flip")
+    augment = ja.make_augment_fn(BASE, augmentation="crop_flip")
     views = np.asarray(augment(jax.random.key(3), _ramp_batch(n), np.arange(n)))[:, 0]
     # The red channel rises left to right in every crop; a flipped view falls instead.
     slope = np.diff(views[..., 0].mean(axis=1), axis=1)
@@ -350,8 +349,8 @@ def test_crop_and_flip_flips_at_the_configured_rate():
 def test_grayscale_rate_end_to_end():
     n = 2000
     params = _params(color_jitter_prob=0.0, grayscale_prob=0.2, blur_prob=0.0)
-    augment = ja.make_augment_fn(params, image_size=16, num_views=1)
-    images = np.broadcast_to(_color_image(16), (n, 16, 16, 3))
+    augment = ja.make_augment_fn(params)
+    images = np.broadcast_to(_color_image(16), (n, 1, 16, 16, 3))
     views = np.asarray(augment(jax.random.key(4), images, np.arange(n)))[:, 0]
     gray = np.abs(views - views[..., :1]).max(axis=(1, 2, 3)) < 1e-6
     assert _within_binomial(gray, 0.2)
@@ -359,14 +358,14 @@ def test_grayscale_rate_end_to_end():
 
 @pytest.fixture(scope="module")
 def simclr_batch():
-    images = (np.random.default_rng(7).uniform(0, 255, (16, 24, 24, 3))).astype(np.uint8)
+    images = np.random.default_rng(7).uniform(-0.05, 1.05, (16, 2, 20, 20, 3)).astype(np.float32)
     ids = np.arange(100, 116, dtype=np.int32)
     return images, ids
 
 
 @pytest.fixture(scope="module")
 def simclr_fn():
-    return ja.make_augment_fn(BASE, image_size=20, num_views=2)
+    return ja.make_augment_fn(BASE)
 
 
 def test_views_are_float_in_unit_range_differ_and_are_reproducible(simclr_batch, simclr_fn):
@@ -398,7 +397,7 @@ def test_sharded_views_match_one_device_without_communication(simclr_batch, devi
             jax.device_put(images, batch),
             jax.device_put(ids, batch),
         )
-        compiled = ja.make_augment_fn(BASE, mesh, image_size=20).lower(*args).compile()
+        compiled = ja.make_augment_fn(BASE, mesh).lower(*args).compile()
         hlo = compiled.as_text()
         for collective in COLLECTIVES:
             assert collective not in hlo, f"{name}: {collective} in the compiled HLO"
@@ -419,30 +418,29 @@ def test_sharded_views_match_one_device_without_communication(simclr_batch, devi
     ],
 )
 def test_bad_config_values_name_the_field(changes, match):
+    from configs.common import get_base_config
+
+    data = get_base_config().data
+    data.update(changes)
     with pytest.raises(ValueError, match=match):
-        ja.make_augment_fn(_params(**changes), image_size=16)
+        spec.augment_params(data)
 
 
 def test_bad_shapes_are_rejected_before_compiling():
+    key, ids = jax.random.key(0), np.arange(2)
     with pytest.raises(ValueError, match="must be RGB"):
-        ja.augment_views(jax.random.key(0), np.zeros((2, 8, 8)), BASE, image_size=8)
+        ja.augment_views(key, np.zeros((2, 1, 8, 8)), BASE, example_ids=ids)
     with pytest.raises(ValueError, match="example_ids"):
-        ja.augment_views(
-            jax.random.key(0),
-            np.zeros((2, 8, 8, 3)),
-            BASE,
-            image_size=8,
-            example_ids=np.arange(3),
-        )
+        ja.augment_views(key, np.zeros((2, 1, 8, 8, 3)), BASE, example_ids=np.arange(3))
     with pytest.raises(ValueError, match="uint8 or floating"):
-        ja.simclr_augment(jax.random.key(0), np.zeros((8, 8, 3), np.int32), BASE, 8)
+        ja.augment_views(key, np.zeros((2, 1, 8, 8, 3), np.int32), BASE, example_ids=ids)
 
 
 def test_reads_the_fields_of_the_config_schema():
     from configs.common import get_base_config
 
     data = get_base_config().data
-    assert ja.augment_params(data) == BASE
+    assert spec.augment_params(data) == BASE
 
 
 def test_ops_match_the_tensorflow_reference_ops():
@@ -456,7 +454,7 @@ def test_ops_match_the_tensorflow_reference_ops():
         (ja.adjust_contrast(x, 0.4), tf.image.adjust_contrast(image, 0.4)),
         (ja.to_grayscale(x), tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])),
         (
-            crop_resize_flip(x, jnp.array([3, 5, 11, 14]), 16),
+            numpy_pipeline.resize_bicubic(image[3:14, 5:19], 16, 16),
             tf.image.resize(image[3:14, 5:19], [16, 16], method="bicubic"),
         ),
     ]

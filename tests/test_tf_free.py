@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs.common import get_base_config
 from simclr_jax import data, metrics, parallel
-from simclr_jax.data import common, grain_pipeline, jax_augment, numpy_pipeline, sources
+from simclr_jax.data import common, grain_pipeline, jax_augment, numpy_pipeline, sources, spec
 
 REPO = Path(__file__).resolve().parents[1]
 # What "TensorFlow is not installed" looks like to Python: `import tensorflow` raises
@@ -50,7 +50,8 @@ def array_dir(tmp_path_factory):
 
 
 def _rows(batch):
-    return batch["image"].reshape(len(batch["image"]), -1)[:, 0].astype(int)
+    """The row each example's crop came from (its pixels are row / 255)."""
+    return np.round(batch["image"].reshape(len(batch["image"]), -1)[:, 0] * 255).astype(int)
 
 
 # ------------------------------------------------------------------ the loader
@@ -115,10 +116,11 @@ def test_batch_k_depends_only_on_seed_and_k_and_grain_state_resumes(array_dir):
     relayout.close()
     assert not np.array_equal(next(make(4))["image"], stream[0]["image"])
     image = stream[0]["image"]
-    assert image.shape == (8, 2, 16, 16, 3) and image.dtype == np.uint8
+    assert image.shape == (8, 2, 16, 16, 3) and image.dtype == np.float32
     assert stream[0]["id"].dtype == np.uint32
-    # Each view is a constant crop of one row's image; the two views come from one example.
-    np.testing.assert_array_equal(image[:, 0], image[:, 1])
+    # Each view is a constant crop of one row's image; the two views come from one example
+    # (equal up to the float rounding of resizing windows of different sizes).
+    np.testing.assert_allclose(image[:, 0], image[:, 1], atol=1e-6)
     ids = np.concatenate([b["id"] for b in stream])
     np.testing.assert_array_equal(ids, np.arange(56))  # global positions, one process
     for it in (first, resumed, restored, probe):
@@ -174,7 +176,7 @@ def test_folder_reads_lazily_crops_to_one_shape_and_skips_corrupt(image_folder, 
     batch = next(it)
     # Lazy: only the batches in flight were decoded, never the whole folder (13 files).
     assert len(decoded) <= 2 * 4
-    assert batch["image"].shape == (2, 2, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert batch["image"].shape == (2, 2, 16, 16, 3) and batch["image"].dtype == np.float32
     labels = np.concatenate([batch["label"]] + [next(it)["label"] for _ in range(6)])
     assert set(labels) == {0, 1, 2}
     assert {Path(p).name for p in it.skipped_files} == {"2b.png"}
@@ -235,8 +237,38 @@ def test_grain_crops_match_tf_data_on_a_large_non_square_image():
     crop = tf.image.convert_image_dtype(tf.constant(image[y : y + h, x : x + w]), tf.float32)
     reference = tf.image.resize(crop, (224, 224), method="bicubic").numpy()
     np.testing.assert_allclose(view, reference, atol=1e-3)
-    shipped = grain_pipeline.to_uint8(view).astype(np.float32) / 255
-    assert np.abs(shipped - np.clip(reference, 0, 1)).max() <= 0.5 / 255 + 1e-3
+
+
+def test_grain_ships_the_tf_data_crop_unrounded_into_the_jitter():
+    """The Grain path's crop of a fixed window, as shipped to the device (before colour
+    jitter), equals tf.data's crop of that window (augment.crop_resize) within 1e-5: float32,
+    not rounded to uint8 and not clipped (the reference clips only after the jitter). The
+    window's scale (28 x 21 -> 14) puts every bicubic tap on TF's 1024-entry weight table, so
+    the two resizes agree to float rounding."""
+    tf = pytest.importorskip("tensorflow")
+    from simclr_jax.data import augment
+
+    image = np.random.default_rng(5).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    window = (5, 7, 28, 21)
+    theirs = augment.crop_resize(tf.constant(image), window[:2], window[2:], 14).numpy()
+    ours = grain_pipeline.crop_resize(image, window, 14)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert theirs.min() < 0 or theirs.max() > 1  # bicubic overshoot: uint8 would clip it
+    rounded = np.round(np.clip(theirs, 0, 1) * 255) / 255
+    assert np.abs(rounded - theirs).max() > 1e-3  # what rounding to uint8 would have cost
+
+    # HostViews ships exactly that function's output for its sampled window.
+    source = sources.ArraySource("test", image[None], np.arange(1), np.zeros(1, np.int32), ())
+    params = spec.AugmentParams(image_size=14)
+    views = grain_pipeline.HostViews(
+        source, np.arange(1), seed=3, process_index=0, process_count=1, num_views=2,
+        params=params, skip_corrupt=False,
+    )(0)["image"]  # fmt: skip
+    for v in range(2):
+        uniforms = grain_pipeline.view_uniforms(3, 0, v)
+        sampled = grain_pipeline.crop_window_from_uniforms(uniforms, 40, 36)
+        np.testing.assert_array_equal(views[v], grain_pipeline.crop_resize(image, sampled, 14))
 
 
 def test_bad_backend_and_source_combinations_are_named():
@@ -327,9 +359,24 @@ def test_views_agree_in_distribution_with_tf_data():
     images = np.stack([reader.image(i) for i in range(0, 3000, 3)][:1024])
     n = 2 * len(images)
 
-    augment_fn = jax_augment.make_augment_fn(config, image_size=32, num_views=2)
-    ours = np.asarray(augment_fn(jax.random.key(0), images, np.arange(len(images))))
-    params = augment.AugmentParams.from_config(config)
+    params = spec.augment_params(config)
+    crops = np.stack(
+        [
+            [
+                grain_pipeline.crop_resize(
+                    image,
+                    grain_pipeline.crop_window_from_uniforms(
+                        grain_pipeline.view_uniforms(0, i, v), *image.shape[:2]
+                    ),
+                    32,
+                )
+                for v in range(2)
+            ]
+            for i, image in enumerate(images)
+        ]
+    )
+    augment_fn = jax_augment.make_augment_fn(params)
+    ours = np.asarray(augment_fn(jax.random.key(0), crops, np.arange(len(images))))
     ds = tf.data.Dataset.from_tensor_slices((np.repeat(images, 2, axis=0), np.arange(n)))
     view = lambda image, i: augment.simclr_view(image, tf.stack([i, i * 7 + 1]), params)
     theirs = np.stack(list(ds.map(view, num_parallel_calls=2).as_numpy_iterator()))
@@ -339,8 +386,9 @@ def test_views_agree_in_distribution_with_tf_data():
     _assert_same_distribution(ours_b, theirs_b, "brightness", 0.1)
     _assert_same_distribution(ours_s, theirs_s, "saturation", 0.1)
 
-    windows = jax.jit(jax.vmap(lambda k: jax_augment.sample_crop_window(k, 224, 180)))
-    _, _, h, w = np.asarray(windows(jax.random.split(jax.random.key(1), n))).T
+    sample = grain_pipeline.crop_window_from_uniforms
+    windows = [sample(grain_pipeline.view_uniforms(1, i, 0), 224, 180) for i in range(n)]
+    _, _, h, w = np.array(windows).T
     sample = tf.function(lambda s: augment.sample_crop_window(tf.constant([224, 180, 3]), s)[1])
     tf_sizes = np.array([sample(tf.constant([2, i])).numpy() for i in range(n)])
     _assert_same_distribution(

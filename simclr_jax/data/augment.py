@@ -1,4 +1,5 @@
-"""SimCLR augmentations as pure TensorFlow ops with explicit stateless seeds.
+"""The tf.data path's SimCLR augmentations (data.backend='tfdata'): pure TensorFlow ops with
+explicit stateless seeds, per spec.py's constants and AugmentParams.
 
 Every op takes a `seed` (int32/int64 tensor of shape [2]) and draws its randomness with
 `tf.random.stateless_*`, so the same (image, seed) gives the same output eagerly and inside
@@ -8,61 +9,22 @@ Images are float32 in [0, 1], shape (H, W, 3); no mean/std normalization (as the
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import tensorflow as tf
 
-ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
-MIN_OBJECT_COVERED = 0.1
-MAX_CROP_ATTEMPTS = 100
-BLUR_SIGMA_RANGE = (0.1, 2.0)
-EVAL_CROP_PROPORTION = 0.875
-BRIGHTNESS_MODES = ("simclrv2", "simclrv1")
-AUGMENTATIONS = ("simclr", "crop_flip", "none")
+from simclr_jax.data.spec import (
+    ASPECT_RATIO_RANGE,
+    BLUR_SIGMA_RANGE,
+    BRIGHTNESS_MODES,
+    EVAL_CROP_PROPORTION,
+    MAX_CROP_ATTEMPTS,
+    MIN_OBJECT_COVERED,
+    AugmentParams,
+    blur_kernel_size,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-    """The data_config fields the augmentations read, validated once."""
-
-    image_size: int = 224
-    crop_min_area: float = 0.08
-    flip_prob: float = 0.5
-    color_jitter_prob: float = 0.8
-    color_jitter_strength: float = 1.0
-    brightness_mode: str = "simclrv2"
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"data.image_size={self.image_size!r} must be a positive integer.")
-        if not 0.0 < self.crop_min_area <= 1.0:
-            raise ValueError(f"data.crop_min_area={self.crop_min_area!r} must be in (0, 1].")
-        for name in ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.{name}={value!r} must be a probability in [0, 1].")
-        if self.color_jitter_strength < 0:
-            raise ValueError(
-                f"data.color_jitter_strength={self.color_jitter_strength!r} must be >= 0."
-            )
-        if self.brightness_mode not in BRIGHTNESS_MODES:
-            raise ValueError(
-                f"data.brightness_mode={self.brightness_mode!r}; allowed: {BRIGHTNESS_MODES}."
-            )
-
-    @classmethod
-    def from_config(cls, data_config: Any) -> AugmentParams:
-        """Reads the augmentation fields of `config.data` (missing fields keep defaults)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        values = {n: data_config[n] for n in names if n in data_config}
-        if "image_size" in values:
-            values["image_size"] = int(values["image_size"])
-        return cls(**values)
-
+AUGMENTATIONS = ("simclr", "crop_flip")
 
 # The V1 stateless ops give the same values as tf.random.stateless_uniform and
 # tf.random.experimental.stateless_split (Philox on CPU, tested) with one op per draw instead of
@@ -145,9 +107,15 @@ def random_crop_resize(
 
     The reference resizes without clipping and clips once the colour distortion is done, so
     bicubic overshoot reaches the jitter (and its clips) as in the authors' code; the views
-    are clipped in simclr_view / crop_flip_view. jax_augment.py does the same.
+    are clipped in simclr_view / crop_flip_view. The Grain path's host crops do the same.
     """
     begin, crop_size = sample_crop_window(tf.shape(image), seed, area_range=(crop_min_area, 1.0))
+    return crop_resize(image, begin, crop_size, size)
+
+
+def crop_resize(image: tf.Tensor, begin: tf.Tensor, crop_size: tf.Tensor, size: int) -> tf.Tensor:
+    """The window at begin [y, x] of crop_size [h, w], bicubic-resized to (size, size) as float32
+    [0, 1], not clipped."""
     crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop_size, [-1]], 0))
     resized = tf.image.resize(to_float(crop), [size, size], method="bicubic")
     return tf.ensure_shape(resized, [size, size, 3])
@@ -181,12 +149,6 @@ def brightness_draw(seed: tf.Tensor, max_delta: float, mode: str) -> tuple[tf.Te
     raise ValueError(f"data.brightness_mode={mode!r}; allowed: {BRIGHTNESS_MODES}.")
 
 
-def adjust_brightness(image: tf.Tensor, seed: tf.Tensor, max_delta: float, mode: str) -> tf.Tensor:
-    """simclrv2: x * U[max(0, 1-b), 1+b]; simclrv1: x + U[-b, b]."""
-    scale, shift = brightness_draw(seed, max_delta, mode)
-    return image * scale + shift
-
-
 def sample_jitter_draws(
     seed: tf.Tensor, strength: float, brightness_mode: str = "simclrv2"
 ) -> dict[str, tf.Tensor]:
@@ -205,44 +167,12 @@ def sample_jitter_draws(
     }
 
 
-def color_jitter(
-    image: tf.Tensor, seed: tf.Tensor, strength: float, brightness_mode: str = "simclrv2"
-) -> tf.Tensor:
-    """Brightness, contrast, saturation and hue in random order, clipped after each (the
-    reference's colour jitter; the maths is _jitter's, shared with the fused path)."""
-    return _jitter(image, sample_jitter_draws(seed, strength, brightness_mode))
-
-
 def to_grayscale(image: tf.Tensor) -> tf.Tensor:
     """Luma tiled back to three channels."""
     return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
 
 
-def random_color_distortion(image: tf.Tensor, seed: tf.Tensor, params: AugmentParams) -> tf.Tensor:
-    """Colour jitter with p=color_jitter_prob, then grayscale with p=grayscale_prob."""
-    jitter_seed, jitter_apply_seed, gray_seed = tf.unstack(split_seed(seed, 3))
-    image, _ = _apply_with_prob(
-        params.color_jitter_prob,
-        jitter_apply_seed,
-        lambda x: color_jitter(
-            x, jitter_seed, params.color_jitter_strength, params.brightness_mode
-        ),
-        image,
-    )
-    return random_grayscale(image, gray_seed, params.grayscale_prob)
-
-
-def random_grayscale(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.2) -> tf.Tensor:
-    """Grayscale (tiled to 3 channels) with probability `prob`."""
-    return _apply_with_prob(prob, seed, to_grayscale, image)[0]
-
-
 # ---------------------------------------------------------------- blur
-
-
-def blur_kernel_size(image_size: int) -> int:
-    """image_size // 10 made odd (the reference: radius (image_size // 10) // 2)."""
-    return 2 * ((image_size // 10) // 2) + 1
 
 
 def gaussian_kernel_1d(sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
@@ -292,28 +222,14 @@ def sample_blur_sigma(seed: tf.Tensor) -> tf.Tensor:
     return _uniform(seed, *BLUR_SIGMA_RANGE)
 
 
-def random_blur(image: tf.Tensor, seed: tf.Tensor, prob: float, image_size: int) -> tf.Tensor:
-    """Gaussian blur with probability `prob`, sigma ~ U(0.1, 2), kernel image_size//10 odd."""
-    if prob <= 0.0:
-        return image
-    apply_seed, sigma_seed = tf.unstack(split_seed(seed, 2))
-    kernel = blur_kernel_size(image_size)
-    return _apply_with_prob(
-        prob,
-        apply_seed,
-        lambda x: gaussian_blur(x, sample_blur_sigma(sigma_seed), kernel),
-        image,
-    )[0]
-
-
 # ---------------------------------------------------------------- full transforms
 
 
 def sample_view_draws(
     flip_seed: tf.Tensor, color_seed: tf.Tensor, blur_seed: tf.Tensor, params: AugmentParams
 ) -> dict[str, tf.Tensor]:
-    """Every random draw of a view after its crop, from the same seeds (so the same values) as
-    random_flip, random_color_distortion (color_jitter inside) and random_blur."""
+    """Every random draw of a view after its crop: flip, then from color_seed the jitter's
+    (seed, apply, grayscale) splits, from blur_seed the (apply, sigma) splits."""
     jitter_seed, jitter_apply_seed, gray_seed = tf.unstack(split_seed(color_seed, 3))
     blur = params.blur_prob > 0.0
     blur_apply_seed, sigma_seed = tf.unstack(split_seed(blur_seed, 2)) if blur else (None, None)
@@ -322,7 +238,7 @@ def sample_view_draws(
         "jitter": _uniform(jitter_apply_seed) < params.color_jitter_prob,
         **sample_jitter_draws(jitter_seed, params.color_jitter_strength, params.brightness_mode),
         "gray": _uniform(gray_seed) < params.grayscale_prob,
-        # No blur draws at blur_prob 0 (as random_blur): each draw costs a few microseconds.
+        # No blur draws at blur_prob 0: each draw costs a few microseconds.
         "blur": _uniform(blur_apply_seed) < params.blur_prob if blur else tf.constant(False),
         "sigma": sample_blur_sigma(sigma_seed) if blur else tf.constant(1.0),
     }
@@ -454,23 +370,13 @@ def eval_transform(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return resize(cropped, image_size)
 
 
-def fixed_size_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
-    """The whole image resized to (size, size) as uint8 (no-op at that size): for augmenting
-    on the accelerator (simclr_jax.data.jax_augment), which needs one shape per batch."""
-    return tf.image.convert_image_dtype(resize(image, size), tf.uint8, saturate=True)
-
-
 def make_view_fn(augmentation: str, params: AugmentParams) -> tuple[Callable, Callable]:
-    """(per_view, per_batch) for 'simclr' (pretraining), 'crop_flip' (fine-tune), or 'none'
-    (uint8 image_size x image_size images, augmented later on the device).
+    """(per_view, per_batch) for 'simclr' (pretraining) or 'crop_flip' (fine-tune).
 
     per_view(image, seed) runs per example; per_batch maps the batched per_view outputs, with
     leading dims (batch, views), to the images (batch, views, S, S, 3). SimCLR does its crop
     per example (images differ in size) and the rest per batch (distort_batch).
     """
-    identity = lambda views: views  # noqa: E731
-    if augmentation == "none":
-        return lambda image, seed: fixed_size_uint8(image, params.image_size), identity
     if augmentation == "simclr":
 
         def per_batch(views):
@@ -481,5 +387,5 @@ def make_view_fn(augmentation: str, params: AugmentParams) -> tuple[Callable, Ca
 
         return lambda image, seed: simclr_crop(image, seed, params), per_batch
     if augmentation == "crop_flip":
-        return lambda image, seed: crop_flip_view(image, seed, params), identity
+        return lambda image, seed: crop_flip_view(image, seed, params), lambda views: views
     raise ValueError(f"augmentation={augmentation!r}; allowed: {AUGMENTATIONS}.")

@@ -4,12 +4,12 @@
   float32 views.
 - 'jax': TensorFlow is never imported. Grain (grain_pipeline.py) decodes on the host and
   samples the random resized crop on the full-resolution image (the reference's sampler),
-  shipping uint8 crops at image_size; the device makes the rest of each view (flip, colour
-  jitter, grayscale, blur; jax_augment.py) in its own jit right before the train step, sharded
-  like the batch, so each device augments its own examples. The crop is on the host because it
-  must see the whole image (ImageNet images vary in size; resizing them first would make an
-  8%-area crop a small patch upsampled and squash the aspect ratios); what follows is per-pixel
-  work that the accelerator does for free.
+  shipping float32 crops at image_size, neither clipped nor rounded; the device makes the
+  rest of each view (flip, colour jitter, grayscale, blur; jax_augment.py) in its own jit
+  right before the train step, sharded like the batch, so each device augments its own
+  examples. The crop is on the host because it must see the whole image (ImageNet images vary
+  in size; resizing them first would make an 8%-area crop a small patch upsampled and squash
+  the aspect ratios); what follows is per-pixel work that the accelerator does for free.
 Both modules are imported lazily, so only the chosen path's dependencies load.
 
 make_train_batches is run_training's one training-input entry point: host batches -> global
@@ -25,7 +25,7 @@ import jax
 from jax.sharding import Mesh
 
 from simclr_jax import parallel
-from simclr_jax.data import common
+from simclr_jax.data import common, spec
 
 _AUGMENT_SALT = 0x5EED  # device augmentation keys: fold_in(key(seed), salt), then example ids
 
@@ -33,23 +33,18 @@ _AUGMENT_SALT = 0x5EED  # device augmentation keys: fold_in(key(seed), salt), th
 def make_device_augment(
     data_config: Any, mesh: Mesh, *, num_views: int, augmentation: str, seed: int
 ):
-    """Jitted fn(global uint8 images, ids) -> views, sharded on 'data': (B, V, S, S, 3) for
+    """Jitted fn(global host crops, ids) -> views, sharded on 'data': (B, V, S, S, 3) for
     pretraining, (B, S, S, 3) when num_views == 1 (the supervised steps' layout)."""
     from simclr_jax.data import jax_augment
 
-    augment = jax_augment.make_augment_fn(
-        data_config,
-        mesh,
-        image_size=int(data_config.image_size),
-        num_views=num_views,
-        augmentation=augmentation,
-    )
+    params = spec.augment_params(data_config)
+    augment = jax_augment.make_augment_fn(params, mesh, augmentation=augmentation)
 
-    def views(images: jax.Array, ids: jax.Array) -> jax.Array:
+    def views(crops: jax.Array, ids: jax.Array) -> jax.Array:
         # The key is built inside the jit: a constant, so no host array is passed around
         # (multi-process runs need every input to be a global array).
         key = jax.random.fold_in(jax.random.key(seed), _AUGMENT_SALT)
-        out = augment(key, images, ids)
+        out = augment(key, crops, ids)
         return out[:, 0] if num_views == 1 else out
 
     batch = parallel.batch_sharding(mesh)
@@ -160,8 +155,8 @@ def make_eval_iterator(data_config: Any, **kwargs: Any):
 def make_train_iterator(
     data_config: Any, *, num_views: int, augmentation: str, **kwargs: Any
 ) -> Iterator[dict[str, Any]]:
-    """Host train batches of the configured backend: tf.data views, or (backend 'jax') uint8
-    images with ids, which make_device_augment turns into views on the device."""
+    """Host train batches of the configured backend: tf.data views, or (backend 'jax') float32
+    crops with ids, which make_device_augment turns into views on the device."""
     if common.backend(data_config) == "tfdata":
         from simclr_jax.data import pipeline
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from simclr_jax.data import sources
+from simclr_jax.data import sources, spec
 
 BACKENDS = ("tfdata", "jax")
 PAD_LABEL = 0  # label of padding rows in eval batches (mask 0.0)
@@ -110,8 +110,10 @@ def eval_shards(num_examples: int, process_count: int, local_batch: int):
 
 def get_dataset_info(data_config: Any) -> DatasetInfo:
     """Classes and example counts of data_config.train_split and eval_split (and, for the
-    bundled sample, 'train' and 'test'); validates the backend and source before anything runs."""
+    bundled sample, 'train' and 'test'); validates the backend, the augmentation fields
+    (spec.augment_params) and the source before anything runs."""
     backend(data_config)
+    spec.augment_params(data_config)
     splits = [
         ("data.train_split", data_config.train_split),
         ("data.eval_split", data_config.eval_split),

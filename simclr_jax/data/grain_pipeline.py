@@ -16,12 +16,13 @@ Contract (same as the tf.data path, pipeline.py):
   (seed, id, view) on the host, and the device derives the rest of its view from the same id.
 - Crop: on the full-resolution decoded image, with the reference's sampler
   (tf.image.sample_distorted_bounding_box with the whole image as the box: area 0.08-1,
-  min_object_covered 0.1, aspect 3/4-4/3, 100 tries, whole-image fallback; the NumPy port of
-  jax_augment.crop_window_from_uniforms), then a bicubic resize to image_size like
-  tf.image.resize (numpy_pipeline.resize_bicubic), rounded to uint8 to ship.
+  min_object_covered 0.1, aspect 3/4-4/3, 100 tries, whole-image fallback; a NumPy port),
+  then a bicubic resize to image_size like tf.image.resize (numpy_pipeline.resize_bicubic),
+  shipped as float32, neither clipped nor rounded: the reference clips only after the colour
+  jitter, so the overshoot and the fractions reach the device's jitter as on tf.data.
 - Corrupt files: skipped and logged; the next example of the epoch order takes the place.
 
-Train batches: {'image': uint8 (b, V, S, S, 3), 'label': int32 (b,), 'id': uint32 (b,)}.
+Train batches: {'image': float32 (b, V, S, S, 3), 'label': int32 (b,), 'id': uint32 (b,)}.
 data.grain_workers > 0 decodes in that many worker processes (mp_prefetch); 0 uses
 data.grain_threads threads in this process (Pillow and NumPy release the GIL).
 """
@@ -37,10 +38,14 @@ from typing import Any
 import numpy as np
 
 from simclr_jax.data import common, numpy_pipeline, sources
+from simclr_jax.data.spec import (
+    ASPECT_RATIO_RANGE,
+    MAX_CROP_ATTEMPTS,
+    MIN_OBJECT_COVERED,
+    AugmentParams,
+    augment_params,
+)
 
-ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
-MIN_OBJECT_COVERED = 0.1
-MAX_CROP_ATTEMPTS = 100
 _CROP_SALT = 0xC20F
 
 
@@ -94,15 +99,11 @@ def crop_window_from_uniforms(
 
 
 def crop_resize(image: np.ndarray, window: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """float32 (size, size, 3) bicubic resize of the window (tf.image.resize of the crop)."""
+    """float32 (size, size, 3) bicubic resize of the window, not clipped (tf.image.resize of
+    the crop, as augment.crop_resize)."""
     y, x, h, w = window
     crop = numpy_pipeline.to_unit_float(image[y : y + h, x : x + w])
     return numpy_pipeline.resize_bicubic(crop, size, size)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8, clipped and rounded (tf.image.convert_image_dtype saturate)."""
-    return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def view_uniforms(seed: int, example_id: int, view: int) -> np.ndarray:
@@ -115,7 +116,7 @@ def view_uniforms(seed: int, example_id: int, view: int) -> np.ndarray:
 
 
 class HostViews:
-    """Shard position -> {'image': uint8 (V, S, S, 3) crops, 'label', 'id'}; picklable, so
+    """Shard position -> {'image': float32 (V, S, S, 3) crops, 'label', 'id'}; picklable, so
     Grain can run it in worker processes."""
 
     def __init__(
@@ -127,14 +128,13 @@ class HostViews:
         process_index: int,
         process_count: int,
         num_views: int,
-        image_size: int,
-        crop_min_area: float,
+        params: AugmentParams,
         skip_corrupt: bool,
     ) -> None:
         self.reader = numpy_pipeline.Reader(source, skip_corrupt)
         self.shard, self.seed = shard, seed
         self.process_index, self.process_count = process_index, process_count
-        self.num_views, self.image_size, self.crop_min_area = num_views, image_size, crop_min_area
+        self.num_views, self.params = num_views, params
         self._orders: dict[int, np.ndarray] = {}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -166,9 +166,9 @@ class HostViews:
                 view_uniforms(self.seed, example_id, v),
                 image.shape[0],
                 image.shape[1],
-                min_area=self.crop_min_area,
+                min_area=self.params.crop_min_area,
             )
-            views.append(to_uint8(crop_resize(image, window, self.image_size)))
+            views.append(crop_resize(image, window, self.params.image_size))
         return {
             "image": np.stack(views),
             "label": np.int32(label),
@@ -299,7 +299,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> GrainTrainIterator:
-    """This process's host batches of uint8 crops (V views) with global ids (batch_size is
+    """This process's host batches of float32 crops (V views) with global ids (batch_size is
     GLOBAL); flip, colour and blur are applied on the device (data.backends)."""
     common.backend(data_config)
     index, count = common.resolve_process(process_index, process_count)
@@ -325,8 +325,7 @@ def make_train_iterator(
         process_index=index,
         process_count=count,
         num_views=num_views,
-        image_size=int(data_config.image_size),
-        crop_min_area=float(data_config.get("crop_min_area", 0.08)),
+        params=augment_params(data_config),
         skip_corrupt=bool(data_config.get("skip_corrupt", True)),
     )
     threads = int(data_config.get("grain_threads", 0)) or _default_threads()

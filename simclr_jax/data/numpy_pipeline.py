@@ -26,9 +26,7 @@ import numpy as np
 from etils import epath
 
 from simclr_jax.data import common, sources
-
-EVAL_CROP_PROPORTION = 0.875
-
+from simclr_jax.data.spec import EVAL_CROP_PROPORTION
 
 # ---------------------------------------------------------------- host image ops
 

@@ -35,21 +35,11 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_jax.data import augment, common, sources
-
-# Shared with the TF-free pipeline (numpy_pipeline.py); re-exported under their old names.
-from simclr_jax.data.common import (  # noqa: F401
-    PAD_LABEL,
-    DatasetInfo,
-    SkippedFiles,
-    get_dataset_info,
-    per_process_batch,
-    shard_indices,
-)
+from simclr_jax.data.common import PAD_LABEL, SkippedFiles, per_process_batch, shard_indices
+from simclr_jax.data.spec import augment_params
 
 AUTOTUNE = tf.data.AUTOTUNE
 _CORRUPT_MARK = common.CORRUPT_MARK
-_pil_to_rgb_uint8 = common.pil_to_rgb_uint8
-_process = common.resolve_process
 
 
 # ---------------------------------------------------------------- decoding
@@ -86,7 +76,7 @@ def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
     def slow_decode(contents: tf.Tensor, name: tf.Tensor):
         path = name.numpy().decode("utf-8", "replace")
         try:
-            return _pil_to_rgb_uint8(contents.numpy()), True
+            return common.pil_to_rgb_uint8(contents.numpy()), True
         except Exception as error:  # Pillow raises many types for bad files
             if not skip_corrupt:
                 raise ValueError(
@@ -484,22 +474,16 @@ def make_train_iterator(
     process_count: int | None = None,
 ) -> NumpyIterator:
     """Infinite iterator of this process's training batches (batch_size is GLOBAL):
-    {'image': (b, V, H, W, 3) or (b, H, W, 3) float32 in [0, 1], 'label': (b,) int32};
-    augmentation='none' gives uint8 (b, H, W, 3) images for on-device augmentation."""
-    index, count = _process(process_index, process_count)
+    {'image': (b, V, H, W, 3) or (b, H, W, 3) float32 in [0, 1], 'label': (b,) int32}."""
+    index, count = common.resolve_process(process_index, process_count)
     local_batch = per_process_batch(batch_size, count)
     if augmentation not in augment.AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}.")
     if num_views < 1:
         raise ValueError(f"num_views={num_views!r} must be >= 1 (2 for pretraining).")
-    if augmentation == "none" and num_views != 1:
-        raise ValueError(
-            f"num_views={num_views} with augmentation='none': views are made on the device; "
-            "use num_views=1."
-        )
     if start_step < 0:
         raise ValueError(f"start_step={start_step!r} must be >= 0.")
-    params = augment.AugmentParams.from_config(data_config)
+    params = augment_params(data_config)
     supervised = augmentation == "crop_flip"
     source = sources.get_source(
         data_config, split, supervised=supervised, field="split", use_label_subset=True
@@ -507,7 +491,7 @@ def make_train_iterator(
     _check_not_arrays(source)
     deterministic = bool(data_config.get("deterministic", False))
     skipped = SkippedFiles()
-    common = dict(
+    shared = dict(
         local_batch=local_batch,
         num_views=num_views,
         augmentation=augmentation,
@@ -524,10 +508,10 @@ def make_train_iterator(
             params,
             shuffle_buffer=int(data_config.shuffle_buffer),
             deterministic=deterministic,
-            **common,
+            **shared,
         )
     else:
-        ds = _indexed_train_dataset(source, params, **common)
+        ds = _indexed_train_dataset(source, params, **shared)
     ds = ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
     return NumpyIterator(ds, skipped, source, infinite=True)
 
@@ -564,13 +548,13 @@ def make_eval_iterator(
     process_count: int | None = None,
 ) -> EvalData:
     """Eval pass over `split` with the eval transform (batch_size is GLOBAL)."""
-    index, count = _process(process_index, process_count)
+    index, count = common.resolve_process(process_index, process_count)
     local_batch = per_process_batch(batch_size, count)
-    image_size = augment.AugmentParams.from_config(data_config).image_size
+    image_size = augment_params(data_config).image_size
     source = sources.get_source(data_config, split, supervised=True, field="split")
     _check_not_arrays(source)
     skipped = SkippedFiles()
-    common = dict(
+    shared = dict(
         local_batch=local_batch,
         process_index=index,
         process_count=count,
@@ -578,8 +562,8 @@ def make_eval_iterator(
         skipped=skipped,
     )
     if isinstance(source, sources.TfdsSource):
-        ds, num_batches = _tfds_eval_dataset(source, image_size, **common)
+        ds, num_batches = _tfds_eval_dataset(source, image_size, **shared)
     else:
-        ds, num_batches = _indexed_eval_dataset(source, image_size, **common)
+        ds, num_batches = _indexed_eval_dataset(source, image_size, **shared)
     ds = ds.prefetch(AUTOTUNE).with_options(_options(True))
     return EvalData(ds, num_batches, int(source.num_examples), skipped, source)
