@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs.common import get_base_config
 from simclr_jax import optim
+from simclr_jax.config import get_base_config
 
 
 def _params_and_grads():
