@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes")
     args = parser.parse_args()
 
-    from configs.common import get_base_config
+    from simclr_jax.config import get_base_config
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_augment_"))
     rows = []

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_step import BENCHMARKS, build_config, step_gflop  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
-from simclr_jax import data, parallel, train  # noqa: E402
+from simclr_jax import data, parallel, train, train_state, training  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
 
 # Peak dense bf16 TFLOP/s per chip by jax device_kind prefix (first match wins), the vendors'
@@ -70,8 +70,8 @@ class Bench:
         model = create_model(
             self.config.model, num_classes=self.config.model.num_classes, mode="pretrain"
         )
-        tx, schedule = train.create_optimizer(self.config, train.Durations(1000, 10, 1.0))
-        self.state, shardings = train.create_train_state(
+        tx, schedule = training.create_optimizer(self.config, training.Durations(1000, 10, 1.0))
+        self.state, shardings = train_state.create_train_state(
             model, tx, self.mesh, image_size=self.size, seed=0
         )
         step = train.make_train_step(self.config, model, tx, schedule, self.mesh, shardings)

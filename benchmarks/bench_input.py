@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = {"both": (False, True), "true": (True,), "false": (False,)}[args.deterministic]
 
-    from configs.common import get_base_config
+    from simclr_jax.config import get_base_config
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_input_"))
     try:

@@ -174,7 +174,7 @@ def ours_rate(root: pathlib.Path, size: int, batch: int, seconds: float) -> floa
     """Images/s (two views each) of this project's tf.data pipeline over the same folder."""
     from bench_input import measure
 
-    from configs.common import get_base_config
+    from simclr_jax.config import get_base_config
 
     config = get_base_config().data
     config.update(

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import imagenet_pretrain  # noqa: E402
-from simclr_jax import parallel, train  # noqa: E402
+from simclr_jax import parallel, train, training  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
 from simclr_jax.train_state import TrainState  # noqa: E402
 
@@ -72,7 +72,7 @@ def analyse(config, fsdp_min_size: int) -> dict[str, float]:
     mesh = parallel.create_mesh()
     num_classes = int(config.model.num_classes)
     model = create_model(config.model, num_classes=num_classes, mode="pretrain")
-    tx, schedule = train.create_optimizer(config, train.Durations(1000, 10, 1.0))
+    tx, schedule = training.create_optimizer(config, training.Durations(1000, 10, 1.0))
     state = abstract_state(config, model, tx)
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size)
     step = train.make_train_step(config, model, tx, schedule, mesh, shardings)

@@ -109,12 +109,12 @@ def main() -> int:
         sys.path.insert(0, str(REPO))
         from absl import app
 
+        from launch import loopback
         from simclr_jax import main as cli
-        from simclr_jax import parallel
 
         instrument(args.trace_step, trace_dir)
         if args.socket_buffer_bytes > 0:
-            parallel.start_loopback_socket_tuner(args.socket_buffer_bytes)
+            loopback.start_loopback_socket_tuner(args.socket_buffer_bytes)
         sys.argv = ["simclr_jax.main", *extra]
         app.run(cli.main)
         return 0

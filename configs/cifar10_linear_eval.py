@@ -11,24 +11,18 @@ Args (comma separated): 'val' (train[:4500] -> train[4500:], as cifar10_pretrain
 
 from __future__ import annotations
 
-try:
-    from configs import common, presets
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common, presets
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 ARGS = ("val", "runlocal")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The CIFAR-10 linear-eval config from '[val][,runlocal]'."""
-    args = presets.parse_flags(arg, ARGS, "cifar10_linear_eval.py")
-    config = common.get_base_config()
+    args = parse_arg(arg, "cifar10_linear_eval.py", flags=ARGS).flags
+    config = get_base_config()
     presets.cifar10_data(config, "val" if "val" in args else "test")
     presets.cifar10_augmentation(config)
     presets.linear_eval_protocol(config, weight_decay=0.0)

@@ -14,41 +14,19 @@ images only); 'runlocal' (tiny CPU variant on the bundled sample).
 
 from __future__ import annotations
 
-try:
-    from configs import common, presets
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common, presets
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 ARGS = ("val", "runlocal")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The CIFAR-10 pretraining config from '[val][,runlocal]'."""
-    args = presets.parse_flags(arg, ARGS, "cifar10_pretrain.py")
-    config = common.get_base_config()
-    config.mode = "pretrain"
-    presets.cifar10_data(config, "val" if "val" in args else "test")
-    presets.cifar10_augmentation(config)
-    config.model.resnet_depth = 18
-    config.model.width_multiplier = 1
-    config.model.cifar_stem = "auto"
-    config.model.num_proj_layers = 3
-    config.train_batch_size = 512
-    config.eval_batch_size = 1000
-    config.train_epochs = 1000
-    config.warmup_epochs = 10.0
-    config.loss.temperature = 0.5
-    config.optim.optimizer = "lars"
-    config.optim.learning_rate = 1.0
-    config.optim.lr_scaling = "linear"
-    config.optim.weight_decay = 1e-4
-    config.checkpoint_every_steps = 5000
+    args = parse_arg(arg, "cifar10_pretrain.py", flags=ARGS).flags
+    config = get_base_config()
+    presets.cifar10_pretrain_recipe(config, "val" if "val" in args else "test")
     if "runlocal" in args:
         presets.apply_runlocal(config)
     return config

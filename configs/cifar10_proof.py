@@ -12,16 +12,10 @@ batch 128 for PROOF_STEPS steps: about 20 minutes per arm on an idle 2-core mach
 
 from __future__ import annotations
 
-try:
-    from configs import cifar10_pretrain
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import cifar10_pretrain
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 ARMS = ("simclr", "no_head", "no_jitter")
 PROOF_STEPS = 150
@@ -29,10 +23,10 @@ PROOF_STEPS = 150
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The proof's pretraining config for one arm (arg)."""
-    arm = (arg or "simclr").strip()
-    if arm not in ARMS:
-        raise ValueError(f"cifar10_proof.py arg {arm!r} is not an arm; choose one of {ARMS}.")
-    config = cifar10_pretrain.get_config("val")
+    arm = parse_arg(arg, "cifar10_proof.py", variants=ARMS).variant or "simclr"
+    # configs/cifar10_pretrain.py:val, built from the same preset.
+    config = get_base_config()
+    presets.cifar10_pretrain_recipe(config, "val")
     config.train_batch_size = 128
     config.eval_batch_size = 500
     config.train_steps = PROOF_STEPS

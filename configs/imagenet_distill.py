@@ -30,16 +30,10 @@ Models are Strong Semi-Supervised Learners"):
 
 from __future__ import annotations
 
-try:
-    from configs import common, imagenet_pretrain, presets
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common, imagenet_pretrain, presets
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 FRACTIONS = ("1pct", "10pct")
 EPOCHS = 400
@@ -49,13 +43,14 @@ TEMPERATURE = {"self": 0.1, "big_to_small": 1.0}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ImageNet distillation config from 'fraction[,student model][,self][,runlocal]'."""
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    self_distill = "self" in tokens
-    args = presets.parse_args(",".join(t for t in tokens if t != "self"), allowed=FRACTIONS)
-    fraction = str(args.get("variant", "10pct"))
-    config = common.get_base_config()
-    presets.set_model(config, str(args.get("model", "r50_1x")))
-    imagenet_pretrain.apply_recipe(config, "v2")  # batch, optimizer, LR scaling, weight decay
+    args = parse_arg(
+        arg, "imagenet_distill.py", variants=FRACTIONS, flags=("self", "runlocal"), model=True
+    )
+    self_distill = "self" in args.flags
+    fraction = args.variant or "10pct"
+    config = get_base_config()
+    presets.set_model(config, args.model or "r50_1x")
+    presets.imagenet_pretrain_recipe(config, "v2")  # batch, optimizer, LR scaling, weight decay
     config.mode = "distill"
     config.model.proj_head_mode = "none"
     config.model.ft_proj_selector = 0
@@ -68,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distill.alpha = 1.0
     config.distill.labeled_split = "train"  # used when alpha < 1
     config.distill.label_subset = fraction
-    if args["runlocal"]:
+    if args.runlocal:
         presets.apply_runlocal(config)
         config.distill.label_subset = ""
         config.distill.labeled_split = "train[:10]"

@@ -13,16 +13,10 @@ epochs for 1%, 30 for 10% and 100%. Pass --config.init_checkpoint=<pretrain work
 
 from __future__ import annotations
 
-try:
-    from configs import common, presets
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common, presets
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 FRACTIONS = ("1pct", "10pct", "100pct")
 EPOCHS = {"1pct": 60, "10pct": 30, "100pct": 30}
@@ -36,11 +30,18 @@ FT_PROJ_SELECTOR = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ImageNet fine-tuning config from 'fraction[,model][,v1|v2][,runlocal]'."""
-    args = presets.parse_args(arg, allowed=FRACTIONS)
-    fraction = str(args.get("variant", "10pct"))
-    model = str(args.get("model", "r50_1x"))
-    version = str(args.get("version", "v1" if model in ("r50_2x", "r50_4x") else "v2"))
-    config = common.get_base_config()
+    args = parse_arg(
+        arg,
+        "imagenet_finetune.py",
+        variants=FRACTIONS,
+        flags=("runlocal",),
+        model=True,
+        version=True,
+    )
+    fraction = args.variant or "10pct"
+    model = args.model or "r50_1x"
+    version = args.version or ("v1" if model in ("r50_2x", "r50_4x") else "v2")
+    config = get_base_config()
     config.mode = "finetune"
     presets.set_model(config, model)
     config.model.num_proj_layers = 2 if version == "v1" else 3
@@ -61,6 +62,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr_scaling = "sqrt"
     config.optim.weight_decay = 0.0
     config.checkpoint_every_steps = 5000
-    if args["runlocal"]:
+    if args.runlocal:
         presets.apply_runlocal(config)
     return config

@@ -8,24 +8,18 @@ warmup, crop + flip. Pass --config.init_checkpoint=<pretraining workdir> (same m
 
 from __future__ import annotations
 
-try:
-    from configs import common, presets
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common, presets
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ImageNet linear-eval config from 'model[,v1|v2][,runlocal]'."""
-    args = presets.parse_args(arg)
-    model = str(args.get("model", "r50_1x"))
-    version = str(args.get("version", "v1" if model in ("r50_2x", "r50_4x") else "v2"))
-    config = common.get_base_config()
+    args = parse_arg(arg, "imagenet_linear_eval.py", flags=("runlocal",), model=True, version=True)
+    model = args.model or "r50_1x"
+    version = args.version or ("v1" if model in ("r50_2x", "r50_4x") else "v2")
+    config = get_base_config()
     presets.linear_eval_protocol(config, weight_decay=1e-6)
     presets.set_model(config, model)
     config.model.num_proj_layers = 2 if version == "v1" else 3
@@ -37,6 +31,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 1024
     config.train_epochs = 90
     config.checkpoint_every_steps = 5000
-    if args["runlocal"]:
+    if args.runlocal:
         presets.apply_runlocal(config)
     return config

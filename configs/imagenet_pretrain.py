@@ -20,65 +20,29 @@ keeps 5% warmup).
 
 from __future__ import annotations
 
-try:
-    from configs import common, presets
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common, presets
-
 import ml_collections
+
+from simclr_jax import presets
+from simclr_jax.config import get_base_config, parse_arg
 
 V1_ONLY_MODELS = ("r50_2x", "r50_4x")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """ImageNet pretraining config from 'model[,v1|v2][,eNNN][,runlocal]'."""
-    args = presets.parse_args(arg)
-    model = str(args.get("model", "r50_1x"))
-    version = str(args.get("version", "v1" if model in V1_ONLY_MODELS else "v2"))
-    config = common.get_base_config()
+    args = parse_arg(
+        arg, "imagenet_pretrain.py", flags=("runlocal",), model=True, version=True, epochs=True
+    )
+    model = args.model or "r50_1x"
+    version = args.version or ("v1" if model in V1_ONLY_MODELS else "v2")
+    config = get_base_config()
     config.mode = "pretrain"
     presets.set_model(config, model)
-    apply_recipe(config, version)
-    if "epochs" in args:
-        config.train_epochs = int(args["epochs"])
+    presets.imagenet_pretrain_recipe(config, version)
+    if args.epochs is not None:
+        config.train_epochs = args.epochs
         if version == "v2":
             config.warmup_epochs = 0.05 * config.train_epochs
-    if args["runlocal"]:
+    if args.runlocal:
         presets.apply_runlocal(config)
     return config
-
-
-def apply_recipe(config: ml_collections.ConfigDict, version: str) -> None:
-    """Sets the v1 or v2 pretraining hyperparameters; ValueError for another version."""
-    if version not in ("v1", "v2"):
-        raise ValueError(f"imagenet_pretrain recipe {version!r} is not known; accepted: v1, v2.")
-    config.data.source = "tfds"
-    config.data.name = "imagenet2012"
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
-    config.data.image_size = 224
-    config.train_batch_size = 4096
-    config.eval_batch_size = 1024
-    config.loss.temperature = 0.1
-    config.optim.optimizer = "lars"
-    config.checkpoint_every_steps = 5000
-    if version == "v1":
-        config.model.num_proj_layers = 2
-        config.optim.learning_rate = 0.3
-        config.optim.lr_scaling = "linear"
-        config.optim.weight_decay = 1e-6
-        config.train_epochs = 1000
-        config.warmup_epochs = 10.0
-        config.data.brightness_mode = "simclrv1"
-    else:
-        config.model.num_proj_layers = 3
-        config.optim.learning_rate = 0.1
-        config.optim.lr_scaling = "sqrt"
-        config.optim.weight_decay = 1e-4
-        config.train_epochs = 800
-        config.warmup_epochs = 0.05 * config.train_epochs
-        config.data.brightness_mode = "simclrv2"

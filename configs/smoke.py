@@ -22,28 +22,18 @@ full CIFAR-10 recipe for 32 px.
 
 from __future__ import annotations
 
-try:
-    from configs import common
-except ImportError:  # loaded by path from outside the repository root
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from configs import common
-
 import ml_collections
 
-MODES = ("pretrain", "linear_eval", "finetune", "distill", "eval")
+from simclr_jax.config import MODES, get_base_config, parse_arg
+
 # 30 images per class, 10% of the bundled training split: the labelled subset of the v2 chain.
 LABELED_SPLIT = "train[:30]"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Smoke config for one mode (arg); the default is pretrain."""
-    mode = (arg or "pretrain").strip()
-    if mode not in MODES:
-        raise ValueError(f"smoke.py arg {mode!r} is not supported; choose one of {MODES}.")
-    config = common.get_base_config()
+    mode = parse_arg(arg, "smoke.py", variants=MODES).variant or "pretrain"
+    config = get_base_config()
     config.mode = mode
     config.seed = 0
 

@@ -98,11 +98,11 @@ def worker(main_flags: list[str], socket_buffer_bytes: int) -> None:
     sys.path.insert(0, str(REPO))
     from absl import app
 
+    from launch import loopback
     from simclr_jax import main as cli
-    from simclr_jax import parallel
 
     if socket_buffer_bytes > 0:
-        parallel.start_loopback_socket_tuner(socket_buffer_bytes)
+        loopback.start_loopback_socket_tuner(socket_buffer_bytes)
     sys.argv = ["simclr_jax.main", *main_flags]
     app.run(cli.main)
 

@@ -36,7 +36,8 @@ from etils import epath
 from flax import traverse_util
 
 from simclr_jax import checkpoint
-from simclr_jax.models import create_model
+from simclr_jax.config import get_base_config
+from simclr_jax.models import create_model, validate_model_config
 from simclr_jax.models.heads import head_kernel_init
 from simclr_jax.models.resnet import MAX_WIDTH_MULTIPLIER, STAGE_SIZES
 
@@ -419,60 +420,17 @@ def infer_architecture(groups: Mapping[str, list[SourceVar]]) -> Architecture:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The converted workdir's config before inference: ImageNet data at 224 px, the reference's
-    batch-norm constants; every model field inferred from the shapes is overwritten."""
-    config = ml_collections.ConfigDict()
+    """The converted workdir's config before inference: the schema's defaults (ImageNet data at
+    224 px, the reference's batch-norm constants) with what a converted checkpoint is; every
+    model field inferred from the shapes is overwritten."""
+    config = get_base_config()
     config.mode = "finetune"  # the classifier reads hiddens[ft_proj_selector], as the reference
-    config.seed = 0
-    config.train_batch_size = 4096
-    config.eval_batch_size = 1024
-    config.train_epochs = 90
-    config.train_steps = 0
-    config.init_checkpoint = ""
-    config.init_checkpoint_step = -1
     config.knn_eval = False
-    config.model = ml_collections.ConfigDict(
-        dict(
-            resnet_depth=50,
-            width_multiplier=1,
-            sk_ratio=0.0,
-            se_ratio=0.0,
-            cifar_stem=False,
-            bn_momentum=0.9,
-            bn_epsilon=1e-5,
-            dtype="float32",
-            conv_kernel_grad="auto",
-            proj_head_mode="nonlinear",
-            num_proj_layers=3,
-            proj_out_dim=128,
-            ft_proj_selector=0,
-            fine_tune_after_block=-1,
-            zero_init_logits_layer=False,
-            num_classes=1000,
-        )
-    )
-    config.data = ml_collections.ConfigDict(
-        dict(
-            backend="tfdata",
-            source="tfds",
-            name="imagenet2012",
-            data_dir="",
-            train_split="train",
-            eval_split="validation",
-            label_subset="",
-            image_size=224,
-            shuffle_buffer=10_000,
-            deterministic=False,
-            skip_corrupt=True,
-            color_jitter_strength=1.0,
-            brightness_mode="simclrv2",
-            crop_min_area=0.08,
-            flip_prob=0.5,
-            color_jitter_prob=0.8,
-            grayscale_prob=0.2,
-            blur_prob=0.0,
-        )
-    )
+    config.model.cifar_stem = False  # inferred from the stem's shapes
+    # What converted workdirs have always recorded: the reference's 90-epoch schedule and no
+    # blur (converted checkpoints are evaluated or fine-tuned, never pretrained further).
+    config.train_epochs = 90
+    config.data.blur_prob = 0.0
     return config
 
 
@@ -528,10 +486,13 @@ def make_config(arch: Architecture, overrides: Any = None) -> ml_collections.Con
 def build_model(config: ml_collections.ConfigDict, mode: str | None = None) -> Any:
     """The SimCLR module a converted config describes (classifier on hiddens[ft_proj_selector])."""
     return create_model(
-        config.model,
-        num_classes=int(config.model.num_classes),
-        mode=mode or ("pretrain" if config.mode == "pretrain" else "finetune"),
+        config.model, num_classes=config.model.num_classes, mode=mode or model_mode(config)
     )
+
+
+def model_mode(config: ml_collections.ConfigDict) -> str:
+    """The model mode of a converted config: the probe head for pretraining, else finetune."""
+    return "pretrain" if config.mode == "pretrain" else "finetune"
 
 
 def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -700,9 +661,12 @@ def plan_conversion(
     groups = classify_all(names, shapes, where)
     config = make_config(infer_architecture(groups), overrides)
     try:
-        model_shapes = abstract_variables(config)
+        validate_model_config(
+            config.model, num_classes=config.model.num_classes, mode=model_mode(config)
+        )
     except ValueError as e:  # an override the model rejects, e.g. ft_proj_selector out of range
         raise ConversionError(str(e).splitlines()[0]) from None
+    model_shapes = abstract_variables(config)
     return config, plan_mapping(groups, config, model_shapes), model_shapes
 
 

@@ -22,9 +22,8 @@ import optax
 from clu import metric_writers
 from etils import epath
 
-from simclr_jax import checkpoint, data, evaluate, losses, parallel
+from simclr_jax import checkpoint, data, evaluate, losses, parallel, step, training
 from simclr_jax.models import create_model
-from simclr_jax.train_state import TrainState
 
 # Checkpoint modes whose model is a classifier trained end to end (a distilled student can
 # teach the next round).
@@ -35,7 +34,7 @@ def validate_distill_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad distill.* / data.* field of a distill config."""
     d = config.get("distill")
     if d is None:
-        raise ValueError("mode='distill' needs config.distill; start from configs/common.py.")
+        raise ValueError("mode='distill' needs config.distill; start from simclr_jax/config.py.")
     if not d.teacher_checkpoint:
         raise ValueError(
             "mode='distill' needs distill.teacher_checkpoint: pass "
@@ -66,9 +65,7 @@ def open_teacher(
     """(read-only manager, step, saved config) of the teacher; ValueError unless it is a
     fine-tuned classifier."""
     d = config.distill
-    manager, step = checkpoint.open_for_restore(
-        d.teacher_checkpoint, int(d.teacher_checkpoint_step)
-    )
+    manager, step = checkpoint.open_for_restore(d.teacher_checkpoint, d.teacher_checkpoint_step)
     saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
     where = f"distill.teacher_checkpoint={d.teacher_checkpoint!r} (step {step})"
     if saved.mode not in TEACHER_MODES:
@@ -106,13 +103,13 @@ def restore_teacher(
     model = create_model(
         saved.model, num_classes=int(saved.model.num_classes), mode=evaluate.model_mode(saved.mode)
     )
-    size = int(config.data.image_size)
+    size = config.data.image_size
 
     def init(rng: jax.Array) -> dict[str, Any]:
         return model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
 
     abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, int(config.mesh.get("fsdp_min_size", 0)))
+    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     target = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     variables, _ = checkpoint.restore_variables(
         manager, step, target, prefixes=("encoder", "projection_head", "classifier")
@@ -175,39 +172,32 @@ def make_distill_step(
     *,
     temperature: float,
     alpha: float,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+) -> step.StepFn:
     """step(state, batch) -> (state, metrics): one jit (explicit shardings, state donated)
     holding the teacher's and the student's forward passes and the student's update."""
 
-    def step_fn(state: TrainState, teacher_vars: dict[str, Any], batch: dict[str, jax.Array]):
-        def loss_fn(params):
-            return distill_loss_fn(
-                student,
-                teacher,
-                params,
-                state.batch_stats,
-                teacher_vars,
-                batch,
-                temperature=temperature,
-                alpha=alpha,
-            )
-
-        (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    def loss_fn(params: Any, batch_stats: Any, batch: step.Batch, teacher_variables: Any):
+        return distill_loss_fn(
+            student,
+            teacher,
+            params,
+            batch_stats,
+            teacher_variables,
+            batch,
+            temperature=temperature,
+            alpha=alpha,
         )
-        norms = {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
-        return new_state, {"loss": loss, **aux, **norms, "learning_rate": schedule(state.step)}
 
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, teacher_shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),  # the student's state only: the teacher is read, never written
+    # The teacher is an argument of the step (read, never donated or trained), not a constant.
+    return step.make_step(
+        loss_fn,
+        tx,
+        schedule,
+        mesh,
+        state_shardings,
+        constants={"teacher_variables": teacher_variables},
+        constants_shardings={"teacher_variables": teacher_shardings},
     )
-    return lambda state, batch: jitted(state, teacher_variables, batch)
 
 
 class DistillBatches:
@@ -253,12 +243,12 @@ def distill_batches(
         config.data,
         mesh,
         split=config.data.train_split,
-        batch_size=int(config.train_batch_size),
-        seed=int(config.seed),
+        batch_size=config.train_batch_size,
+        seed=config.seed,
         data_state=data_state,
         **common,
     )
-    if float(config.distill.alpha) >= 1.0:
+    if config.distill.alpha >= 1.0:
         return DistillBatches(unlabeled, None)
     labeled_data = ml_collections.ConfigDict(config.data.to_dict())
     labeled_data.label_subset = config.distill.label_subset
@@ -266,8 +256,8 @@ def distill_batches(
         labeled_data,
         mesh,
         split=config.distill.labeled_split,
-        batch_size=int(config.train_batch_size),
-        seed=int(config.seed) + 1,  # another order than the unlabeled stream's
+        batch_size=config.train_batch_size,
+        seed=config.seed + 1,  # another order than the unlabeled stream's
         data_state=(data_state or {}).get("labeled"),
         **common,
     )
@@ -282,12 +272,10 @@ def run_distill(
     writer: metric_writers.MetricWriter,
 ) -> dict[str, Any]:
     """mode distill: restore the teacher, build / restore the student, train, evaluate both."""
-    from simclr_jax import train  # train dispatches here: imported late to avoid a cycle
-
-    durations = train.resolve_durations(config, info.num_examples[config.data.train_split])
+    durations = training.resolve_durations(config, info.num_examples[config.data.train_split])
     teacher, teacher_variables, teacher_shardings = restore_teacher(config, mesh)
-    student = create_model(config.model, num_classes=int(config.model.num_classes), mode="finetune")
-    tx, schedule = train.create_optimizer(config, durations)
+    student = create_model(config.model, num_classes=config.model.num_classes, mode="finetune")
+    tx, schedule = training.create_optimizer(config, durations)
 
     def make_step(shardings: Any) -> Callable:
         return make_distill_step(
@@ -299,8 +287,8 @@ def run_distill(
             schedule,
             mesh,
             shardings,
-            temperature=float(config.distill.temperature),
-            alpha=float(config.distill.alpha),
+            temperature=config.distill.temperature,
+            alpha=config.distill.alpha,
         )
 
     logging.info(
@@ -312,7 +300,7 @@ def run_distill(
         config.train_batch_size,
         mesh.size,
     )
-    state, last = train.fit(
+    state, last = training.fit(
         config,
         workdir,
         mesh,
@@ -325,10 +313,8 @@ def run_distill(
             config, mesh, start_step, data_state
         ),
     )
-    results = train.evaluate_model(
-        student, state.variables(), config, mesh, knn=bool(config.knn_eval)
-    )
-    taught = train.evaluate_model(teacher, teacher_variables, config, mesh, knn=False)
+    results = evaluate.evaluate_model(student, state.variables(), config, mesh, knn=config.knn_eval)
+    taught = evaluate.evaluate_model(teacher, teacher_variables, config, mesh, knn=False)
     teacher_results = {f"teacher_{k}": taught[k] for k in ("top1", "top5", "eval_loss")}
     return {
         "mode": "distill",

@@ -240,3 +240,36 @@ def restore_model(
         manager, step, target, prefixes=("encoder", "projection_head", "classifier")
     )
     return model, variables
+
+
+def evaluate_model(
+    model: Any,
+    variables: dict[str, Any],
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    *,
+    knn: bool,
+) -> dict[str, float]:
+    """Top-1/top-5 of the classifier (the online probe when pretraining) on the eval split,
+    plus weighted kNN on h (train split as the bank) when `knn`."""
+    num_classes = config.model.num_classes
+    eval_data = data.make_eval_iterator(
+        config.data, split=config.data.eval_split, batch_size=config.eval_batch_size
+    )
+    eval_step = make_eval_step(model, mesh, num_classes)
+    results, eval_features = evaluate_split(
+        eval_step, variables, eval_data, mesh, keep_features=knn
+    )
+    if knn:
+        embed = make_embed_fn(model, mesh)
+        bank_data = data.make_eval_iterator(
+            config.data, split=config.data.train_split, batch_size=config.eval_batch_size
+        )
+        results |= knn_accuracy(
+            extract_features(embed, variables, bank_data, mesh),
+            eval_features,
+            num_classes=num_classes,
+            k=config.knn_k,
+            temperature=config.knn_temperature,
+        )
+    return results

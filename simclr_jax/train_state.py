@@ -1,11 +1,18 @@
-"""The training state: one pytree of arrays, the only thing the step function carries."""
+"""The training state: one pytree of arrays, the only thing the step function carries, and its
+creation on the mesh (abstractly for ahead-of-time compilation, or allocated in its shardings).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 from flax import struct
+
+from simclr_jax import parallel
 
 
 @struct.dataclass
@@ -39,3 +46,53 @@ class TrainState:
     def variables(self) -> dict[str, Any]:
         """The model variables as model.apply wants them."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def _state_init(
+    model: Any, tx: optax.GradientTransformation, image_size: int
+) -> Callable[[jax.Array], TrainState]:
+    """rng -> the freshly initialized TrainState of `model` and `tx`."""
+
+    def init(rng: jax.Array) -> TrainState:
+        variables = model.init(rng, jnp.zeros((2, image_size, image_size, 3)), train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+        )
+
+    return init
+
+
+def abstract_train_state(
+    model: Any,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    image_size: int,
+    fsdp_min_size: int = 0,
+) -> tuple[TrainState, Any]:
+    """(state of ShapeDtypeStructs, state shardings) without allocating anything: what
+    create_train_state would build, for lowering and compiling the step ahead of time."""
+    abstract = jax.eval_shape(_state_init(model, tx, image_size), jax.random.key(0))
+    return abstract, parallel.state_shardings(abstract, mesh, fsdp_min_size)
+
+
+def create_train_state(
+    model: Any,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    image_size: int,
+    seed: int,
+    fsdp_min_size: int = 0,
+) -> tuple[TrainState, Any]:
+    """Initializes the state directly in its shardings; returns (state, state shardings)."""
+    _, shardings = abstract_train_state(
+        model, tx, mesh, image_size=image_size, fsdp_min_size=fsdp_min_size
+    )
+    init = _state_init(model, tx, image_size)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return state, shardings

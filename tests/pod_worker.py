@@ -246,10 +246,10 @@ def main() -> None:
     install_hooks()
     from absl import app
 
-    from simclr_jax import parallel
+    from launch import loopback
 
     if _hook("SOCKET_BUFFER_BYTES"):
-        parallel.start_loopback_socket_tuner(_hook("SOCKET_BUFFER_BYTES"))
+        loopback.start_loopback_socket_tuner(_hook("SOCKET_BUFFER_BYTES"))
 
     from simclr_jax import main as cli
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, parallel, train
+from simclr_jax import checkpoint, parallel, train, train_state, training
 from simclr_jax.models import create_model
 
 SIZE = 16
@@ -36,8 +36,8 @@ def saved(tmp_path_factory):
     config.model.num_classes = 10
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     model = create_model(config.model, num_classes=10)
-    tx, _ = train.create_optimizer(config, train.Durations(10, 1, 1.0))
-    state, _ = train.create_train_state(model, tx, mesh, image_size=SIZE, seed=0)
+    tx, _ = training.create_optimizer(config, training.Durations(10, 1, 1.0))
+    state, _ = train_state.create_train_state(model, tx, mesh, image_size=SIZE, seed=0)
     (workdir / "notes.txt").write_text("not a checkpoint")
     manager = checkpoint.create_manager(workdir, keep=2)
     for step in (1, 2, 3):

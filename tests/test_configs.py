@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from simclr_jax import optim, train
+from simclr_jax import optim, train, training
 
 CONFIG_ARGS = {
     "smoke": ["pretrain", "linear_eval", "finetune", "distill", "eval", None],
@@ -216,11 +216,11 @@ def test_unknown_arg_names_the_token():
 
 def test_epochs_convert_to_steps():
     config = load("cifar10_pretrain", None)
-    durations = train.resolve_durations(config, 45_000)
+    durations = training.resolve_durations(config, 45_000)
     assert durations.total_steps == math.ceil(1000 * 45_000 / 512)
     assert durations.warmup_steps == round(10 * 45_000 / 512)
     config.train_steps, config.warmup_steps = 123, 7
-    durations = train.resolve_durations(config, 45_000)
+    durations = training.resolve_durations(config, 45_000)
     assert (durations.total_steps, durations.warmup_steps) == (123, 7)
 
 
@@ -228,7 +228,7 @@ def test_warmup_longer_than_training_is_rejected():
     config = load("smoke", "pretrain")
     config.train_steps, config.warmup_steps = 10, 20
     with pytest.raises(ValueError, match="warmup"):
-        train.resolve_durations(config, 3000)
+        training.resolve_durations(config, 3000)
 
 
 @pytest.mark.parametrize(

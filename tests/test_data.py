@@ -16,8 +16,8 @@ import tensorflow as tf
 from PIL import Image
 from shared_data import CIFAR_TARBALL, require
 
-from configs.common import get_base_config
 from simclr_jax import visualize
+from simclr_jax.config import get_base_config
 from simclr_jax.data import (
     get_dataset_info,
     make_eval_iterator,
@@ -490,7 +490,7 @@ def test_preview_writes_png(tmp_path):
 def test_preview_cli(tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from configs.common import get_base_config\n"
+        "from simclr_jax.config import get_base_config\n"
         "def get_config(arg=None):\n"
         "    c = get_base_config()\n"
         "    c.data.source, c.data.image_size, c.data.blur_prob = 'bundled', 32, 0.0\n"

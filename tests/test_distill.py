@@ -13,7 +13,17 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, distill, evaluate, losses, parallel, preemption, train
+from simclr_jax import (
+    checkpoint,
+    distill,
+    evaluate,
+    losses,
+    parallel,
+    preemption,
+    train,
+    train_state,
+    training,
+)
 from simclr_jax.models import create_model
 
 IMAGE_SIZE = 16
@@ -199,8 +209,10 @@ def distill_steps(devices, batches, alpha):
     student, teacher = models()
     t_vars = jax.device_put(init_variables(teacher, 1), parallel.replicated(mesh))
     before = jax.device_get(t_vars)
-    tx, schedule = train.create_optimizer(config, train.Durations(10, 0, 1.0))
-    state, shardings = train.create_train_state(student, tx, mesh, image_size=IMAGE_SIZE, seed=0)
+    tx, schedule = training.create_optimizer(config, training.Durations(10, 0, 1.0))
+    state, shardings = train_state.create_train_state(
+        student, tx, mesh, image_size=IMAGE_SIZE, seed=0
+    )
     t_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), t_vars)
     step = distill.make_distill_step(
         student,
@@ -259,12 +271,12 @@ def save_random_checkpoint(workdir, mode, num_classes=10, depth=18, seed=1):
     config.model.zero_init_logits_layer = False
     model_mode = "pretrain" if mode == "pretrain" else "finetune"
     model = create_model(config.model, num_classes=num_classes, mode=model_mode)
-    tx, _ = train.create_optimizer(config, train.Durations(10, 0, 1.0))
-    state, _ = train.create_train_state(
+    tx, _ = training.create_optimizer(config, training.Durations(10, 0, 1.0))
+    state, _ = train_state.create_train_state(
         model, tx, parallel.create_mesh(), image_size=IMAGE_SIZE, seed=seed
     )
     manager = checkpoint.create_manager(workdir, keep=1)
-    checkpoint.save(manager, 0, state.to_tree(), train.checkpoint_meta(config, 0))
+    checkpoint.save(manager, 0, state.to_tree(), training.checkpoint_meta(config, 0))
     manager.wait_until_finished()
     manager.close()
     return str(workdir)

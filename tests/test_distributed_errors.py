@@ -1,5 +1,5 @@
 """Bad multi-process start-up ends with a clear error within a bounded time, never a hang;
-and the simulated pod's loopback socket tuning (parallel.tune_loopback_sockets).
+and the simulated pod's loopback socket tuning (launch/loopback.py).
 
 Each case starts `parallel.initialize_distributed` in fresh processes (a process can join only
 one distributed run) with a 3-5 s timeout instead of the default 300 s."""
@@ -13,7 +13,7 @@ import time
 import pytest
 from pod_worker import REPO, free_port
 
-from simclr_jax import parallel
+from launch import loopback
 
 SCRIPT = """
 import sys
@@ -143,15 +143,15 @@ def test_loopback_socket_buffers_are_raised_once_per_socket():
     with listener, client, server:
         before = {s: sndbuf(s) for s in (listener, client, server)}
         done = {}
-        assert parallel.tune_loopback_sockets(wanted, done) >= 2  # pytest may hold others
+        assert loopback.tune_loopback_sockets(wanted, done) >= 2  # pytest may hold others
         for sock in (client, server):  # exactly as set: Linux doubles the value asked for
             assert sndbuf(sock) == 2 * min(wanted, cap), (before, sndbuf(sock))
             rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             assert rcvbuf >= min(wanted, cap), rcvbuf
         assert sndbuf(listener) == before[listener]
-        assert parallel.tune_loopback_sockets(wanted, done) == 0  # each socket once...
+        assert loopback.tune_loopback_sockets(wanted, done) == 0  # each socket once...
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        assert parallel.tune_loopback_sockets(wanted, done) == 1  # ...unless it shrank
+        assert loopback.tune_loopback_sockets(wanted, done) == 1  # ...unless it shrank
         assert sndbuf(client) == 2 * min(wanted, cap)
 
 
@@ -159,7 +159,7 @@ def test_loopback_socket_buffers_are_raised_once_per_socket():
 def test_socket_tuner_catches_sockets_opened_later():
     """gloo connects at the first collective of each device group: the background tuner
     must reach sockets opened after it started."""
-    stop = parallel.start_loopback_socket_tuner(1 << 20, interval_s=0.05)
+    stop = loopback.start_loopback_socket_tuner(1 << 20, interval_s=0.05)
     try:
         listener, client, server = loopback_pair()
         with listener, client, server:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, evaluate, parallel, train
+from simclr_jax import checkpoint, evaluate, parallel, train, train_state, training
 from simclr_jax.models import create_model
 
 
@@ -30,12 +30,12 @@ def save_random_encoder(workdir):
     config = smoke.get_config("pretrain")
     config.model.num_classes = 10
     model = create_model(config.model, num_classes=10)
-    tx, _ = train.create_optimizer(config, train.Durations(10, 1, 1.0))
-    state, _ = train.create_train_state(
+    tx, _ = training.create_optimizer(config, training.Durations(10, 1, 1.0))
+    state, _ = train_state.create_train_state(
         model, tx, parallel.create_mesh(), image_size=config.data.image_size, seed=1
     )
     manager = checkpoint.create_manager(workdir, keep=1)
-    checkpoint.save(manager, 0, state.to_tree(), train.checkpoint_meta(config, 0))
+    checkpoint.save(manager, 0, state.to_tree(), training.checkpoint_meta(config, 0))
     manager.wait_until_finished()
     manager.close()
 

@@ -437,7 +437,7 @@ def test_bad_shapes_are_rejected_before_compiling():
 
 
 def test_reads_the_fields_of_the_config_schema():
-    from configs.common import get_base_config
+    from simclr_jax.config import get_base_config
 
     data = get_base_config().data
     assert spec.augment_params(data) == BASE

@@ -13,8 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import get_base_config
-from simclr_jax.models import ProjectionHead, ResNet, SimCLR, conv, create_model, supervised_head
+from simclr_jax.config import get_base_config
+from simclr_jax.models import (
+    ProjectionHead,
+    ResNet,
+    SimCLR,
+    conv,
+    create_model,
+    supervised_head,
+    validate_model_config,
+)
 from simclr_jax.models.resnet import (
     BottleneckBlock,
     SelectiveKernelConv,
@@ -697,16 +705,18 @@ def test_bad_model_config_raises_value_error_naming_the_field(field, value, matc
     config = dict(model_config())  # a plain mapping: ConfigDict would refuse some types itself
     config[field] = value
     with pytest.raises(ValueError, match=match):
-        create_model(config, num_classes=NUM_CLASSES)
+        validate_model_config(config, num_classes=NUM_CLASSES)
 
 
 def test_other_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match=r"mode='linear_eval'"):
-        create_model(model_config(), num_classes=NUM_CLASSES, mode="linear_eval")
+        validate_model_config(model_config(), num_classes=NUM_CLASSES, mode="linear_eval")
     with pytest.raises(ValueError, match=r"num_classes=0"):
-        create_model(model_config(), num_classes=0)
+        validate_model_config(model_config(), num_classes=0)
     with pytest.raises(ValueError, match=r"model\.ft_proj_selector=1 is out of range"):
-        create_model(model_config(proj_head_mode="none", ft_proj_selector=1), num_classes=2)
+        validate_model_config(
+            model_config(proj_head_mode="none", ft_proj_selector=1), num_classes=2
+        )
     partial = dict(model_config())
     del partial["sk_ratio"]
     with pytest.raises(ValueError, match=r"missing field\(s\) model\.sk_ratio"):
@@ -767,7 +777,7 @@ def test_conv_kernel_grad_modes_pick_the_path():
     config = get_base_config().model
     config.conv_kernel_grad = "fast"
     with pytest.raises(ValueError, match="model.conv_kernel_grad='fast'"):
-        create_model(config, num_classes=10)
+        validate_model_config(config, num_classes=10)
 
 
 @pytest.mark.parametrize("size,want", [(32, (3, 3)), (16, (3, 3)), (40, (7, 7))])

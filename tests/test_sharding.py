@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from simclr_jax import config as schema
 from simclr_jax import losses, parallel
 from simclr_jax.models import create_model
 
@@ -17,7 +17,7 @@ NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 16, 16, 10
 
 
 def tiny_model_config(**overrides):
-    config = common.get_base_config().model
+    config = schema.get_base_config().model
     # The standard stem, not 'auto' (which picks the CIFAR stem at 16 px): with the CIFAR stem's
     # 16x16 maps even a permuted batch order on one device moves stage-1 gradients by ~5e-4
     # of their scale at random init, more than 1-vs-8-device reduction order should be allowed.

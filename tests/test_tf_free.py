@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.common import get_base_config
 from simclr_jax import data, metrics, parallel
+from simclr_jax.config import get_base_config
 from simclr_jax.data import common, grain_pipeline, jax_augment, numpy_pipeline, sources, spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -458,7 +458,7 @@ def test_grain_workers_die_with_a_sigkilled_trainer(array_dir, tmp_path):
         textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from configs.common import get_base_config
+        from simclr_jax.config import get_base_config
         from simclr_jax.data import grain_pipeline
         if __name__ == "__main__":
             c = get_base_config().data

@@ -248,7 +248,7 @@ def test_grain_reads_tfds_where_tensorflow_is_not_installed(imagenet):
     code = HIDE_TF + textwrap.dedent(f"""
         import importlib.util
         assert importlib.util.find_spec("tensorflow") is None
-        from configs.common import get_base_config
+        from simclr_jax.config import get_base_config
         from simclr_jax import data
         if __name__ == "__main__":
             c = get_base_config().data

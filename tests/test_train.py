@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, evaluate, parallel, train
+from simclr_jax import checkpoint, evaluate, parallel, train, train_state, training
 from simclr_jax.models import create_model
 
 IMAGE_SIZE = 16
@@ -50,10 +50,12 @@ def one_pretrain_step(devices, batch):
     config = tiny_config()
     config.model.num_classes = 10
     mesh = parallel.create_mesh(devices=devices)
-    durations = train.Durations(total_steps=10, warmup_steps=2, steps_per_epoch=1.0)
+    durations = training.Durations(total_steps=10, warmup_steps=2, steps_per_epoch=1.0)
     model = create_model(config.model, num_classes=10)
-    tx, schedule = train.create_optimizer(config, durations)
-    state, shardings = train.create_train_state(model, tx, mesh, image_size=IMAGE_SIZE, seed=0)
+    tx, schedule = training.create_optimizer(config, durations)
+    state, shardings = train_state.create_train_state(
+        model, tx, mesh, image_size=IMAGE_SIZE, seed=0
+    )
     # Step 0 has LR 0 during warmup; take two steps so the update is not trivially zero.
     step = train.make_pretrain_step(
         model, tx, schedule, mesh, shardings, num_classes=10, temperature=0.2
@@ -172,7 +174,7 @@ def test_frozen_parameters_follow_fine_tune_after_block():
     params = jax.eval_shape(
         lambda: model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
     )["params"]
-    labels = train.param_labels(params, config)
+    labels = training.param_labels(params, config)
     enc = labels["encoder"]
     assert {
         enc["stem"]["conv1"]["conv"]["kernel"],

@@ -84,7 +84,7 @@ def _read_fields(model_config: Any) -> dict[str, Any]:
     if missing:
         raise ValueError(
             f"model config is missing field(s) {', '.join('model.' + f for f in missing)}; "
-            "start from configs.common.get_base_config().model"
+            "start from simclr_jax.config.get_base_config().model"
         )
     fields = {f: model_config[f] for f in MODEL_FIELDS}
     # Optional: checkpoints written before the field existed restore with the default.
@@ -129,11 +129,11 @@ def validate_model_config(model_config: Any, *, num_classes: int, mode: str = "p
 
 
 def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain") -> SimCLR:
-    """Validates model_config (a ConfigDict or mapping of model.* fields) and builds SimCLR.
+    """Builds SimCLR from model_config (a ConfigDict or mapping of model.* fields), checked
+    beforehand by validate_model_config (train.validate_config runs it before anything is built).
 
     model.fine_tune_after_block only acts in mode 'finetune'; pretraining never freezes layers.
     """
-    validate_model_config(model_config, num_classes=num_classes, mode=mode)
     c = _read_fields(model_config)
     as_int = lambda v: int(v) if is_integer(v) else v
     encoder = ResNet(

@@ -1,6 +1,20 @@
-"""Shared defaults for every experiment config: one place that names every field."""
+"""The config schema: every field with its default (get_base_config), and the one grammar of
+the `file.py:arg` argument that the experiment configs in configs/ accept (parse_arg).
+
+Experiment configs start from get_base_config() and change fields; nothing else names fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
 
 import ml_collections
+
+MODES = ("pretrain", "linear_eval", "finetune", "distill", "eval")
+# 'r50_1x', 'r152_3x_sk', 'r18_1x' ... -> depth, width, selective kernels.
+MODEL_TOKEN = re.compile(r"^r(\d+)_(\d)x(_sk)?$")
+VERSIONS = ("v1", "v2")
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -105,3 +119,61 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.grayscale_prob = 0.2
     config.data.blur_prob = 0.5  # 0 switches blur off (CIFAR)
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigArg:
+    """A parsed `file.py:arg`: the chosen variant, model token, recipe version, epochs, flags."""
+
+    variant: str | None = None
+    model: str | None = None
+    version: str | None = None
+    epochs: int | None = None
+    flags: frozenset[str] = frozenset()
+
+    @property
+    def runlocal(self) -> bool:
+        """True when the tiny CPU variant was asked for."""
+        return "runlocal" in self.flags
+
+
+def parse_arg(
+    arg: str | None,
+    name: str,
+    *,
+    variants: tuple[str, ...] = (),
+    flags: tuple[str, ...] = (),
+    model: bool = False,
+    version: bool = False,
+    epochs: bool = False,
+) -> ConfigArg:
+    """Splits a config file's comma-separated arg ('r50_1x,runlocal', 'val', 'finetune') into a
+    ConfigArg. Tokens: at most one of `variants`, any of `flags`, and, where enabled, a model
+    (rDEPTH_WIDTHx[_sk]), v1|v2 and eNNN epochs. ValueError naming the file, token and choices."""
+    accepted = [
+        *(["a model like r50_1x or r152_3x_sk"] if model else []),
+        *(["|".join(VERSIONS)] if version else []),
+        *(["eNNN (epochs)"] if epochs else []),
+        *([" | ".join(variants)] if variants else []),
+        *flags,
+    ]
+    parsed: dict = {"flags": set()}
+    for token in [t.strip() for t in (arg or "").split(",") if t.strip()]:
+        if token in flags:
+            parsed["flags"].add(token)
+        elif token in variants and "variant" not in parsed:
+            parsed["variant"] = token
+        elif model and MODEL_TOKEN.match(token):
+            parsed["model"] = token
+        elif version and token in VERSIONS:
+            parsed["version"] = token
+        elif epochs and re.fullmatch(r"e\d+", token):
+            parsed["epochs"] = int(token[1:])
+        else:
+            raise ValueError(
+                f"{name} arg token {token!r} is not understood; accepted: "
+                f"{', '.join(accepted) or 'none'} (comma separated"
+                f"{'; at most one of ' + ' | '.join(variants) if variants else ''})."
+            )
+    parsed["flags"] = frozenset(parsed["flags"])
+    return ConfigArg(**parsed)

@@ -1,37 +1,15 @@
-"""Shared pieces of the experiment configs: argument parsing, model presets, runlocal overrides."""
+"""Recipe pieces the experiment configs in configs/ share: model tokens, data protocols,
+the ImageNet pretraining recipes, the reference linear evaluation and the runlocal overrides.
+Each one edits a config built by simclr_jax.config.get_base_config() in place.
+"""
 
 from __future__ import annotations
 
-import re
-
 import ml_collections
 
-# 'r50_1x', 'r152_3x_sk', 'r18_1x' ... -> depth, width, selective kernels.
-MODEL_TOKEN = re.compile(r"^r(\d+)_(\d)x(_sk)?$")
+from simclr_jax.config import MODEL_TOKEN
+
 SK_RATIO = 0.0625
-
-
-def parse_args(arg: str | None, allowed: tuple[str, ...] = ()) -> dict[str, str | bool]:
-    """Splits 'r50_1x,runlocal,v1' into named parts; ValueError naming any unknown token."""
-    parsed: dict[str, str | bool] = {"runlocal": False}
-    for token in [t.strip() for t in (arg or "").split(",") if t.strip()]:
-        if token == "runlocal":
-            parsed["runlocal"] = True
-        elif MODEL_TOKEN.match(token):
-            parsed["model"] = token
-        elif token in ("v1", "v2"):
-            parsed["version"] = token
-        elif re.fullmatch(r"e\d+", token):
-            parsed["epochs"] = token[1:]
-        elif token in allowed:
-            parsed["variant"] = token
-        else:
-            raise ValueError(
-                f"config arg token {token!r} is not understood; use a model like r50_1x or "
-                f"r152_3x_sk, v1|v2, eNNN (epochs), runlocal{', ' if allowed else ''}"
-                f"{' | '.join(allowed)}, joined by commas (e.g. 'r50_1x,runlocal')."
-            )
-    return parsed
 
 
 def set_model(config: ml_collections.ConfigDict, token: str) -> None:
@@ -51,18 +29,6 @@ CIFAR10_SPLITS = {
     "test": ("train", "test"),
     "val": ("train[:4500]", "train[4500:]"),
 }
-
-
-def parse_flags(arg: str | None, accepted: tuple[str, ...], field: str) -> set[str]:
-    """Splits 'val,runlocal' into a set; ValueError naming `field` and the accepted tokens."""
-    tokens = {t.strip() for t in (arg or "").split(",") if t.strip()}
-    unknown = sorted(tokens - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"{field} arg token {unknown[0]!r} is not known; accepted: {', '.join(accepted)} "
-            "(comma separated, or none)."
-        )
-    return tokens
 
 
 def cifar10_data(config: ml_collections.ConfigDict, protocol: str = "test") -> None:
@@ -127,3 +93,57 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.keep_checkpoints = 2
     config.knn_k = 20
     config.mesh.fsdp_min_size = 0
+
+
+def imagenet_pretrain_recipe(config: ml_collections.ConfigDict, version: str) -> None:
+    """Sets the v1 or v2 pretraining hyperparameters; ValueError for another version."""
+    if version not in ("v1", "v2"):
+        raise ValueError(f"imagenet_pretrain recipe {version!r} is not known; accepted: v1, v2.")
+    config.data.source = "tfds"
+    config.data.name = "imagenet2012"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.image_size = 224
+    config.train_batch_size = 4096
+    config.eval_batch_size = 1024
+    config.loss.temperature = 0.1
+    config.optim.optimizer = "lars"
+    config.checkpoint_every_steps = 5000
+    if version == "v1":
+        config.model.num_proj_layers = 2
+        config.optim.learning_rate = 0.3
+        config.optim.lr_scaling = "linear"
+        config.optim.weight_decay = 1e-6
+        config.train_epochs = 1000
+        config.warmup_epochs = 10.0
+        config.data.brightness_mode = "simclrv1"
+    else:
+        config.model.num_proj_layers = 3
+        config.optim.learning_rate = 0.1
+        config.optim.lr_scaling = "sqrt"
+        config.optim.weight_decay = 1e-4
+        config.train_epochs = 800
+        config.warmup_epochs = 0.05 * config.train_epochs
+        config.data.brightness_mode = "simclrv2"
+
+
+def cifar10_pretrain_recipe(config: ml_collections.ConfigDict, protocol: str = "test") -> None:
+    """The reference CIFAR-10 pretraining command (configs/cifar10_pretrain.py) on `protocol`'s
+    splits: ResNet-18, CIFAR stem at 32 px, batch 512, 1000 epochs, LARS lr 1.0, temperature 0.5."""
+    config.mode = "pretrain"
+    cifar10_data(config, protocol)
+    cifar10_augmentation(config)
+    config.model.resnet_depth = 18
+    config.model.width_multiplier = 1
+    config.model.cifar_stem = "auto"
+    config.model.num_proj_layers = 3
+    config.train_batch_size = 512
+    config.eval_batch_size = 1000
+    config.train_epochs = 1000
+    config.warmup_epochs = 10.0
+    config.loss.temperature = 0.5
+    config.optim.optimizer = "lars"
+    config.optim.learning_rate = 1.0
+    config.optim.lr_scaling = "linear"
+    config.optim.weight_decay = 1e-4
+    config.checkpoint_every_steps = 5000
