@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,12 +38,17 @@ def load_launcher():
 
 
 tpu = load_launcher()
+STATE_DIR_ENV = tpu.STATE_DIR_ENV
+
+
+STATE_DIR = Path(tempfile.mkdtemp(prefix="simclr_tpu_state_"))  # never the user's ~/.config
 
 
 def launch(
     *args: str, env: dict | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     """Runs the launcher (stdout and stderr captured)."""
+    env = {STATE_DIR_ENV: str(STATE_DIR), **(os.environ if env is None else env)}
     return subprocess.run(
         [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, env=env,
         timeout=timeout,
@@ -307,6 +313,7 @@ def fake_env(root: Path, worker_env: dict | None = None) -> dict[str, str]:
         **os.environ,
         "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
         "FAKE_GCLOUD_ROOT": str(root),
+        STATE_DIR_ENV: str(root / "launcher_state"),
         "FAKE_GCLOUD_WORKER_ENV": json.dumps(worker_env or {}),
     }
 
