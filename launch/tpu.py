@@ -706,7 +706,7 @@ def do_status(args: argparse.Namespace) -> None:
     if args.dry_run:
         on_workers(args, list(range(len(endpoints(args)))), status_remote, "status")
         return
-    state, node = node_state(args)
+    state, node = node_state(args, quiet=True)  # its state is the first line
     summary = f"node {args.name}: {state}"
     if args.queued:
         summary += f" (queued resource {args.name}-qr: {queued_state(args)})"
