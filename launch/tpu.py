@@ -337,7 +337,12 @@ def log_copier(workdir: str, worker: int, run_id: str, every_s: int) -> str:
         copy = f"gsutil -q cp {LOG} {shlex.quote(target)}"
     else:
         copy = f"mkdir -p {shlex.quote(os.path.dirname(target))} && cp {LOG} {shlex.quote(target)}"
-    return f"while {_running_test(run_id)}; do {copy}; sleep {int(every_s)}; done; {copy}"
+    # It looks every second, so the final copy follows the run's end closely.
+    alive = _running_test(run_id)
+    return (
+        f"while {alive}; do {copy}; for _ in $(seq {max(1, int(every_s))}); do {alive} || "
+        f"break; sleep 1; done; done; {copy}"
+    )
 
 
 def run_remote(
@@ -357,6 +362,7 @@ def run_remote(
     # with nothing in its log but the start line. So it waits for the pid the detached shell
     # writes once it is in its own session, and gives up early when setsid itself failed.
     # A retried start (its ssh failed after the run began) finds its own run and reports it.
+    # The log copier is born ignoring SIGHUP (inherited), so it needs no such wait.
     return (
         f'if {_running_test(run_id)}; then echo "started pid $(cat {PID}) (already)"; exit 0; '
         f"fi; cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
@@ -367,7 +373,7 @@ def run_remote(
         f"bg=$! && bg_code= && for _ in $(seq {detach_wait_s * 10}); do [ -s {PID} ] && break; "
         f'if [ -z "$bg_code" ] && ! kill -0 "$bg" 2>/dev/null; then wait "$bg"; bg_code=$?; '
         f'[ "$bg_code" -ne 0 ] && break; fi; sleep 0.1; done; '
-        f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; '
+        f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; trap "" HUP; '
         f"{{ setsid nohup bash -c {shlex.quote(copier)} > /dev/null 2>> {LOG_COPY_ERRORS} "
         f'< /dev/null & }}; else echo "the run did not detach within {detach_wait_s} s'
         f'${{bg_code:+ (setsid exited with status $bg_code)}}; see {LOG}" >&2; exit 5; fi'
@@ -392,8 +398,8 @@ def status_remote(worker: int) -> str:
 
 def probe_remote(worker: int) -> str:
     """One machine-readable line for `supervise`: installed?, alive?, the last run's exit status
-    (`killed` when its log does not end with one), its workdir; on worker 0 also the last
-    checkpoint and the last progress line."""
+    (`killed` when its log does not end with one), its workdir; the log's last line before the
+    exit status; on worker 0 also the last checkpoint and the last progress line."""
     checkpoint = (
         f"; [ -f {WORKDIR_FILE} ] && [ -f {MARKER} ] && "
         f'{PYTHON} {SRC}/launch/last_checkpoint.py "$(cat {WORKDIR_FILE})"; '
@@ -405,8 +411,8 @@ def probe_remote(worker: int) -> str:
         f"[ -f {MARKER} ] && installed=1 || installed=0; "
         f"{_running_test()} && alive=1 || alive=0; "
         f'last=$(tail -n 1 {LOG} 2>/dev/null); case "$last" in '
-        f"'=== exited with status '*) code=${{last#=== exited with status }}; code=${{code%% *}};; "
-        f"*) code=killed;; esac; "
+        f"'=== exited with status '*) code=${{last#=== exited with status }}; code=${{code%% *}}; "
+        f"last=$(tail -n 2 {LOG} | head -n 1);; *) code=killed;; esac; "
         f'echo "probe installed=$installed alive=$alive exit=$code workdir=$(cat {WORKDIR_FILE} '
         f'2>/dev/null)"; echo "last log line: $last"{checkpoint}; true'
     )
@@ -647,9 +653,9 @@ def do_install(args: argparse.Namespace) -> None:
     commit = run_local(args, ["git", "-C", str(REPO), "rev-parse", "HEAD"], "git rev-parse")
     status = ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]
     if run_local(args, status, "git status").strip():
-        OUT.say(
+        OUT.say(  # within `supervise`'s one stream of events, on stdout
             "warning: uncommitted changes are not sent (the workers get HEAD); commit first.",
-            sys.stderr,
+            None if OUT.timestamps else sys.stderr,
         )
     if not Path(args.lock).is_file():
         raise LaunchError(f"--lock={args.lock}: no such file; run `bash requirements/lock.sh`.")
@@ -770,7 +776,8 @@ def delete_slice(args: argparse.Namespace, missing_ok: bool) -> None:
         if args.dry_run:
             continue
         result = subprocess.run(command, capture_output=True, text=True)
-        sys.stdout.write(result.stdout)
+        for line in result.stdout.splitlines():
+            OUT.say(line)
         if result.returncode != 0 and not (missing_ok and NOT_FOUND in result.stderr):
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise LaunchError(
