@@ -1,32 +1,42 @@
 #!/usr/bin/env python3
-"""Cloud TPU VM pod launcher (stdlib only): create, install, run, status, stop, logs, delete.
+"""Cloud TPU VM pod launcher (stdlib only): create, install, run, supervise, status, stop, logs,
+delete.
 
   python3 launch/tpu.py create  --name simclr --zone us-central2-b --accelerator v4-32 --spot
-  python3 launch/tpu.py install --name simclr --zone us-central2-b
-  python3 launch/tpu.py run     --name simclr --zone us-central2-b \
+  python3 launch/tpu.py install --name simclr
+  python3 launch/tpu.py run     --name simclr \
       --config configs/imagenet_pretrain.py:r50_1x --workdir gs://BUCKET/simclr/r50 \
       --env TFDS_DATA_DIR=gs://BUCKET/tensorflow_datasets
-  python3 launch/tpu.py status  --name simclr --zone us-central2-b
-  python3 launch/tpu.py stop    --name simclr --zone us-central2-b    # SIGTERM: save, exit 0
-  python3 launch/tpu.py logs    --name simclr --zone us-central2-b    # follows process 0
-  python3 launch/tpu.py delete  --name simclr --zone us-central2-b
+  python3 launch/tpu.py supervise --name simclr --config ... --workdir ...  # run, recreate on
+                                                                            # preemption, resume
+  python3 launch/tpu.py status  --name simclr     # node state, then per worker; 1 if not READY
+  python3 launch/tpu.py stop    --name simclr     # SIGTERM: save, exit 0
+  python3 launch/tpu.py logs    --name simclr     # follows process 0
+  python3 launch/tpu.py delete  --name simclr
 
-Every subcommand prints the exact commands it runs; --dry_run prints them only. On the workers:
-~/simclr_jax (this commit's source), ~/simclr_jax_venv (Python >= 3.11 with
-requirements/lock.txt + tpu.txt), ~/simclr_jax_run.log (one log per worker, appended by each
-run), ~/simclr_jax_run.pid.
+`create` remembers the slice's flags (zone, project, accelerator, runtime version, spot, queued)
+in $SIMCLR_TPU_STATE_DIR/<name>.json (default ~/.config/simclr_jax/tpu), so the other
+subcommands need only --name. Every subcommand prints the exact commands it runs; --dry_run
+prints them only. On the workers: ~/simclr_jax (this commit's source), ~/simclr_jax_venv
+(Python >= 3.11 with requirements/lock.txt + tpu.txt), ~/simclr_jax_run.log (one log per
+worker, appended by each run, copied to <workdir>/logs/ while the run goes and at its end),
+~/simclr_jax_run.pid and ~/simclr_jax_run.id (the run's token, checked in its command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,16 +58,99 @@ PYTHON = '"$HOME/simclr_jax_venv/bin/python"'
 MARKER = '"$HOME/simclr_jax_venv/simclr_jax_installed"'
 LOG = '"$HOME/simclr_jax_run.log"'
 PID = '"$HOME/simclr_jax_run.pid"'
+RUN_ID = '"$HOME/simclr_jax_run.id"'
 WORKDIR_FILE = '"$HOME/simclr_jax_run.workdir"'
+LOG_COPY_ERRORS = '"$HOME/simclr_jax_log_copy.err"'
 ARCHIVE_NAME = "simclr_jax_src.tar.gz"
 LOCK_NAME = "simclr_jax_lock.txt"
 COORDINATOR_PORT = 8476  # JAX's default coordinator port on Cloud TPU
 QUEUED_POLL_S = 30
 DETACH_WAIT_S = 60  # for the started run to leave the ssh session
+STATE_DIR_ENV = "SIMCLR_TPU_STATE_DIR"
+STATE_KEYS = ("zone", "project", "accelerator", "runtime_version", "spot", "queued")
+SSH_EXIT = 255  # ssh's own failure (connection, host key), as opposed to the remote command's
+NOT_FOUND = "NOT_FOUND"
+# Node states a slice passes through on its own; any other state but READY needs a new slice.
+TRANSIENT_STATES = {"CREATING", "STARTING", "RESTARTING", "REPAIRING"}
 
 
 class LaunchError(Exception):
     """A failure reported as one line: what failed, where, and the command."""
+
+
+class Output:
+    """Prints whole lines from several threads; under `supervise` each line is timestamped."""
+
+    def __init__(self) -> None:
+        self.timestamps = False
+        self._lock = threading.Lock()
+
+    def say(self, line: str, stream=None) -> None:
+        """One line, prefixed with the UTC time when timestamps are on."""
+        if self.timestamps:
+            line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {line}"
+        with self._lock:
+            print(line, file=stream or sys.stdout, flush=True)
+
+
+OUT = Output()
+
+
+# ------------------------------------------------------------------ remembered slices
+
+
+def state_path(name: str) -> Path:
+    """Where the flags a slice was created with are kept."""
+    root = os.environ.get(STATE_DIR_ENV) or Path.home() / ".config" / "simclr_jax" / "tpu"
+    return Path(root) / f"{name}.json"
+
+
+def save_state(args: argparse.Namespace) -> None:
+    """Remembers the slice's creation flags (zone, project, accelerator, version, spot, queued)."""
+    path = state_path(args.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: getattr(args, key) for key in STATE_KEYS}
+    path.write_text(json.dumps(state, indent=1) + "\n")
+
+
+def load_state(name: str) -> dict | None:
+    """The remembered flags of a slice, or None."""
+    path = state_path(name)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise LaunchError(f"{path}: not valid JSON ({error}); delete it and pass --zone") from None
+
+
+def resolve_slice(args: argparse.Namespace) -> None:
+    """Fills the flags not given on the command line from the slice's state file."""
+    if args.command == "create":
+        return
+    state = load_state(args.name)
+    if state is None and not args.zone:
+        raise LaunchError(
+            f"unknown --name {args.name!r}: no state file {state_path(args.name)} (written by "
+            "`create`); create the slice, or pass --zone (and --project) for one made elsewhere."
+        )
+    state = state or {}
+    args.zone = args.zone or state.get("zone", "")
+    args.project = args.project or state.get("project", "")
+    args.queued = args.queued or bool(state.get("queued"))
+    for key in ("accelerator", "runtime_version", "spot"):
+        setattr(args, key, state.get(key, "" if key != "spot" else False))
+    args.has_state = bool(state)
+
+
+def hosts_of(accelerator: str) -> int:
+    """Workers (hosts) of a slice type: v4-32 -> 4 (8 TensorCores a host), v5litepod-16 -> 4."""
+    generation, _, size = accelerator.rpartition("-")
+    if not size.isdigit():
+        return 1
+    if generation in ("v5litepod", "v6e"):
+        return 1 if int(size) <= 8 else int(size) // 4
+    return max(1, int(size) // 8)
 
 
 # ------------------------------------------------------------------ gcloud command lines
@@ -86,9 +179,29 @@ def _tpu_vm(args: argparse.Namespace, verb: str, *rest: str) -> list[str]:
     return ["gcloud", "compute", "tpus", "tpu-vm", verb, *rest, *_location(args)]
 
 
+def _connection_flags(args: argparse.Namespace) -> list[str]:
+    # A recreated slice has new host keys under the old names: checking them would stop every
+    # ssh after a preemption. --quiet: gcloud must never wait for an answer on captured output.
+    flags = ["--strict-host-key-checking=no", "--quiet"]
+    if getattr(args, "internal_ip", False):
+        flags.append("--internal-ip")
+    if getattr(args, "tunnel_through_iap", False):
+        flags.append("--tunnel-through-iap")
+    return flags
+
+
 def ssh(args: argparse.Namespace, command: str, worker: int | str = "all") -> list[str]:
     """gcloud ssh running one shell command on one worker (or all of them)."""
-    return _tpu_vm(args, "ssh", args.name, f"--worker={worker}", f"--command={command}")
+    return _tpu_vm(
+        args, "ssh", args.name, f"--worker={worker}", *_connection_flags(args),
+        f"--command={command}",
+    )  # fmt: skip
+
+
+def scp(args: argparse.Namespace, local: Path) -> list[str]:
+    """gcloud scp of one local file into every worker's home directory."""
+    return _tpu_vm(args, "scp", str(local), f"{args.name}:~/", "--worker=all",
+                   *_connection_flags(args))  # fmt: skip
 
 
 def describe_command(args: argparse.Namespace) -> list[str]:
@@ -104,10 +217,10 @@ def create_commands(args: argparse.Namespace) -> list[list[str]]:
         return [[
             "gcloud", "compute", "tpus", "queued-resources", "create", f"{args.name}-qr",
             f"--node-id={args.name}", *_location(args), f"--accelerator-type={args.accelerator}",
-            f"--runtime-version={version}", *spot,
+            f"--runtime-version={version}", *spot, "--quiet",
         ]]  # fmt: skip
     return [_tpu_vm(args, "create", args.name, f"--accelerator-type={args.accelerator}",
-                    f"--version={version}", *spot)]  # fmt: skip
+                    f"--version={version}", *spot, "--quiet")]  # fmt: skip
 
 
 def queued_state_command(args: argparse.Namespace) -> list[str]:
@@ -129,9 +242,16 @@ def delete_commands(args: argparse.Namespace) -> list[list[str]]:
 # ------------------------------------------------------------------ remote shell strings
 
 
-def _running_test() -> str:
-    # True when this worker's run (the process group started by `run`) is alive.
-    return f'[ -f {PID} ] && kill -0 "$(cat {PID})" 2>/dev/null'
+def _running_test(run_id: str = "") -> str:
+    # True when this worker's run is alive: its pid lives AND is our run (its command line,
+    # the detached shell's script, holds the run's token), not a process that got the same pid
+    # after a reboot.
+    own = f'"SIMCLR_JAX_RUN_ID=$(cat {RUN_ID} 2>/dev/null)"'
+    token = shlex.quote(f"SIMCLR_JAX_RUN_ID={run_id}") if run_id else own
+    return (
+        f'{{ [ -s {PID} ] && [ -s {RUN_ID} ] && kill -0 "$(cat {PID})" 2>/dev/null && '
+        f'grep -qaF -- {token} "/proc/$(cat {PID})/cmdline" 2>/dev/null; }}'
+    )
 
 
 def install_remote(args: argparse.Namespace, commit: str) -> str:
@@ -159,6 +279,14 @@ def preflight_remote() -> str:
     )
 
 
+def jax_cache_dir(args: argparse.Namespace) -> str:
+    """The persistent compilation cache of the run: <workdir>/jax_cache unless set ('none')."""
+    chosen = getattr(args, "jax_cache", "")
+    if chosen == "none":
+        return ""
+    return chosen or f"{args.workdir.rstrip('/')}/jax_cache"
+
+
 def train_argv(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
     """The quoted training command line of one worker (explicit multi-host set-up)."""
     argv = [
@@ -175,16 +303,45 @@ def train_argv(args: argparse.Namespace, worker: int, num_workers: int, coordina
     return " ".join([*map(shlex.quote, env), PYTHON, shlex.join(argv)])
 
 
-def run_inner(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
+def run_inner(
+    args: argparse.Namespace, worker: int, num_workers: int, coordinator: str, run_id: str
+) -> str:
     """The detached shell: trains, then logs the exit status."""
     # It records its own pid (the process group's id, thanks to setsid, even where setsid had
     # to fork), which tells run_remote that it is detached, and traps TERM (a trap, not an
     # ignore, so Python keeps its own handler) to outlive `stop`'s signal to the group and still
-    # write the exit status to the log.
+    # write the exit status to the log. The run's token is in this script, hence in the shell's
+    # command line, where the liveness check looks for it. The compilation cache lives in the
+    # workdir, so a run resumed on a new slice finds its programs compiled (an --env wins).
+    exports = [f"SIMCLR_JAX_RUN_ID={run_id}"]
+    if jax_cache_dir(args):
+        exports.append(f"JAX_COMPILATION_CACHE_DIR={jax_cache_dir(args)}")
     return (
-        f"echo $$ > {PID}; trap : TERM; "
+        f"export {shlex.join(exports)} && echo $$ > {PID}; trap : TERM; "
         f"{train_argv(args, worker, num_workers, coordinator)}; code=$?; "
         'echo "=== exited with status $code at $(date -u +%FT%TZ)"; exit $code'
+    )
+
+
+def saved_log(workdir: str, worker: int, run_id: str) -> str:
+    """Where a worker's log is copied in the workdir (one file per run, never overwritten by
+    another run: a recreated worker starts a new log)."""
+    return f"{workdir.rstrip('/')}/logs/worker{worker}-{run_id}.log"
+
+
+def log_copier(workdir: str, worker: int, run_id: str, every_s: int) -> str:
+    """Copies the worker's log into the workdir every `every_s` while the run lives, and once
+    after it ends (gsutil for gs://, cp for a shared file system)."""
+    target = saved_log(workdir, worker, run_id)
+    if workdir.startswith("gs://"):
+        copy = f"gsutil -q cp {LOG} {shlex.quote(target)}"
+    else:
+        copy = f"mkdir -p {shlex.quote(os.path.dirname(target))} && cp {LOG} {shlex.quote(target)}"
+    # It looks every second, so the final copy follows the run's end closely.
+    alive = _running_test(run_id)
+    return (
+        f"while {alive}; do {copy}; for _ in $(seq {max(1, int(every_s))}); do {alive} || "
+        f"break; sleep 1; done; done; {copy}"
     )
 
 
@@ -194,20 +351,32 @@ def run_remote(
     num_workers: int,
     coordinator: str,
     detach_wait_s: int = DETACH_WAIT_S,
+    run_id: str = "",
 ) -> str:
     """Starts the run in its own session (it survives the ssh session) logging to LOG."""
-    inner = run_inner(args, worker, num_workers, coordinator)
+    run_id = run_id or new_run_id()
+    inner = run_inner(args, worker, num_workers, coordinator, run_id)
+    copier = log_copier(args.workdir, worker, run_id, getattr(args, "log_copy_s", 60))
     # Returning before the child has called setsid() would let the ssh session's end (SIGHUP
     # to its process group) kill the run before it starts: a loaded host once left a worker
     # with nothing in its log but the start line. So it waits for the pid the detached shell
-    # writes once it is in its own session.
+    # writes once it is in its own session, and gives up early when setsid itself failed.
+    # A retried start (its ssh failed after the run began) finds its own run and reports it.
+    # The log copier is born ignoring SIGHUP (inherited), so it needs no such wait.
     return (
-        f"cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
-        f'echo "=== worker {worker}: start at $(date -u +%FT%TZ)" >> {LOG} && rm -f {PID} && '
+        f'if {_running_test(run_id)}; then echo "started pid $(cat {PID}) (already)"; exit 0; '
+        f"fi; cd {SRC} && printf '%s\\n' {shlex.quote(args.workdir)} > {WORKDIR_FILE} && "
+        f"printf '%s\\n' {shlex.quote(run_id)} > {RUN_ID} && "
+        f'echo "=== worker {worker}: start at $(date -u +%FT%TZ), run {run_id}" >> {LOG} && '
+        f"rm -f {PID} && "
         f"{{ setsid nohup bash -c {shlex.quote(inner)} >> {LOG} 2>&1 < /dev/null & }} && "
-        f"for _ in $(seq {detach_wait_s * 10}); do [ -s {PID} ] && break; sleep 0.1; done; "
-        f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; else echo "the run did not '
-        f'detach within {detach_wait_s} s; see {LOG}" >&2; exit 5; fi'
+        f"bg=$! && bg_code= && for _ in $(seq {detach_wait_s * 10}); do [ -s {PID} ] && break; "
+        f'if [ -z "$bg_code" ] && ! kill -0 "$bg" 2>/dev/null; then wait "$bg"; bg_code=$?; '
+        f'[ "$bg_code" -ne 0 ] && break; fi; sleep 0.1; done; '
+        f'if [ -s {PID} ]; then echo "started pid $(cat {PID})"; trap "" HUP; '
+        f"{{ setsid nohup bash -c {shlex.quote(copier)} > /dev/null 2>> {LOG_COPY_ERRORS} "
+        f'< /dev/null & }}; else echo "the run did not detach within {detach_wait_s} s'
+        f'${{bg_code:+ (setsid exited with status $bg_code)}}; see {LOG}" >&2; exit 5; fi'
     )
 
 
@@ -224,6 +393,28 @@ def status_remote(worker: int) -> str:
         f'if {_running_test()}; then echo "running (pid $(cat {PID}))"; else echo "not running"; '
         f'fi; echo "last progress: $({progress})"; '
         f'echo "last log line: $(tail -n 1 {LOG} 2>/dev/null)"{checkpoint}; true'
+    )
+
+
+def probe_remote(worker: int) -> str:
+    """One machine-readable line for `supervise`: installed?, alive?, the last run's exit status
+    (`killed` when its log does not end with one), its workdir; the log's last line before the
+    exit status; on worker 0 also the last checkpoint and the last progress line."""
+    checkpoint = (
+        f"; [ -f {WORKDIR_FILE} ] && [ -f {MARKER} ] && "
+        f'{PYTHON} {SRC}/launch/last_checkpoint.py "$(cat {WORKDIR_FILE})"; '
+        f"echo \"progress: $(grep -E ' step [0-9]+/[0-9]+ ' {LOG} 2>/dev/null | tail -n 1)\""
+        if worker == 0
+        else ""
+    )
+    return (
+        f"[ -f {MARKER} ] && installed=1 || installed=0; "
+        f"{_running_test()} && alive=1 || alive=0; "
+        f'last=$(tail -n 1 {LOG} 2>/dev/null); case "$last" in '
+        f"'=== exited with status '*) code=${{last#=== exited with status }}; code=${{code%% *}}; "
+        f"last=$(tail -n 2 {LOG} | head -n 1);; *) code=killed;; esac; "
+        f'echo "probe installed=$installed alive=$alive exit=$code workdir=$(cat {WORKDIR_FILE} '
+        f'2>/dev/null)"; echo "last log line: $last"{checkpoint}; true'
     )
 
 
@@ -250,10 +441,15 @@ def logs_remote(lines: int, follow: bool) -> str:
 # ------------------------------------------------------------------ execution
 
 
+def new_run_id() -> str:
+    """A token naming one start of a run: sortable by time, unique."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
 def echo(command: list[str], worker: int | None = None) -> None:
     """Prints a command the way it can be pasted into a shell."""
     prefix = "" if worker is None else f"[worker {worker}] "
-    print(f"{prefix}$ {shlex.join(command)}", flush=True)
+    OUT.say(f"{prefix}$ {shlex.join(command)}")
 
 
 def run_local(args: argparse.Namespace, command: list[str], what: str) -> str:
@@ -267,35 +463,121 @@ def run_local(args: argparse.Namespace, command: list[str], what: str) -> str:
     return result.stdout
 
 
+def connect(
+    args: argparse.Namespace, command: list[str], label: str, quiet: bool = False
+) -> tuple[int, str]:
+    """Runs one gcloud ssh/scp, streaming its output lines (prefixed with `label`) as they come;
+    retries with backoff when ssh itself fails (exit 255: network, a worker still booting)."""
+    for attempt in range(1, args.ssh_attempts + 1):
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if not quiet:
+                OUT.say(f"{label}{line.rstrip()}")
+        code = proc.wait()
+        if code != SSH_EXIT or attempt == args.ssh_attempts:
+            return code, "".join(lines)
+        delay = args.retry_delay_s * 2 ** (attempt - 1)
+        last = lines[-1].strip() if lines else "no output"
+        OUT.say(
+            f"{label}ssh failed (exit {SSH_EXIT}: {last}); retry {attempt}/"
+            f"{args.ssh_attempts - 1} in {delay:g} s"
+        )
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def on_workers_results(
+    args: argparse.Namespace,
+    workers: list[int],
+    remote: Callable[[int], str],
+    quiet: bool = False,
+) -> dict[int, tuple[int, str, list[str]]]:
+    """Runs remote(w) on every worker in parallel; {worker: (exit status, output, command)}."""
+    commands = {w: ssh(args, remote(w), worker=w) for w in workers}
+    if not quiet:
+        for w, command in commands.items():
+            echo(command, w)
+    if args.dry_run:
+        return {w: (0, "", commands[w]) for w in workers}
+    results: dict[int, tuple[int, str, list[str]]] = {}
+
+    def one(w: int) -> None:
+        code, output = connect(args, commands[w], f"[worker {w}] ", quiet)
+        results[w] = (code, output, commands[w])
+
+    threads = [threading.Thread(target=one, args=(w,), daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # a timed join keeps Ctrl-C working
+            thread.join(0.5)
+    return results
+
+
+def failure(results: dict[int, tuple[int, str, list[str]]], what: str) -> str | None:
+    """One line naming the first failed worker, its exit status, last line and command."""
+    failed = [w for w in sorted(results) if results[w][0] != 0]
+    if not failed:
+        return None
+    w = failed[0]
+    code, output, command = results[w]
+    last = (output.strip().splitlines() or ["(no output)"])[-1]
+    others = f" (also workers {failed[1:]})" if len(failed) > 1 else ""
+    return (
+        f"worker {w}: {what} failed (exit {code}){others}: {last} | command: {shlex.join(command)}"
+    )
+
+
 def on_workers(
     args: argparse.Namespace, workers: list[int], remote: Callable[[int], str], what: str
 ) -> dict[int, str]:
     """Runs remote(w) on every worker in parallel; {worker: output}; LaunchError on failure."""
-    commands = {w: ssh(args, remote(w), worker=w) for w in workers}
-    for w, command in commands.items():
-        echo(command, w)
-    if args.dry_run:
-        return {w: "" for w in workers}
-    procs = {
-        w: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for w, command in commands.items()
-    }
-    outputs = {w: proc.communicate()[0] for w, proc in procs.items()}
-    failed = []
-    for w in workers:
-        for line in outputs[w].splitlines():
-            print(f"[worker {w}] {line}", flush=True)
-        if procs[w].returncode != 0:
-            failed.append(w)
-    if failed:
-        w = failed[0]
-        last = (outputs[w].strip().splitlines() or ["(no output)"])[-1]
-        others = f" (also workers {failed[1:]})" if len(failed) > 1 else ""
+    results = on_workers_results(args, workers, remote)
+    message = failure(results, what)
+    if message:
+        raise LaunchError(message)
+    return {w: output for w, (_, output, _) in results.items()}
+
+
+def node_state(args: argparse.Namespace, quiet: bool = False) -> tuple[str, dict]:
+    """(state, description) of the node; state NOT_FOUND when it does not exist."""
+    command = describe_command(args)
+    if not quiet:
+        echo(command)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        if NOT_FOUND in result.stderr:
+            return NOT_FOUND, {}
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise LaunchError(
-            f"worker {w}: {what} failed (exit {procs[w].returncode}){others}: {last} | "
-            f"command: {shlex.join(commands[w])}"
+            f"describing the TPU VM failed (exit {result.returncode}): {last} | command: "
+            f"{shlex.join(command)}"
         )
-    return outputs
+    node = json.loads(result.stdout or "{}")
+    return node.get("state", "UNKNOWN"), node
+
+
+def queued_state(args: argparse.Namespace) -> str:
+    """The queued resource's state (ACTIVE, SUSPENDED, ...); NOT_FOUND when it is gone."""
+    result = subprocess.run(queued_state_command(args), capture_output=True, text=True)
+    if result.returncode != 0:
+        if NOT_FOUND in result.stderr:
+            return NOT_FOUND
+        raise LaunchError(f"asking the queued resource failed (exit {result.returncode}): "
+                          f"{shlex.join(queued_state_command(args))}")  # fmt: skip
+    return result.stdout.strip()
+
+
+def not_found_error(args: argparse.Namespace) -> LaunchError:
+    """The one line for a node that does not exist."""
+    return LaunchError(
+        f"describing the TPU VM failed: {args.name!r} does not exist in {args.zone} "
+        f"(NOT_FOUND); create it with `tpu.py create` (or `supervise` recreates it)."
+    )
 
 
 def endpoints(args: argparse.Namespace) -> list[str]:
@@ -303,11 +585,18 @@ def endpoints(args: argparse.Namespace) -> list[str]:
     if args.dry_run:
         # Nothing to ask in a dry run; --num_workers stands for the slice.
         return ["WORKER0_IP", *(f"WORKER{i}_IP" for i in range(1, args.num_workers))]
-    node = json.loads(run_local(args, describe_command(args), "describing the TPU VM") or "{}")
+    state, node = node_state(args)
+    if state == NOT_FOUND:
+        raise not_found_error(args)
+    if state != "READY":
+        raise LaunchError(
+            f"TPU VM {args.name!r} is {state}, not READY; `tpu.py supervise` recreates a "
+            "preempted slice (or `delete`, then `create`)."
+        )
     ips = [e.get("ipAddress", "") for e in node.get("networkEndpoints", [])]
     if not ips:
         raise LaunchError(
-            f"TPU VM {args.name!r} has no workers (state {node.get('state')!r}); check "
+            f"TPU VM {args.name!r} has no workers (state {state!r}); check "
             f"`{shlex.join(describe_command(args))}`."
         )
     return ips
@@ -322,13 +611,25 @@ def require_gcloud(args: argparse.Namespace) -> None:
         )
 
 
+def check_workdir(args: argparse.Namespace, num_workers: int) -> None:
+    """A multi-host run needs a workdir every worker shares (gs://)."""
+    if num_workers > 1 and not args.workdir.startswith("gs://") and not args.allow_local_workdir:
+        raise LaunchError(
+            f"--workdir={args.workdir}: a {num_workers}-worker slice needs a shared gs:// workdir "
+            "(every worker writes its checkpoint shards there); use gs://BUCKET/DIR."
+        )
+
+
 # ------------------------------------------------------------------ subcommands
 
 
 def do_create(args: argparse.Namespace) -> None:
-    """Creates the slice; a queued resource is waited for until it is ACTIVE."""
+    """Creates the slice and remembers its flags; a queued resource is waited for (ACTIVE)."""
     for command in create_commands(args):
         run_local(args, command, "creating the TPU VM")
+    if not args.dry_run:
+        args.runtime_version = args.runtime_version or runtime_version(args.accelerator)
+        save_state(args)
     if not args.queued or args.dry_run:
         if args.queued:
             echo(queued_state_command(args))
@@ -336,14 +637,14 @@ def do_create(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.wait_s
     while True:
         state = run_local(args, queued_state_command(args), "asking the queued resource").strip()
-        print(f"queued resource {args.name}-qr: {state}", flush=True)
+        OUT.say(f"queued resource {args.name}-qr: {state}")
         if state == "ACTIVE":
             return
         if state in ("FAILED", "SUSPENDED"):
             raise LaunchError(f"queued resource {args.name}-qr is {state}; delete it and retry.")
         if time.monotonic() > deadline:
             raise LaunchError(f"queued resource {args.name}-qr still {state} after {args.wait_s} s")
-        time.sleep(QUEUED_POLL_S)
+        time.sleep(getattr(args, "poll_s", QUEUED_POLL_S))
 
 
 def do_install(args: argparse.Namespace) -> None:
@@ -352,10 +653,9 @@ def do_install(args: argparse.Namespace) -> None:
     commit = run_local(args, ["git", "-C", str(REPO), "rev-parse", "HEAD"], "git rev-parse")
     status = ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"]
     if run_local(args, status, "git status").strip():
-        print(
+        OUT.say(  # within `supervise`'s one stream of events, on stdout
             "warning: uncommitted changes are not sent (the workers get HEAD); commit first.",
-            file=sys.stderr,
-            flush=True,
+            None if OUT.timestamps else sys.stderr,
         )
     if not Path(args.lock).is_file():
         raise LaunchError(f"--lock={args.lock}: no such file; run `bash requirements/lock.sh`.")
@@ -365,32 +665,69 @@ def do_install(args: argparse.Namespace) -> None:
                          f"--output={archive}", "HEAD"], "git archive")  # fmt: skip
         shutil.copyfile(args.lock, lock)
         for local in (archive, lock):
-            run_local(args, _tpu_vm(args, "scp", str(local), f"{args.name}:~/", "--worker=all"),
-                      f"copying {local.name} to the workers")  # fmt: skip
+            command = scp(args, local)
+            echo(command)
+            if not args.dry_run:
+                code, output = connect(args, command, "[scp] ")
+                if code != 0:
+                    raise LaunchError(f"copying {local.name} to the workers failed (exit "
+                                      f"{code}): {shlex.join(command)}")  # fmt: skip
     on_workers(args, workers, lambda w: install_remote(args, commit.strip() or "HEAD"), "install")
     if not args.dry_run:
-        print(f"installed on {len(workers)} worker(s)", flush=True)
+        OUT.say(f"installed on {len(workers)} worker(s)")
+
+
+def start_run(args: argparse.Namespace, ips: list[str]) -> str:
+    """Checks every worker, then starts the run on all; a worker that fails to start stops
+    the ones that did (no half-started pod left waiting for its peers). The run's id."""
+    workers = list(range(len(ips)))
+    on_workers(args, workers, lambda w: preflight_remote(), "the pre-start check")
+    coordinator = f"{ips[0]}:{args.coordinator_port}"
+    run_id = new_run_id()
+    results = on_workers_results(
+        args, workers, lambda w: run_remote(args, w, len(ips), coordinator, run_id=run_id)
+    )
+    message = failure(results, "starting the run")
+    if message:
+        started = [w for w in workers if results[w][0] == 0]
+        if started:
+            OUT.say(f"stopping the run on worker(s) {started}: it cannot go on without the others")
+            stopped = on_workers_results(args, started, lambda w: stop_remote(60))
+            left = [w for w in started if stopped[w][0] != 0]
+            message += f"; stopped worker(s) {started}" + (f" except {left}" if left else "")
+        raise LaunchError(message)
+    return run_id
 
 
 def do_run(args: argparse.Namespace) -> None:
     """Checks every worker first; then starts the run on all of them."""
     ips = endpoints(args)
-    if len(ips) > 1 and not args.workdir.startswith("gs://") and not args.allow_local_workdir:
-        raise LaunchError(
-            f"--workdir={args.workdir}: a {len(ips)}-worker slice needs a shared gs:// workdir "
-            "(every worker writes its checkpoint shards there); use gs://BUCKET/DIR."
-        )
-    workers = list(range(len(ips)))
-    on_workers(args, workers, lambda w: preflight_remote(), "the pre-start check")
-    coordinator = f"{ips[0]}:{args.coordinator_port}"
-    on_workers(
-        args, workers, lambda w: run_remote(args, w, len(ips), coordinator), "starting the run"
-    )
+    check_workdir(args, len(ips))
+    start_run(args, ips)
 
 
 def do_status(args: argparse.Namespace) -> None:
-    """Per worker: alive or not and the last log line; the last checkpoint step."""
-    on_workers(args, list(range(len(endpoints(args)))), status_remote, "status")
+    """The node's state; per worker: alive, last progress (step, ETA), last log line; worker 0:
+    the last checkpoint step. Exit status 1 when the node is not READY."""
+    if args.dry_run:
+        on_workers(args, list(range(len(endpoints(args)))), status_remote, "status")
+        return
+    state, node = node_state(args, quiet=True)  # its state is the first line
+    summary = f"node {args.name}: {state}"
+    if args.queued:
+        summary += f" (queued resource {args.name}-qr: {queued_state(args)})"
+    if state == "READY":
+        workers = len(node["networkEndpoints"])
+        summary += f", {node.get('acceleratorType', '?')}, {workers} worker(s)"
+    OUT.say(summary)
+    if state == NOT_FOUND:
+        raise not_found_error(args)
+    if state != "READY":
+        raise LaunchError(
+            f"node {args.name} is {state}, not READY; `tpu.py supervise` recreates it and "
+            "resumes the run (or `delete`, then `create`)."
+        )
+    on_workers(args, list(range(len(node["networkEndpoints"]))), status_remote, "status")
 
 
 def do_stop(args: argparse.Namespace) -> None:
@@ -399,32 +736,336 @@ def do_stop(args: argparse.Namespace) -> None:
     on_workers(args, [0], status_remote, "status")
 
 
+def read_saved_logs(args: argparse.Namespace) -> None:
+    """Prints the copies of one worker's log kept in the workdir, oldest run first."""
+    pattern = saved_log(args.workdir, args.worker, "*")
+    if args.workdir.startswith("gs://"):
+        command = ["gsutil", "cat", pattern]
+        echo(command)
+        if not args.dry_run and subprocess.run(command).returncode != 0:
+            raise LaunchError(f"no saved log matches {pattern} (or gsutil failed)")
+        return
+    paths = sorted(Path(os.path.dirname(pattern)).glob(os.path.basename(pattern)))
+    if not paths:
+        raise LaunchError(f"no saved log of worker {args.worker} in {args.workdir}/logs")
+    for path in paths:
+        OUT.say(f"=== {path}")
+        sys.stdout.write(path.read_text())
+        sys.stdout.flush()
+
+
 def do_logs(args: argparse.Namespace) -> None:
-    """Streams process 0's log (the only process that writes metrics) until the run ends."""
+    """Streams a worker's log (process 0's by default, the one with metrics) until the run
+    ends; with --workdir, prints the copies saved there (also when the slice is gone)."""
+    if args.workdir:
+        read_saved_logs(args)
+        return
     command = ssh(args, logs_remote(args.lines, not args.no_follow), worker=args.worker)
     echo(command)
     if not args.dry_run:
-        code = subprocess.run(command).returncode
+        code, _ = connect(args, command, "")
         if code != 0:
             raise LaunchError(f"worker {args.worker}: logs failed (exit {code}): "
                               f"{shlex.join(command)}")  # fmt: skip
 
 
-def do_delete(args: argparse.Namespace) -> None:
-    """Deletes the slice (or its queued resource)."""
+def delete_slice(args: argparse.Namespace, missing_ok: bool) -> None:
+    """Deletes the node (and its queued resource); a slice already gone is fine if missing_ok."""
     for command in delete_commands(args):
-        run_local(args, command, "deleting the TPU VM")
+        echo(command)
+        if args.dry_run:
+            continue
+        result = subprocess.run(command, capture_output=True, text=True)
+        for line in result.stdout.splitlines():
+            OUT.say(line)
+        if result.returncode != 0 and not (missing_ok and NOT_FOUND in result.stderr):
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise LaunchError(
+                f"deleting the TPU VM failed (exit {result.returncode}): {last} | command: "
+                f"{shlex.join(command)}"
+            )
+
+
+def do_delete(args: argparse.Namespace) -> None:
+    """Deletes the slice (its queued resource too, if it was made as one) and forgets it."""
+    delete_slice(args, missing_ok=False)
+    if not args.dry_run:
+        state_path(args.name).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ supervise
+
+
+def event(message: str) -> None:
+    """One timestamped line about what `supervise` saw or did."""
+    OUT.say(message)
+
+
+def workdir_has(args: argparse.Namespace, name: str) -> bool:
+    """Whether WORKDIR/name exists (asked here, so it works while the slice is gone)."""
+    path = f"{args.workdir.rstrip('/')}/{name}"
+    if path.startswith("gs://"):
+        return subprocess.run(["gsutil", "-q", "stat", path], capture_output=True).returncode == 0
+    return Path(path).exists()
+
+
+class Fatal(LaunchError):
+    """A failure that ends supervision (a restart would not help)."""
+
+
+def slice_trouble(args: argparse.Namespace, since: dict) -> tuple[str, str, dict]:
+    """(why the slice needs recreating or '', node state, node description); a node passing
+    through CREATING/REPAIRING/... is given --not_ready_s before it counts as broken."""
+    if args.queued:
+        state = queued_state(args)
+        if state != "ACTIVE":
+            return f"queued resource {args.name}-qr is {state}", "", {}
+    state, node = node_state(args, quiet=True)
+    if state == "READY":
+        since.clear()
+        return "", state, node
+    if state in TRANSIENT_STATES:
+        first = since.setdefault(state, time.monotonic())
+        if time.monotonic() - first < args.not_ready_s:
+            return "", state, node
+        return f"node {args.name} is still {state} after {args.not_ready_s:g} s", state, node
+    return f"node {args.name} is {'gone' if state == NOT_FOUND else state}", state, node
+
+
+def recreate(args: argparse.Namespace) -> None:
+    """Deletes what is left of the slice and creates it again with its remembered flags."""
+    event(f"deleting {args.name}{' and its queued resource' if args.queued else ''}")
+    delete_slice(args, missing_ok=True)
+    event(f"creating {args.name} ({args.accelerator}{', spot' if args.spot else ''}"
+          f"{', queued' if args.queued else ''})")  # fmt: skip
+    do_create(args)
+
+
+def probe(args: argparse.Namespace, workers: list[int]) -> dict[int, dict[str, str]] | None:
+    """Each worker's probe line as a dict; None when a worker could not be asked."""
+    results = on_workers_results(args, workers, probe_remote, quiet=True)
+    probes = {}
+    for w, (code, output, _) in results.items():
+        found = re.search(r"probe installed=(\d) alive=(\d) exit=(\S+) workdir=(.*)", output)
+        if code != 0 or not found:
+            return None
+        installed, alive, code_text, workdir = found.groups()
+        probes[w] = {"installed": installed, "alive": alive, "exit": code_text,
+                     "workdir": workdir.strip()}  # fmt: skip
+        for key, pattern in (("last", r"last log line: (.*)"), ("progress", r"progress: (.*)"),
+                             ("checkpoint", r"last checkpoint: step (\d+)")):  # fmt: skip
+            match = re.search(pattern, output)
+            probes[w][key] = match.group(1).strip() if match else ""
+    return probes
+
+
+class Supervisor:
+    """Keeps one run going on one slice until it finishes, fails twice from the same
+    checkpoint, or has been restarted --max_restarts times."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = False  # a run was started or adopted
+        self.restarts = 0
+        self.failed_from: str | None = None  # last checkpoint when the run last failed
+        self.since: dict[str, float] = {}
+        self.progress = ""
+
+    def restart(self, reason: str) -> None:
+        """Counts a restart; Fatal once the budget is spent."""
+        self.restarts += 1
+        if self.restarts > self.args.max_restarts:
+            raise Fatal(f"gave up after {self.args.max_restarts} restart(s): {reason}")
+        event(f"restart {self.restarts}/{self.args.max_restarts}: {reason}")
+
+    def start(self) -> None:
+        """Starts the run on the READY slice, installing first where needed."""
+        ips = endpoints(self.args)
+        probes = probe(self.args, list(range(len(ips))))
+        if probes is None or any(p["installed"] != "1" for p in probes.values()):
+            event(f"installing on {self.args.name}")
+            do_install(self.args)
+        run_id = start_run(self.args, ips)
+        self.started = True
+        event(f"started run {run_id} on {len(ips)} worker(s)")
+
+    def poll(self) -> bool:
+        """One look at the slice and the run; True when the run has finished."""
+        args = self.args
+        if workdir_has(args, "results.json"):
+            event(f"finished: {args.workdir}/results.json exists")
+            return True
+        trouble, state, node = slice_trouble(args, self.since)
+        if trouble:
+            self.restart(f"{trouble}; recreating it and resuming the run")
+            recreate(args)
+            self.start()
+            return False
+        if state != "READY":
+            event(f"node {args.name} is {state}; waiting")
+            return False
+        probes = probe(args, list(range(len(node["networkEndpoints"]))))
+        if probes is None:
+            event("a worker did not answer (ssh failed); asking again at the next poll")
+            return False
+        return self.judge(probes)
+
+    def judge(self, probes: dict[int, dict[str, str]]) -> bool:
+        """Acts on the probes of a READY slice's workers; True when the run has finished."""
+        args = self.args
+        alive = [w for w, p in probes.items() if p["alive"] == "1"]
+        foreign = [w for w in alive if probes[w]["workdir"] != args.workdir]
+        if foreign:
+            raise Fatal(f"worker {foreign[0]} runs another run (workdir "
+                        f"{probes[foreign[0]]['workdir']}); `stop` it first.")  # fmt: skip
+        if not self.started:
+            if alive and len(alive) == len(probes):
+                self.started = True
+                event(f"the run of {args.workdir} is going on {args.name}; watching it")
+                return False
+            if alive:
+                event(f"the run goes on worker(s) {alive} only; stopping it to start it anew")
+                on_workers_results(args, alive, lambda w: stop_remote(120), quiet=True)
+            event(f"starting the run of {args.workdir} on {args.name}")
+            self.start()
+            return False
+        if len(alive) == len(probes):
+            if probes[0]["progress"] and probes[0]["progress"] != self.progress:
+                self.progress = probes[0]["progress"]
+                event(f"running: {self.progress}")
+            return False
+        crashed = [w for w, p in probes.items() if p["alive"] == "0" and p["exit"] != "0"]
+        if alive and not crashed:
+            return False  # some workers saved and exited; the others are finishing the save
+        if alive:
+            event(f"worker {crashed[0]} died; stopping worker(s) {alive}")
+            on_workers_results(args, alive, lambda w: stop_remote(120), quiet=True)
+        if workdir_has(args, "results.json"):
+            event(f"finished: {args.workdir}/results.json exists")
+            return True
+        if not crashed:
+            self.restart("the run exited cleanly before finishing (stopped); starting it again")
+        else:
+            w = crashed[0]
+            where = probes[0]["checkpoint"] or "none"
+            reason = (f"worker {w} exited with status {probes[w]['exit']} (last checkpoint: "
+                      f"{where}): {probes[w]['last']}")  # fmt: skip
+            if where == self.failed_from:
+                raise Fatal(f"the run failed twice from the same checkpoint ({where}), so a "
+                            f"restart will not fix it: {reason}")  # fmt: skip
+            self.failed_from = where
+            self.restart(f"{reason}; starting it again")
+        self.start()
+        return False
+
+
+MAX_FAILED_POLLS = 10  # consecutive polls that failed (gcloud errors) before giving up
+
+
+def do_supervise(args: argparse.Namespace) -> None:
+    """Starts the run if needed and keeps it going: a preempted, deleted or broken slice is
+    recreated with its remembered flags, reinstalled and the run resumed from its checkpoint."""
+    if args.dry_run:
+        raise LaunchError("supervise acts on what it observes, so it has no dry run; "
+                          "`run --dry_run` prints the start commands.")  # fmt: skip
+    if not args.has_state:  # a slice made elsewhere: remember it as it is now
+        state, node = node_state(args, quiet=True)
+        if state == NOT_FOUND:
+            raise not_found_error(args)
+        scheduling = node.get("schedulingConfig", {})
+        args.accelerator = node.get("acceleratorType", "")
+        args.runtime_version = node.get("runtimeVersion", "")
+        args.spot = bool(
+            node.get("spot") or scheduling.get("spot") or scheduling.get("preemptible")
+        )
+        save_state(args)
+    check_workdir(args, hosts_of(args.accelerator))
+    OUT.timestamps = True
+    event(f"supervising {args.name} ({args.accelerator}{', spot' if args.spot else ''}"
+          f"{', queued' if args.queued else ''}): run in {args.workdir}, poll every "
+          f"{args.poll_s:g} s, at most {args.max_restarts} restart(s)")  # fmt: skip
+    supervisor, failed_polls = Supervisor(args), 0
+    while True:
+        try:
+            if supervisor.poll():
+                return
+            failed_polls = 0
+        except Fatal:
+            raise
+        except LaunchError as error:
+            # A failed gcloud call (no capacity, a worker still booting) is tried again at the
+            # next poll; each recovery attempt has counted as a restart.
+            failed_polls += 1
+            if failed_polls >= MAX_FAILED_POLLS:
+                raise LaunchError(f"{failed_polls} polls in a row failed; last: {error}") from None
+            event(f"error: {error}; trying again in {args.poll_s:g} s")
+        time.sleep(args.poll_s)
 
 
 COMMANDS = {
     "create": do_create,
     "install": do_install,
     "run": do_run,
+    "supervise": do_supervise,
     "status": do_status,
     "stop": do_stop,
     "logs": do_logs,
     "delete": do_delete,
 }
+
+
+def add_install_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of `install` (also taken by `supervise`, which reinstalls a recreated slice)."""
+    p.add_argument(
+        "--lock",
+        default=str(REPO / "requirements" / "lock.txt"),
+        help="pinned requirements to install (default: requirements/lock.txt)",
+    )
+    p.add_argument("--python_version", default="3.11", help="workers' Python (>= 3.11)")
+    p.add_argument(
+        "--pip_args",
+        default="",
+        help="extra pip arguments, e.g. '--no-index --find-links=DIR'",
+    )
+    p.add_argument(
+        "--cpu_only",
+        action="store_true",
+        help="skip requirements/tpu.txt (libtpu): CPU-only workers",
+    )
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of `run` (also taken by `supervise`)."""
+    p.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
+    p.add_argument("--workdir", required=True, help="shared path, gs://BUCKET/DIR")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the run (repeatable)",
+    )
+    p.add_argument("--tfds_data_dir", default="", help="same as --env TFDS_DATA_DIR=...")
+    p.add_argument(
+        "--coordinator_port",
+        type=int,
+        default=COORDINATOR_PORT,
+        help="port of jax.distributed's coordinator on worker 0",
+    )
+    p.add_argument(
+        "--allow_local_workdir",
+        action="store_true",
+        help="the workers share a file system (not gs://)",
+    )
+    p.add_argument(
+        "--jax_cache",
+        default="",
+        help="JAX compilation cache dir (default <workdir>/jax_cache, local or gs://; 'none': off)",
+    )
+    p.add_argument(
+        "--log_copy_s", type=int, default=60, help="copy each worker's log to <workdir>/logs"
+    )
+    p.add_argument("override", nargs="*", help="extra --config.field=value flags")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -436,73 +1077,63 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, action in COMMANDS.items():
         p = sub.add_parser(name, help=action.__doc__)
         p.add_argument("--name", required=True, help="TPU VM (node) name")
-        p.add_argument("--zone", required=True, help="e.g. us-central2-b for v4")
+        p.add_argument(
+            "--zone", required=name == "create", default="",
+            help="e.g. us-central2-b for v4 (default: the one `create` remembered)",
+        )  # fmt: skip
         p.add_argument("--project", default="", help="GCP project (default: gcloud's)")
         p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
         p.add_argument("--queued", action="store_true", help="the slice is a queued resource")
         p.add_argument("--num_workers", type=int, default=1, help="dry runs only: workers")
+        p.add_argument("--internal_ip", action="store_true", help="ssh to internal IPs")
+        p.add_argument(
+            "--tunnel_through_iap", action="store_true", help="ssh through IAP (no external IP)"
+        )
+        p.add_argument("--ssh_attempts", type=int, default=4, help="tries when ssh exits 255")
+        p.add_argument("--retry_delay_s", type=float, default=5.0, help="first retry's delay")
         if name == "create":
             p.add_argument("--accelerator", required=True, help="accelerator type, e.g. v4-32")
             p.add_argument("--runtime_version", default="", help="default: by generation")
             p.add_argument("--spot", action="store_true", help="spot capacity (preemptible)")
+        if name in ("create", "supervise"):
             p.add_argument("--wait_s", type=int, default=3600, help="--queued: wait for ACTIVE")
-        if name == "install":
+        if name in ("install", "supervise"):
+            add_install_flags(p)
+        if name in ("run", "supervise"):
+            add_run_flags(p)
+        if name == "supervise":
+            p.add_argument("--poll_s", type=float, default=60, help="seconds between checks")
+            p.add_argument("--max_restarts", type=int, default=10, help="then give up")
             p.add_argument(
-                "--lock",
-                default=str(REPO / "requirements" / "lock.txt"),
-                help="pinned requirements to install (default: requirements/lock.txt)",
-            )
-            p.add_argument("--python_version", default="3.11", help="workers' Python (>= 3.11)")
-            p.add_argument(
-                "--pip_args",
-                default="",
-                help="extra pip arguments, e.g. '--no-index --find-links=DIR'",
-            )
-            p.add_argument(
-                "--cpu_only",
-                action="store_true",
-                help="skip requirements/tpu.txt (libtpu): CPU-only workers",
-            )
-        if name == "run":
-            p.add_argument("--config", required=True, help="configs/<file>.py[:arg]")
-            p.add_argument("--workdir", required=True, help="shared path, gs://BUCKET/DIR")
-            p.add_argument(
-                "--env",
-                action="append",
-                default=[],
-                metavar="NAME=VALUE",
-                help="environment variable for the run (repeatable)",
-            )
-            p.add_argument("--tfds_data_dir", default="", help="same as --env TFDS_DATA_DIR=...")
-            p.add_argument(
-                "--coordinator_port",
-                type=int,
-                default=COORDINATOR_PORT,
-                help="port of jax.distributed's coordinator on worker 0",
-            )
-            p.add_argument(
-                "--allow_local_workdir",
-                action="store_true",
-                help="the workers share a file system (not gs://)",
-            )
-            p.add_argument("override", nargs="*", help="extra --config.field=value flags")
+                "--not_ready_s", type=float, default=900,
+                help="a node CREATING/REPAIRING/... this long is recreated",
+            )  # fmt: skip
         if name == "stop":
             p.add_argument("--wait_s", type=int, default=900, help="wait this long for the save")
         if name == "logs":
             p.add_argument("--worker", type=int, default=0)
             p.add_argument("--lines", type=int, default=100)
             p.add_argument("--no_follow", action="store_true", help="print and return")
+            p.add_argument(
+                "--workdir", default="", help="print the worker's log copies saved there instead"
+            )
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command == "run":
+    if unknown and args.command in ("run", "supervise"):
         args.override = [*args.override, *unknown]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "run":
+    if args.command in ("run", "supervise"):
         if args.tfds_data_dir:
             args.env.append(f"TFDS_DATA_DIR={args.tfds_data_dir}")
         bad = [e for e in args.env if "=" not in e or not e.split("=", 1)[0].isidentifier()]
         if bad:
             parser.error(f"--env {bad[0]!r}: expected NAME=VALUE")
+    if args.command == "supervise" and args.max_restarts < 0:
+        raise LaunchError(f"--max_restarts={args.max_restarts}: must be >= 0 (0: never restart)")
+    if args.command == "supervise" and args.poll_s <= 0:
+        raise LaunchError(f"--poll_s={args.poll_s:g}: must be > 0")
+    if args.ssh_attempts < 1:
+        raise LaunchError(f"--ssh_attempts={args.ssh_attempts}: must be >= 1")
     if args.command == "create" and not args.runtime_version:
         runtime_version(args.accelerator)  # fails early on an unknown generation
     return args
@@ -510,13 +1141,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     """Runs one subcommand; failures are one line on stderr and exit status 1."""
+    args = None
     try:
         args = parse_args(argv)
+        resolve_slice(args)
         require_gcloud(args)
         COMMANDS[args.command](args)
     except LaunchError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        OUT.say(f"error: {error}", sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        what = args.command if args else "the launcher"
+        OUT.say(f"interrupted: {what} stopped here (a started run goes on; `status` shows it)",
+                sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,12 +38,17 @@ def load_launcher():
 
 
 tpu = load_launcher()
+STATE_DIR_ENV = tpu.STATE_DIR_ENV
+
+
+STATE_DIR = Path(tempfile.mkdtemp(prefix="simclr_tpu_state_"))  # never the user's ~/.config
 
 
 def launch(
     *args: str, env: dict | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     """Runs the launcher (stdout and stderr captured)."""
+    env = {STATE_DIR_ENV: str(STATE_DIR), **(os.environ if env is None else env)}
     return subprocess.run(
         [sys.executable, str(LAUNCHER), *args], capture_output=True, text=True, env=env,
         timeout=timeout,
@@ -307,6 +313,7 @@ def fake_env(root: Path, worker_env: dict | None = None) -> dict[str, str]:
         **os.environ,
         "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
         "FAKE_GCLOUD_ROOT": str(root),
+        STATE_DIR_ENV: str(root / "launcher_state"),
         "FAKE_GCLOUD_WORKER_ENV": json.dumps(worker_env or {}),
     }
 
@@ -570,3 +577,227 @@ def test_worker_setup_fetches_python_with_uv_when_the_image_has_none(tmp_path):
     assert f"virtual environment {venv} from {base}" in result.stdout
     assert result.stdout.rstrip().splitlines()[-1].startswith(f"setup: done: Python {version}")
     assert (venv / "bin" / "python").exists()
+
+
+# ------------------------------------------------------------------ the real world: supervise
+
+
+STANDIN = FAKE_GCLOUD / "standin_python"
+# Fast retries, the stand-in interpreter's "Python 9.9" (tests/fake_gcloud/standin_python).
+QUICK = ["--retry_delay_s", "0.05"]
+STANDIN_INSTALL = ["--python_version", "9.9", "--cpu_only", *QUICK]
+TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
+
+
+def standin_pod(
+    tmp_path: Path, accelerator: str = "v4-8", *flags: str, worker_env: dict | None = None
+) -> tuple[Path, dict[str, str], list[str]]:
+    """A created slice whose image's Python is the stand-in: (fake root, env, --name flags)."""
+    root, image = tmp_path / "gcloud", tmp_path / "image"
+    image.mkdir()
+    (image / "python9.9").symlink_to(STANDIN)
+    env = {**fake_env(root, worker_env), "FAKE_GCLOUD_IMAGE_PATH": str(image)}
+    created = launch("create", "--name", "pod", "--zone", "us-central2-b",
+                     "--accelerator", accelerator, *flags, env=env)  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    return root, env, ["--name", "pod"]
+
+
+def preempt(env: dict[str, str], name: str = "pod") -> None:
+    """The cloud takes the slice back (tests/fake_gcloud/gcloud's `fake preempt`)."""
+    subprocess.run([str(FAKE_GCLOUD / "gcloud"), "fake", "preempt", name], env=env, check=True)
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The single error line of a failed launcher call."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    return line
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["spot", "queued-spot"])
+def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, queued):
+    root, env, pod = standin_pod(tmp_path, "v4-8", "--spot", *(["--queued"] if queued else []))
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("kept\n")
+    log = tmp_path / "supervise.log"
+    command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "c.py",
+               "--workdir", str(workdir), "--poll_s", "0.3", "--max_restarts", "2",
+               "--log_copy_s", "1", *STANDIN_INSTALL, "--config.train_steps=40"]  # fmt: skip
+    with open(log, "w") as out:
+        supervisor = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), 120, "checkpoint 4")
+        preempt(env)
+        assert supervisor.wait(timeout=300) == 0, log.read_text()
+    finally:
+        supervisor.kill()
+    out = log.read_text()
+    lines = out.splitlines()
+    assert all(TIMESTAMPED.match(line) for line in lines), out
+    # (a queued slice may be seen between its node's and its queued resource's change)
+    gone = (
+        "(queued resource pod-qr is SUSPENDED|node pod is PREEMPTED)"
+        if queued
+        else ("node pod is PREEMPTED")
+    )
+    assert re.search(f"restart 1/2: {gone}; recreating it and resuming the run", out), out
+    assert out.count("started run ") == 2 and out.count("installing on pod") == 2, out
+    assert "finished: " in lines[-1]
+    # The second run resumed from a checkpoint of the first one and finished.
+    saved = sorted((workdir / "logs").glob("worker0-*.log"))
+    assert len(saved) == 2, saved
+    # the last copy follows the run's end by about a second
+    wait_for(lambda: "=== exited with status 0" in saved[1].read_text(), 30, "the last copy")
+    resumed = int(re.search(r"Resuming from .* step (\d+)\.", saved[1].read_text()).group(1))
+    assert resumed >= 4 and "step 40/40" in saved[1].read_text()
+    assert "step 4/40" in saved[0].read_text() and "Resuming" not in saved[0].read_text()
+    assert json.loads((workdir / "results.json").read_text())["step"] == 40
+    # Both runs used the compilation cache in the workdir; nothing in the workdir was removed.
+    caches = (workdir / "standin_cache_dirs.txt").read_text().split()
+    assert caches == [str(workdir / "jax_cache")] * 2
+    assert (workdir / "notes.txt").read_text() == "kept\n"
+    # The recreated slice is the remembered one; `logs --workdir` reads the saved copies.
+    node = json.loads((root / "nodes" / "pod.json").read_text())
+    assert node["state"] == "READY" and node["spot"] is True
+    assert (root / "queued" / "pod-qr.json").exists() == queued
+    copies = launch("logs", *pod, "--workdir", str(workdir), env=env)
+    assert copies.returncode == 0 and f"Resuming from {workdir / 'checkpoints'}" in copies.stdout
+    assert launch("delete", *pod, env=env).returncode == 0  # no --queued, no --zone needed
+    assert not (root / "queued" / "pod-qr.json").exists() and not (root / "nodes" / "pod").exists()
+    assert (workdir / "results.json").exists()
+
+
+def test_supervise_stops_when_the_run_fails_twice_from_the_same_checkpoint(tmp_path):
+    _, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_FAIL_AT": "3"}})
+    workdir = tmp_path / "workdir"
+    result = launch("supervise", *pod, "--config", "c.py", "--workdir", str(workdir),
+                    "--poll_s", "0.3", *STANDIN_INSTALL, env=env)  # fmt: skip
+    line = one_line(result)
+    assert "the run failed twice from the same checkpoint (2)" in line
+    assert "worker 0 exited with status 1" in line and line.endswith("loss is nan at step 3")
+    assert "restart 1/10: worker 0 exited with status 1 (last checkpoint: 2)" in result.stdout
+    assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def test_status_names_a_preempted_node_and_fails(tmp_path):
+    _, env, pod = standin_pod(tmp_path)
+    preempt(env)
+    result = launch("status", *pod, env=env)
+    assert result.stdout.splitlines()[0] == "node pod: PREEMPTED"
+    assert "node pod is PREEMPTED, not READY" in one_line(result)
+
+
+def test_ssh_failing_once_is_retried_and_logged(tmp_path):
+    root, env, pod = standin_pod(tmp_path)
+    (root / "faults").mkdir()
+    (root / "faults" / "ssh_255").write_text("1")
+    result = launch("status", *pod, "--internal_ip", "--tunnel_through_iap", *QUICK, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\[worker 0\] ssh failed \(exit 255: .*Connection timed out\); retry 1/3",
+                     result.stdout)  # fmt: skip
+    assert "[worker 0] not running" in result.stdout
+    assert (root / "faults" / "ssh_255").read_text() == "0"
+    [ssh_line] = [line for line in result.stdout.splitlines() if " ssh pod " in line]
+    assert "--internal-ip" in ssh_line and "--tunnel-through-iap" in ssh_line
+
+
+def run_standin(pod: list[str], workdir: Path, env: dict, *extra: str):
+    """`run` of the stand-in training (a long one unless told otherwise)."""
+    return launch("run", *pod, "--config", "c.py", "--workdir", str(workdir),
+                  "--allow_local_workdir", *QUICK, *extra, env=env)  # fmt: skip
+
+
+def test_a_start_failing_on_worker_1_stops_worker_0(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "setsid").write_text("#!/bin/bash\necho 'setsid: cannot fork' >&2\nexit 1\n")
+    (broken / "setsid").chmod(0o755)
+    worker1_path = f"{broken}:{tmp_path / 'image'}:{os.environ['PATH']}"
+    root, env, pod = standin_pod(
+        tmp_path, "v4-16",
+        worker_env={"all": {"STANDIN_STEP_S": "0.5"}, "1": {"PATH": worker1_path}},
+    )  # fmt: skip
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    result = run_standin(pod, tmp_path / "w", env, "--config.train_steps=1000")
+    line = one_line(result)
+    assert line.startswith("error: worker 1: starting the run failed (exit 5)")
+    assert "setsid exited with status 1" in line and line.endswith("; stopped worker(s) [0]")
+    log0 = (root / "nodes" / "pod" / "worker0" / "simclr_jax_run.log").read_text()
+    assert log0.rstrip().splitlines()[-1].startswith("=== exited with status 0"), log0
+    status = launch("status", *pod, env=env)
+    assert "[worker 0] not running" in status.stdout and "[worker 1] not running" in status.stdout
+
+
+def test_run_works_after_the_slice_is_recreated_with_new_host_keys(tmp_path):
+    root, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_STEP_S": "0.5"}})
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    assert launch("delete", *pod, env=env).returncode == 0
+    created = launch("create", *pod, "--zone", "us-central2-b", "--accelerator", "v4-8", env=env)
+    assert created.returncode == 0
+    # Plain ssh now refuses the new host key ...
+    plain = subprocess.run(
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--worker=0", "--quiet",
+         "--zone=us-central2-b", "--command=true"], env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert plain.returncode == 255 and "HOST IDENTIFICATION HAS CHANGED" in plain.stderr
+    # ... the launcher's does not check it.
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    started = run_standin(pod, tmp_path / "w", env, "--config.train_steps=1000")
+    assert started.returncode == 0, started.stdout + started.stderr
+    wait_for(lambda: (tmp_path / "w" / "checkpoints" / "2").is_dir(), 60, "checkpoint 2")
+    status = launch("status", *pod, env=env)
+    assert status.stdout.splitlines()[0] == "node pod: READY, v4-8, 1 worker(s)"
+    assert "[worker 0] running (pid" in status.stdout
+    assert re.search(r"\[worker 0\] last progress: .*step \d+/1000 .*ETA ", status.stdout)
+    # Ctrl-C while following the log: one line, no traceback; the run goes on.
+    follow = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), "logs", *pod], env={STATE_DIR_ENV: str(STATE_DIR), **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(3)
+    follow.send_signal(signal.SIGINT)
+    _, err = follow.communicate(timeout=30)
+    assert follow.returncode == 130 and err.splitlines() == [
+        "interrupted: logs stopped here (a started run goes on; `status` shows it)"
+    ]
+    stopped = launch("stop", *pod, env=env)
+    assert "[worker 0] stopped: === exited with status 0" in stopped.stdout, stopped.stdout
+    # The worker's log was copied into the workdir, the last time after the run's end.
+    [copy] = (tmp_path / "w" / "logs").glob("worker0-*.log")
+    wait_for(lambda: "=== exited with status 0" in copy.read_text(), 30, "the final log copy")
+    assert "Preempted: saved step" in copy.read_text()
+
+
+def test_the_pid_check_ignores_another_process_with_the_recorded_pid(tmp_path):
+    """After a reboot the recorded pid may belong to anything: only our run's token counts."""
+    home = tmp_path / "home"
+    home.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (home / "simclr_jax_run.pid").write_text(f"{other.pid}\n")
+        (home / "simclr_jax_run.id").write_text("20250101T000000Z-abcdef12\n")
+        env = {**os.environ, "HOME": str(home)}
+        out = subprocess.run(["bash", "-c", tpu.status_remote(1)], env=env, capture_output=True,
+                             text=True).stdout  # fmt: skip
+        assert out.splitlines()[0] == "not running"
+    finally:
+        other.kill()
+
+
+def test_bad_input_is_one_line_and_removes_nothing(tmp_path):
+    _, env, _ = standin_pod(tmp_path, "v4-16")
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("kept\n")
+    unknown = one_line(launch("status", "--name", "nosuch", env=env))
+    assert "unknown --name 'nosuch': no state file" in unknown and "--zone" in unknown
+    absent = one_line(launch("status", "--name", "nosuch", "--zone", "us-central2-b", env=env))
+    assert "'nosuch' does not exist in us-central2-b (NOT_FOUND)" in absent
+    supervise = ["supervise", "--name", "pod", "--config", "c.py", "--workdir", str(workdir)]
+    local = one_line(launch(*supervise, env=env))
+    assert "a 2-worker slice needs a shared gs:// workdir" in local
+    negative = one_line(launch(*supervise, "--max_restarts", "-1", env=env))
+    assert "--max_restarts=-1: must be >= 0" in negative
+    assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
