@@ -370,7 +370,7 @@ def no_compile(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compiled before the bad input was reported")
 
-    monkeypatch.setattr(train, "create_train_state", refuse)
+    monkeypatch.setattr(training, "create_train_state", refuse)
     monkeypatch.setattr(distill, "restore_teacher", refuse)
 
 
@@ -383,7 +383,7 @@ def test_pretraining_workdir_as_teacher_is_rejected(tmp_path, tiny_pretrain_work
 
 def test_teacher_with_other_classes_is_rejected(tmp_path, monkeypatch):
     teacher = save_random_checkpoint(tmp_path / "teacher5", "finetune", num_classes=5)
-    monkeypatch.setattr(train, "create_train_state", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(training, "create_train_state", lambda *a, **k: pytest.fail("compiled"))
     config = tiny_config(**{"distill.teacher_checkpoint": teacher})
     with pytest.raises(ValueError, match="predicts 5 classes but data bundled:train.* has 10"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
