@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preflight_gate  # noqa: E402 - next to this script, which is not a package
 
 # Software versions per TPU generation (Cloud TPU docs, "TPU software versions").
 RUNTIME_VERSIONS = {
@@ -327,6 +329,7 @@ def require_gcloud(args: argparse.Namespace) -> None:
 
 def do_create(args: argparse.Namespace) -> None:
     """Creates the slice; a queued resource is waited for until it is ACTIVE."""
+    preflight_gate.gate_create(args)
     for command in create_commands(args):
         run_local(args, command, "creating the TPU VM")
     if not args.queued or args.dry_run:
@@ -380,6 +383,7 @@ def do_run(args: argparse.Namespace) -> None:
             f"--workdir={args.workdir}: a {len(ips)}-worker slice needs a shared gs:// workdir "
             "(every worker writes its checkpoint shards there); use gs://BUCKET/DIR."
         )
+    preflight_gate.gate_run(args, lambda: run_local(args, describe_command(args), "describe"))
     workers = list(range(len(ips)))
     on_workers(args, workers, lambda w: preflight_remote(), "the pre-start check")
     coordinator = f"{ips[0]}:{args.coordinator_port}"
@@ -441,6 +445,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
         p.add_argument("--queued", action="store_true", help="the slice is a queued resource")
         p.add_argument("--num_workers", type=int, default=1, help="dry runs only: workers")
+        preflight_gate.add_arguments(p, name)
         if name == "create":
             p.add_argument("--accelerator", required=True, help="accelerator type, e.g. v4-32")
             p.add_argument("--runtime_version", default="", help="default: by generation")
@@ -514,7 +519,7 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
         require_gcloud(args)
         COMMANDS[args.command](args)
-    except LaunchError as error:
+    except (LaunchError, preflight_gate.PreflightRefused) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -222,7 +222,10 @@ def test_a_run_slow_to_detach_survives_the_end_of_the_ssh_session(tmp_path):
     python.chmod(0o755)
     (home / "simclr_jax_venv" / "simclr_jax_installed").write_text("abc123\n")
 
-    started = launch("run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), env=env)
+    started = launch(
+        "run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), "--skip_preflight",
+        env=env,
+    )  # fmt: skip
     assert started.returncode == 0, started.stderr
     log = home / "simclr_jax_run.log"
     wait_for(
@@ -400,7 +403,7 @@ def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     def run(*extra: str) -> subprocess.CompletedProcess:
         return launch(
             "run", *pod, "--config", "configs/smoke.py:pretrain", "--workdir", str(workdir),
-            "--allow_local_workdir", "--coordinator_port", str(free_port()),
+            "--allow_local_workdir", "--skip_preflight", "--coordinator_port", str(free_port()),
             "--env", f"JAX_COMPILATION_CACHE_DIR={tmp_path / 'jax cache'}",
             "--env", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0",
             "--env", 'SIMCLR_NOTE=spaces "and" quotes',
