@@ -533,6 +533,46 @@ def _per_device_bytes(abstract: Any) -> int:
     return total
 
 
+def activation_bytes(config: Any, images_per_device: int) -> int:
+    """Bytes of the activations one device's backward pass keeps (the model forward's jax.vjp
+    residuals with a batch dimension), traced with eval_shape: a cheap estimate, before any
+    compile, of what the step needs beyond its state (the compiler may rematerialize some)."""
+    import jax
+    import jax.numpy as jnp
+
+    from simclr_jax import evaluate
+    from simclr_jax.models import create_model
+
+    size = int(config.data.image_size)
+    model = create_model(
+        config.model,
+        num_classes=int(config.model.num_classes),
+        mode=evaluate.model_mode(config.mode),
+    )
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    images = jax.ShapeDtypeStruct((images_per_device, size, size, 3), jnp.float32)
+
+    def pullback(params: Any, batch_stats: Any, x: jax.Array) -> Any:
+        def forward(p: Any) -> Any:
+            out, _ = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return out
+
+        return jax.vjp(forward, params)[1]
+
+    residuals = jax.eval_shape(
+        pullback, variables["params"], variables.get("batch_stats", {}), images
+    )
+    return sum(
+        leaf.size * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(residuals)
+        if leaf.ndim and leaf.shape[0] == images_per_device
+    )
+
+
 def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = None) -> Result:
     """Builds and compiles config's step for the slice; never allocates a parameter."""
     from simclr_jax import parallel
@@ -560,14 +600,20 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
         "hardware_source": tpu.generation.source,
         **notes,
     }
-    # Cheap decision first: the state alone (replicated or FSDP shards) over HBM needs no compile.
-    if base["state_bytes_per_chip"] > tpu.hbm_bytes_per_device:
-        reason = (
-            f"does not fit: the train state alone needs {_gib(base['state_bytes_per_chip'])} "
-            f"per chip, over the {_gib(tpu.hbm_bytes_per_device)} HBM of a {tpu.accelerator_type} "
-            "chip (decided before compiling; set mesh.fsdp_min_size to shard it)"
-        )
-        return Result(False, reason, {**base, "fits": False, "reason": reason})
+    # Cheap decision first: the state plus the backward's activations over HBM needs no compile.
+    if config.mode != "eval":
+        views = 2 if config.mode == "pretrain" else 1
+        per_device = int(config.train_batch_size) // mesh.shape["data"] * views
+        base["activation_bytes_per_chip"] = activation_bytes(config, per_device)
+        needed = base["state_bytes_per_chip"] + base["activation_bytes_per_chip"]
+        if needed > tpu.hbm_bytes_per_device:
+            reason = (
+                f"does not fit in {_gib(tpu.hbm_bytes_per_device)} HBM per chip: the state "
+                f"({_gib(base['state_bytes_per_chip'])}) plus the activations the backward pass "
+                f"keeps ({_gib(base['activation_bytes_per_chip'])}) need {_gib(needed)} "
+                "(decided before compiling; lower the batch or set mesh.fsdp_min_size)"
+            )
+            return Result(False, reason, {**base, "fits": False, "reason": reason})
     started = time.time()
     try:
         compiled = step.lower(*args).compile()
