@@ -731,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--table" in argv:
         from benchmarks import preflight_table  # noqa: PLC0415 - only for --table
 
+        _quiet_libtpu_environment()
         return preflight_table.main([a for a in argv if a != "--table"])
     return _absl_main(argv)
 
@@ -767,6 +768,10 @@ def _absl_main(argv: list[str]) -> int:
               "(linux x86_64 only).", file=sys.stderr)  # fmt: skip
         return 2
     config = config_flag.value
+    import jax
+
+    # Nothing but the report is written: no persistent compilation cache entries either.
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         devices = slice_devices(tpu)
         if max_batch_flag.value:
