@@ -4,7 +4,8 @@
 #   bash requirements/lock.sh                # PYTHON=python3.11 by default
 # lock.txt: exact versions of install_requires + the `test` extra; CI (tests/run.sh) and every
 #           TPU worker (launch/tpu.py install) install exactly these.
-# tpu.txt:  what `jax[tpu]` adds on top of lock.txt (libtpu); TPU workers only.
+# tpu.txt:  what `jax[tpu]` adds on top of lock.txt (empty while libtpu is in the `test` extra,
+#           hence in lock.txt); TPU workers only.
 # Resolution only (pip --dry-run --report): nothing is installed, only metadata is downloaded.
 # Each line carries the sha256 of the file pip chose (linux x86_64 wheels), so installing the
 # lock is in pip's hash-checking mode. KEEP=1 keeps every version already in lock.txt (to add

@@ -486,7 +486,11 @@ def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
     kwargs = setup_kwargs(monkeypatch)
     assert kwargs["python_requires"] == ">=3.11"
     lock = (REPO / "requirements" / "lock.txt").read_text()
-    pins = dict(line.split("==") for line in lock.splitlines() if line and not line.startswith("#"))
+    pins = dict(
+        line.split(" --hash=")[0].split("==")
+        for line in lock.splitlines()
+        if line and not line.startswith("#")
+    )
     assert all(re.fullmatch(r"[a-z0-9-]+", name) for name in pins)
     python = re.search(r"Resolved for Python (\d+\.\d+)", lock).group(1)
     assert SpecifierSet(kwargs["python_requires"]).contains(python + ".0")
@@ -497,8 +501,9 @@ def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
         assert name in pins, f"{name} is not in requirements/lock.txt; run requirements/lock.sh"
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
-    tpu = (REPO / "requirements" / "tpu.txt").read_text()
-    assert re.search(r"^libtpu==[\d.]+$", tpu, re.M)
+    # libtpu is in the `test` extra (the preflight compiles for TPU in CI), so lock.txt pins it
+    # for the workers too, with its hash like every line.
+    assert re.search(r"^libtpu==[\d.]+ --hash=sha256:[0-9a-f]{64}$", lock, re.M)
 
 
 # ------------------------------------------------------------------ worker set-up, no python3.X
