@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preflight_gate  # noqa: E402 - next to this script, which is not a package
 
 # Software versions per TPU generation (Cloud TPU docs, "TPU software versions").
 RUNTIME_VERSIONS = {
@@ -625,6 +627,7 @@ def check_workdir(args: argparse.Namespace, num_workers: int) -> None:
 
 def do_create(args: argparse.Namespace) -> None:
     """Creates the slice and remembers its flags; a queued resource is waited for (ACTIVE)."""
+    preflight_gate.gate_create(args)
     for command in create_commands(args):
         run_local(args, command, "creating the TPU VM")
     if not args.dry_run:
@@ -703,6 +706,7 @@ def do_run(args: argparse.Namespace) -> None:
     """Checks every worker first; then starts the run on all of them."""
     ips = endpoints(args)
     check_workdir(args, len(ips))
+    preflight_gate.gate_run(args, lambda: run_local(args, describe_command(args), "describe"))
     start_run(args, ips)
 
 
@@ -980,6 +984,8 @@ def do_supervise(args: argparse.Namespace) -> None:
         )
         save_state(args)
     check_workdir(args, hosts_of(args.accelerator))
+    if not args.skip_preflight:
+        preflight_gate.check(args.config, args.accelerator, args.override)
     OUT.timestamps = True
     event(f"supervising {args.name} ({args.accelerator}{', spot' if args.spot else ''}"
           f"{', queued' if args.queued else ''}): run in {args.workdir}, poll every "
@@ -1091,6 +1097,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )
         p.add_argument("--ssh_attempts", type=int, default=4, help="tries when ssh exits 255")
         p.add_argument("--retry_delay_s", type=float, default=5.0, help="first retry's delay")
+        preflight_gate.add_arguments(p, name)
         if name == "create":
             p.add_argument("--accelerator", required=True, help="accelerator type, e.g. v4-32")
             p.add_argument("--runtime_version", default="", help="default: by generation")
@@ -1147,7 +1154,7 @@ def main(argv: list[str]) -> int:
         resolve_slice(args)
         require_gcloud(args)
         COMMANDS[args.command](args)
-    except LaunchError as error:
+    except (LaunchError, preflight_gate.PreflightRefused) as error:
         OUT.say(f"error: {error}", sys.stderr)
         return 1
     except KeyboardInterrupt:

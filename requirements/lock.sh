@@ -4,8 +4,12 @@
 #   bash requirements/lock.sh                # PYTHON=python3.11 by default
 # lock.txt: exact versions of install_requires + the `test` extra; CI (tests/run.sh) and every
 #           TPU worker (launch/tpu.py install) install exactly these.
-# tpu.txt:  what `jax[tpu]` adds on top of lock.txt (libtpu); TPU workers only.
+# tpu.txt:  what `jax[tpu]` adds on top of lock.txt (empty while libtpu is in the `test` extra,
+#           hence in lock.txt); TPU workers only.
 # Resolution only (pip --dry-run --report): nothing is installed, only metadata is downloaded.
+# Each line carries the sha256 of the file pip chose (linux x86_64 wheels), so installing the
+# lock is in pip's hash-checking mode. KEEP=1 keeps every version already in lock.txt (to add
+# a package or the hashes without upgrading anything).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -13,11 +17,17 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$PYTHON" -m venv "$tmp/venv"
 pip=("$tmp/venv/bin/python" -m pip)
+keep=()
+if [ "${KEEP:-0}" = 1 ]; then
+    sed 's/ --hash=.*//' requirements/lock.txt > "$tmp/keep.txt"
+    keep=(-c "$tmp/keep.txt")
+fi
 "${pip[@]}" install -q --upgrade pip
-"${pip[@]}" install -q --dry-run --ignore-installed --report "$tmp/base.json" '.[test]'
+"${pip[@]}" install -q --dry-run --ignore-installed --report "$tmp/base.json" "${keep[@]}" \
+    '.[test]'
 "$tmp/venv/bin/python" requirements/lock_report.py "$tmp/base.json" > requirements/lock.txt
 "${pip[@]}" install -q --dry-run --ignore-installed --report "$tmp/tpu.json" \
-    -c requirements/lock.txt '.[test,tpu]'
+    -c <(sed 's/ --hash=.*//' requirements/lock.txt) '.[test,tpu]'
 "$tmp/venv/bin/python" requirements/lock_report.py "$tmp/tpu.json" \
     --minus requirements/lock.txt > requirements/tpu.txt
 echo "wrote requirements/lock.txt ($(grep -c '==' requirements/lock.txt) packages) and" \

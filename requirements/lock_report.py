@@ -14,15 +14,27 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def sha256(item: dict) -> str:
+    """The sha256 of the file pip would install (its download_info), or ''."""
+    archive = item.get("download_info", {}).get("archive_info", {})
+    if "sha256" in archive.get("hashes", {}):
+        return archive["hashes"]["sha256"]
+    algorithm, _, digest = archive.get("hash", "").partition("=")
+    return digest if algorithm == "sha256" else ""
+
+
 def pinned(report_path: str) -> dict[str, str]:
-    """{canonical name: version} of every package the report would install, minus this one."""
+    """{canonical name: 'version --hash=sha256:...'} of every package the report would
+    install, minus this one."""
     with open(report_path) as f:
         report = json.load(f)
     pins = {}
     for item in report["install"]:
         meta = item["metadata"]
         if canonical(meta["name"]) != "simclr-jax":
-            pins[canonical(meta["name"])] = meta["version"]
+            digest = sha256(item)
+            pin = meta["version"] + (f" --hash=sha256:{digest}" if digest else "")
+            pins[canonical(meta["name"])] = pin
     return pins
 
 
@@ -33,7 +45,8 @@ def read_lock(path: str) -> set[str]:
 
 
 def main() -> None:
-    """Prints the lock file: a header naming the interpreter and platform, then name==version."""
+    """Prints the lock file: a header naming the interpreter and platform, then
+    name==version --hash=sha256:... (pip's hash-checking mode: every line has its hash)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("report")
     parser.add_argument("--minus", help="leave out packages pinned in this lock file")

@@ -228,7 +228,10 @@ def test_a_run_slow_to_detach_survives_the_end_of_the_ssh_session(tmp_path):
     python.chmod(0o755)
     (home / "simclr_jax_venv" / "simclr_jax_installed").write_text("abc123\n")
 
-    started = launch("run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), env=env)
+    started = launch(
+        "run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), "--skip_preflight",
+        env=env,
+    )  # fmt: skip
     assert started.returncode == 0, started.stderr
     log = home / "simclr_jax_run.log"
     wait_for(
@@ -407,7 +410,7 @@ def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     def run(*extra: str) -> subprocess.CompletedProcess:
         return launch(
             "run", *pod, "--config", "configs/smoke.py:pretrain", "--workdir", str(workdir),
-            "--allow_local_workdir", "--coordinator_port", str(free_port()),
+            "--allow_local_workdir", "--skip_preflight", "--coordinator_port", str(free_port()),
             "--env", f"JAX_COMPILATION_CACHE_DIR={tmp_path / 'jax cache'}",
             "--env", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0",
             "--env", 'SIMCLR_NOTE=spaces "and" quotes',
@@ -490,7 +493,11 @@ def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
     kwargs = setup_kwargs(monkeypatch)
     assert kwargs["python_requires"] == ">=3.11"
     lock = (REPO / "requirements" / "lock.txt").read_text()
-    pins = dict(line.split("==") for line in lock.splitlines() if line and not line.startswith("#"))
+    pins = dict(
+        line.split(" --hash=")[0].split("==")
+        for line in lock.splitlines()
+        if line and not line.startswith("#")
+    )
     assert all(re.fullmatch(r"[a-z0-9-]+", name) for name in pins)
     python = re.search(r"Resolved for Python (\d+\.\d+)", lock).group(1)
     assert SpecifierSet(kwargs["python_requires"]).contains(python + ".0")
@@ -501,8 +508,9 @@ def test_lock_pins_every_requirement_of_setup_py(monkeypatch):
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
         assert name in pins, f"{name} is not in requirements/lock.txt; run requirements/lock.sh"
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
-    tpu = (REPO / "requirements" / "tpu.txt").read_text()
-    assert re.search(r"^libtpu==[\d.]+$", tpu, re.M)
+    # libtpu is in the `test` extra (the preflight compiles for TPU in CI), so lock.txt pins it
+    # for the workers too, with its hash like every line.
+    assert re.search(r"^libtpu==[\d.]+ --hash=sha256:[0-9a-f]{64}$", lock, re.M)
 
 
 # ------------------------------------------------------------------ worker set-up, no python3.X
@@ -623,7 +631,7 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
     (workdir / "notes.txt").write_text("kept\n")
     log = tmp_path / "supervise.log"
     command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "c.py",
-               "--workdir", str(workdir), "--poll_s", "0.3", "--max_restarts", "2",
+               "--skip_preflight", "--workdir", str(workdir), "--poll_s", "0.3", "--max_restarts", "2",
                "--log_copy_s", "1", *STANDIN_INSTALL, "--config.train_steps=40"]  # fmt: skip
     with open(log, "w") as out:
         supervisor = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -673,7 +681,7 @@ def test_supervise_stops_when_the_run_fails_twice_from_the_same_checkpoint(tmp_p
     _, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_FAIL_AT": "3"}})
     workdir = tmp_path / "workdir"
     result = launch("supervise", *pod, "--config", "c.py", "--workdir", str(workdir),
-                    "--poll_s", "0.3", *STANDIN_INSTALL, env=env)  # fmt: skip
+                    "--skip_preflight", "--poll_s", "0.3", *STANDIN_INSTALL, env=env)  # fmt: skip
     line = one_line(result)
     assert "the run failed twice from the same checkpoint (2)" in line
     assert "worker 0 exited with status 1" in line and line.endswith("loss is nan at step 3")
@@ -706,7 +714,7 @@ def test_ssh_failing_once_is_retried_and_logged(tmp_path):
 def run_standin(pod: list[str], workdir: Path, env: dict, *extra: str):
     """`run` of the stand-in training (a long one unless told otherwise)."""
     return launch("run", *pod, "--config", "c.py", "--workdir", str(workdir),
-                  "--allow_local_workdir", *QUICK, *extra, env=env)  # fmt: skip
+                  "--allow_local_workdir", "--skip_preflight", *QUICK, *extra, env=env)  # fmt: skip
 
 
 def test_a_start_failing_on_worker_1_stops_worker_0(tmp_path):

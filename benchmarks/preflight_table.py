@@ -1,0 +1,94 @@
+"""Preflight table of the paper's configurations: memory per chip, fits, estimated step time,
+images/s, hours for the recipe and implied MFU, float32 and bfloat16 (compiler estimates).
+
+    python benchmarks/preflight_table.py            # every row (each compile takes minutes)
+    python benchmarks/preflight_table.py --rows r50_v4   # rows whose name contains r50_v4
+    python -m simclr_jax.preflight --table          # the same
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# (row name, config, accelerator, overrides, what the paper reports for the row)
+ROWS = [
+    ("r50_v1_v3", "configs/imagenet_pretrain.py:r50_1x,v1,e100", "v3-128", {},
+     "paper: ~1.5 h / 100 epochs on 128 v3 cores = ~0.17 s/step"),
+    ("r50_v2_v4", "configs/imagenet_pretrain.py:r50_1x,v2", "v4-128", {}, ""),
+    ("r50_v2_v5e", "configs/imagenet_pretrain.py:r50_1x,v2", "v5litepod-256", {}, ""),
+    ("r50_v2_v6e", "configs/imagenet_pretrain.py:r50_1x,v2", "v6e-64", {}, ""),
+    ("r152_3x_sk", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128", {}, ""),
+    ("r152_3x_sk_fsdp", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128",
+     {"mesh.fsdp_min_size": 2**16}, ""),
+]  # fmt: skip
+DTYPES = ("float32", "bfloat16")
+
+
+def load_config(spec: str, overrides: dict, dtype: str):
+    """The config of 'file.py:arg' with overrides and model.dtype applied."""
+    import importlib
+
+    path, _, arg = spec.partition(":")
+    config = importlib.import_module("configs." + Path(path).stem).get_config(arg or None)
+    for field, value in overrides.items():
+        node = config
+        *parents, leaf = field.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    config.model.dtype = dtype
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the table (markdown), one row per configuration and dtype."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", default="", help="only rows whose name contains this")
+    args = parser.parse_args(argv[1:] if argv else [])
+    from simclr_jax import preflight
+
+    preflight._quiet_libtpu_environment()
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    print(
+        "| row | slice | dtype | memory/chip (GiB) | fits | step (s) | bound | images/s "
+        "| hours | MFU | note |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, spec, accelerator, overrides, note in ROWS:
+        if args.rows not in name:
+            continue
+        tpu = preflight.parse_accelerator_type(accelerator)
+        for dtype in DTYPES:
+            result = preflight.run_preflight(load_config(spec, overrides, dtype), tpu)
+            r = result.report
+            total = r.get("bytes_per_chip", {}).get("total")
+            total = (
+                total
+                if total is not None
+                else r.get("state_bytes_per_chip", 0) + r.get("activation_bytes_per_chip", 0)
+            )
+            if "step_seconds_estimate" in r:
+                cells = (
+                    f"{r['step_seconds_estimate']:.3f}",
+                    r["roofline_bound"],
+                    f"{r['images_per_second_estimate']:.0f}",
+                    f"{r['run_hours_estimate']:.1f}",
+                    f"{r['mfu_estimate']:.0%}",
+                )
+            else:
+                cells = ("-",) * 5
+            print(f"| {name} | {accelerator} | {dtype} | {total / 2**30:.1f} | "
+                  f"{'yes' if result.ok else 'no'} | " + " | ".join(cells) + f" | {note} |",
+                  flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,245 @@
+"""simclr_jax.preflight: the training step compiled ahead of time for Cloud TPU slices on a CPU
+host (libtpu's compiler), and the launcher's gate built on it (through the fake gcloud)."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launch" / "tpu.py"
+FAKE_GCLOUD = REPO / "tests" / "fake_gcloud"
+SMOKE = "configs/smoke.py:pretrain"
+
+
+def require_libtpu() -> None:
+    """Skips without libtpu on a user's machine; fails under CI, which installs it (lock)."""
+    if importlib.util.find_spec("libtpu") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install libtpu (requirements/lock.txt, the `test` extra)")
+        pytest.skip("libtpu is not installed (pip install 'libtpu==0.0.42.1')")
+
+
+def preflight_env() -> dict[str, str]:
+    """The test process's environment minus what is only meant for the CPU tests."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def preflight(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m simclr_jax.preflight ARGS` (configs relative to the repository)."""
+    args = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("--config=") else a
+            for a in args]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_jax.preflight", *args], cwd=cwd, env=preflight_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ lock and packaging
+
+
+def test_libtpu_is_pinned_with_its_hash_in_the_lock_and_the_test_extra():
+    lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
+    pins = [line for line in lock if "==" in line]
+    assert any(re.fullmatch(r"libtpu==0\.0\.42\.1 --hash=sha256:[0-9a-f]{64}", p) for p in pins)
+    # pip's hash-checking mode needs a hash on every line once one line has one.
+    assert all(re.search(r" --hash=sha256:[0-9a-f]{64}$", p) for p in pins), pins
+    setup = (REPO / "setup.py").read_text()
+    assert "\"libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'\"" in setup
+
+
+# ------------------------------------------------------------------ bad input (no compile)
+
+
+def test_unknown_accelerator_type_lists_the_known_ones():
+    result = preflight(f"--config={SMOKE}", "--tpu=v9-8")
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "'v9-8' is not a known accelerator type" in line
+    for known in ("v2-8", "v3-128", "v4-32", "v5litepod-16", "v5p-128", "v6e-64"):
+        assert known in line
+
+
+def test_accelerator_types_map_to_devices_as_jax_lists_them_on_the_slice():
+    from simclr_jax import preflight as pf
+
+    expected = {"v2-8": (8, "v2:2x2"), "v3-128": (128, "v3:8x8"), "v4-32": (16, "v4:2x2x4"),
+                "v5litepod-16": (16, "v5e:4x4"), "v5p-128": (64, "v5p:4x4x4"),
+                "v6e-64": (64, "v6e:8x8"), "v5e-4": (4, "v5e:2x2")}  # fmt: skip
+    for name, (devices, topology) in expected.items():
+        tpu = pf.parse_accelerator_type(name)
+        assert (tpu.num_devices, tpu.topology_name) == (devices, topology), name
+    # v2/v3 devices are TensorCores: half a chip's HBM each.
+    assert pf.parse_accelerator_type("v3-8").hbm_bytes_per_device == 16 * 2**30
+    assert pf.parse_accelerator_type("v4-8").hbm_bytes_per_device == 32 * 2**30
+
+
+def test_missing_libtpu_gives_the_pip_command(monkeypatch, capsys):
+    from simclr_jax import preflight as pf
+
+    monkeypatch.setattr(pf, "libtpu_available", lambda: False)
+    assert pf.main(["preflight", f"--config={REPO}/{SMOKE}", "--tpu=v4-8"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "pip install 'libtpu==0.0.42.1'" in line
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train_batch_size=66", "train_batch_size=66 is not divisible by the 4 devices"),
+        ("--config.mesh.model=3", "mesh.model=3 must be a positive divisor of the 4 devices"),
+    ],
+)
+def test_batch_or_mesh_that_does_not_divide_the_slice_is_one_line(override, message):
+    require_libtpu()
+    result = preflight(f"--config={SMOKE}", "--tpu=v4-8", override)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert message in line
+
+
+# ------------------------------------------------------------------ compiled for TPU
+
+
+@pytest.mark.parametrize("tpu, fsdp_min_size", [("v4-8", 0), ("v5litepod-4", 2**16)])
+def test_smoke_pretraining_step_compiles_for_a_slice(tmp_path, tpu, fsdp_min_size):
+    require_libtpu()
+    out = tmp_path / "report.json"
+    result = preflight(
+        f"--config={SMOKE}", f"--tpu={tpu}", f"--config.mesh.fsdp_min_size={fsdp_min_size}",
+        f"--out={out}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in (result.stdout + result.stderr).lower()  # libtpu kept quiet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # nothing else written
+    report = json.loads(out.read_text())
+    assert report["tpu"] == tpu and report["num_devices"] == 4 and report["fits"] is True
+    per_chip = report["bytes_per_chip"]
+    assert 0 < per_chip["total"] <= report["hbm_per_chip_gib"] * 2**30
+    assert per_chip["arguments"] > 0 and per_chip["temporaries"] > 0
+    assert report["flops_per_step"] > 0 and report["step_seconds_estimate"] > 0
+    assert report["roofline_bound"] in ("compute", "memory")
+    assert report["run_hours_estimate"] > 0 and 0 < report["mfu_estimate"] <= 1
+    kinds = {c["kind"] for c in report["collectives"]}
+    # NT-Xent's negatives: every device gathers z of the global batch (64 images x 64 dims).
+    assert any(c["kind"] == "all-gather" and c["shapes"] == ["f32[64,64]"]
+               for c in report["collectives"])  # fmt: skip
+    gradient_bytes = report["state_bytes_whole"] / 2  # LARS: params + one momentum each
+    if fsdp_min_size:
+        assert "reduce-scatter" in kinds  # FSDP: each device reduces its shard of the gradient
+    else:
+        assert report["collective_bytes"]["all-reduce"] >= 0.9 * gradient_bytes
+    # The image batch stays where it is: no collective moves (…, 16, 16, 3) arrays.
+    for c in report["collectives"]:
+        assert not any(s.endswith(",16,16,3]") for s in c["shapes"]), c
+
+
+def test_resnet152_3x_sk_at_4096_on_v5litepod_8_without_fsdp_does_not_fit():
+    require_libtpu()
+    result = preflight(
+        "--config=configs/imagenet_pretrain.py:r152_3x_sk", "--tpu=v5litepod-8",
+        "--config.mesh.fsdp_min_size=0",
+    )  # fmt: skip
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert "16.0 GiB" in line and "decided before compiling" in line
+    needed = re.search(r"need ([\d.]+) GiB", line)
+    assert needed and float(needed.group(1)) > 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["linear_eval", "finetune", "distill", "eval"])
+def test_every_mode_compiles(tmp_path, mode):
+    require_libtpu()
+    out = tmp_path / "r.json"
+    result = preflight(f"--config=configs/smoke.py:{mode}", "--tpu=v4-8", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["mode"] == mode and report["fits"] and report["flops_per_step"] > 0
+    if mode == "distill":
+        # The frozen teacher's variables are arguments of the step too.
+        assert report["bytes_per_chip"]["arguments"] > report["state_bytes_per_chip"]
+
+
+@pytest.mark.slow
+def test_resnet50_arguments_are_parameters_and_optimizer_state(tmp_path):
+    """ResNet-50/224 on v4-8, replicated: what each chip holds as arguments is the parameter
+    tree twice (weights, LARS momentum), the BN statistics and its shard of the batch."""
+    require_libtpu()
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(REPO))
+    from configs import imagenet_pretrain
+    from simclr_jax.models import create_model
+
+    config = imagenet_pretrain.get_config("r50_1x")
+    model = create_model(config.model, num_classes=1000, mode="pretrain")
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    )
+
+    def nbytes(tree):
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+    batch = 64
+    out = tmp_path / "r.json"
+    result = preflight(
+        "--config=configs/imagenet_pretrain.py:r50_1x", "--tpu=v4-8",
+        f"--config.train_batch_size={batch}", f"--out={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    per_chip_batch = batch // 4 * (2 * 224 * 224 * 3 * 4 + 4)
+    expected = 2 * nbytes(variables["params"]) + nbytes(variables["batch_stats"]) + per_chip_batch
+    # TPU layouts pad small dimensions (e.g. the stem's 3 input channels) to tiles.
+    assert report["bytes_per_chip"]["arguments"] == pytest.approx(expected, rel=0.02)
+
+
+# ------------------------------------------------------------------ the launcher's gate
+
+
+def test_launcher_refuses_a_run_that_does_not_fit_before_any_ssh(tmp_path):
+    require_libtpu()
+    env = {**preflight_env(), "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
+           "FAKE_GCLOUD_ROOT": str(tmp_path), "FAKE_GCLOUD_WORKER_ENV": "{}"}  # fmt: skip
+    pod = ("--name", "simclr-v4", "--zone", "us-central2-b")
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(LAUNCHER), *args], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    assert launch("create", *pod, "--accelerator", "v4-8").returncode == 0
+    result = launch("run", *pod, "--config", SMOKE, "--workdir", str(tmp_path / "w"),
+                    "--config.train_batch_size=1048576")  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: v4-8: does not fit in 32.0 GiB HBM per chip")
+    assert "--skip_preflight" in line
+    assert "simclr_jax.preflight" in result.stdout and "--tpu=v4-8" in result.stdout
+    assert "[worker" not in result.stdout and " ssh " not in result.stdout  # nothing ran there
+    assert not (tmp_path / "w").exists()
+    assert launch("delete", *pod).returncode == 0
+
+
+def test_launcher_without_jax_says_how_to_run_the_preflight_elsewhere(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "preflight_gate", REPO / "launch" / "preflight_gate.py"
+    )
+    gate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gate)
+    monkeypatch.setattr(gate.importlib.util, "find_spec", lambda name: None)
+    ran = []
+    gate.check(
+        SMOKE, "v4-8", ["--config.train_batch_size=64"], runner=lambda *a, **k: ran.append(a)
+    )
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert not ran  # nothing is attempted: the launch goes ahead
+    assert "no JAX" in line and "python -m simclr_jax.preflight" in line and "--tpu=v4-8" in line
