@@ -253,9 +253,9 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax import distill, evaluate, parallel, train
+    from simclr_jax import distill, evaluate, parallel, train, training
     from simclr_jax.models import create_model
-    from simclr_jax.train_state import TrainState
+    from simclr_jax.train_state import abstract_train_state
 
     info = dataset_info(config)
     size = int(config.data.image_size)
@@ -298,36 +298,28 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
         step = evaluate.make_eval_step(model, mesh, int(config.model.num_classes))
         return step, (abstract, batch), notes
 
-    durations = train.resolve_durations(config, info.num_examples[config.data.train_split])
+    durations = training.resolve_durations(config, info.num_examples[config.data.train_split])
     notes["total_steps"] = durations.total_steps
-    tx, schedule = train.create_optimizer(config, durations)
-
-    def init_state() -> TrainState:
-        variables = model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False)
-        params = variables["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-        )
-
-    abstract_state = jax.eval_shape(init_state)
-    shardings = parallel.state_shardings(abstract_state, mesh, fsdp)
-    state = with_shardings(abstract_state, shardings)
+    tx, schedule = training.create_optimizer(config, durations)
     b = int(config.train_batch_size)
     if config.mode == "pretrain":
         batch = {
             "image": batch_spec((b, 2, size, size, 3), jnp.float32),
             "label": batch_spec((b,), jnp.int32),
         }
-        step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
-        return step, (state, batch), notes
-    batch = {"image": batch_spec((b, size, size, 3), jnp.float32)}
-    if config.mode in ("linear_eval", "finetune"):
-        batch["label"] = batch_spec((b,), jnp.int32)
-        step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
-        return step, (state, batch), notes
+    else:
+        batch = {"image": batch_spec((b, size, size, 3), jnp.float32)}
+    if config.mode != "distill":
+        if config.mode != "pretrain":
+            batch["label"] = batch_spec((b,), jnp.int32)
+        step, abstract_state, shardings = train.abstract_step_and_state(
+            config, mesh, model, tx, schedule
+        )
+        return step, (with_shardings(abstract_state, shardings), batch), notes
+    abstract_state, shardings = abstract_train_state(
+        model, tx, mesh, image_size=size, fsdp_min_size=fsdp
+    )
+    state = with_shardings(abstract_state, shardings)
 
     # distill: the frozen teacher's variables are an argument of the step, as in run_distill.
     teacher_model_config, notes["teacher"] = config.model, "the student's architecture"
