@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU or TPU machine (issue 17), sized to finish within 8 minutes on
+# One prepared run for a GPU or TPU machine, sized to finish within 8 minutes on
 # one H200 (not yet run on one):
 #  (a) ResNet-50 at 224 px in bfloat16: step time, images/s and MFU at the largest batch that
 #      fits, with and without on-device augmentation (bench_augment_step.py --batch max);

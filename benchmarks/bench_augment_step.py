@@ -5,7 +5,7 @@
 ResNet-50, 224 px, ImageNet augmentation (blur p=0.5) by default (`--work r18_32` for the CIFAR
 model). Three timings, all device-resident:
 - step: train.make_pretrain_step on ready float32 views (B, 2, 224, 224, 3);
-- augment: data.make_device_augment on uint8 (B, 2, 224, 224, 3) host-cropped views (what
+- augment: data.make_device_augment on float32 (B, 2, 224, 224, 3) host-cropped views (what
   the Grain loader ships): flip, colour jitter, grayscale, blur;
 - augment + step: both, as run_training chains them with data.backend='jax'.
 `--batch max` picks the largest power-of-two batch whose compiled step fits the device's
@@ -160,7 +160,7 @@ def main() -> None:
     )
     rng = np.random.default_rng(0)
     host = {
-        "image": rng.integers(0, 256, (batch, 2, bench.size, bench.size, 3), dtype=np.uint8),
+        "image": rng.random((batch, 2, bench.size, bench.size, 3), dtype=np.float32),
         "id": np.arange(batch, dtype=np.uint32),
         "label": rng.integers(0, bench.config.model.num_classes, batch).astype(np.int32),
     }

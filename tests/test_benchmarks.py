@@ -1,4 +1,4 @@
-"""benchmarks/accelerator.sh (issue 17's GPU script) runs as a user would run it, at the tiny
+"""benchmarks/accelerator.sh (the GPU/TPU script) runs as a user would run it, at the tiny
 size its TINY=1 switch gives, and its batch search picks the largest batch under a budget."""
 
 import os

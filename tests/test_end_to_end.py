@@ -92,7 +92,7 @@ def test_finetune_eval_and_distill_chain(pretrained, tmp_path):
     At smoke scale the gap is within that noise: from a fresh clone's main job on 1 CPU
     device, teacher 0.287, student 0.292, labelled subset only 0.290; in a clean-clone suite run
     on 8 simulated devices, teacher 0.294, student 0.296, labelled subset only 0.300. "Student
-    above the labelled-only student" (issue 19) is therefore asserted up to the noise, not
+    above the labelled-only student" is therefore asserted up to the noise, not
     strictly."""
     workdir = str(pretrained[0])
     teacher = run("finetune", tmp_path / "finetune", init_checkpoint=workdir, knn_eval=False)
