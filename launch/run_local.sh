@@ -19,6 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}  # a CPU job: libtpu (in the lock) need not look for a TPU
 
 run_phase() {  # name, extra flags...: runs one phase, shows its metric lines, fails loudly
   local name=$1; shift

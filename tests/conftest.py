@@ -17,6 +17,10 @@ os.environ["XLA_FLAGS"] = (
     + f" {COLLECTIVE_WAIT_LIMIT_FLAG}"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu (the test extra: the preflight compiles for TPU topologies) would otherwise make every
+# process try to open a TPU, print warnings and take /tmp/libtpu_lockfile; the tests run on
+# CPU devices, and the preflight reaches libtpu through its topology API all the same.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run: every train_and_evaluate builds a new
 # step function, so tests compile the same programs again and again. The first process to
 # import this file (pytest's controller, before xdist starts its workers, which inherit the
