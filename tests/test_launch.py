@@ -631,8 +631,9 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
     (workdir / "notes.txt").write_text("kept\n")
     log = tmp_path / "supervise.log"
     command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "c.py",
-               "--skip_preflight", "--workdir", str(workdir), "--poll_s", "0.3", "--max_restarts", "2",
-               "--log_copy_s", "1", *STANDIN_INSTALL, "--config.train_steps=40"]  # fmt: skip
+               "--skip_preflight", "--workdir", str(workdir), "--poll_s", "0.3",
+               "--max_restarts", "2", "--log_copy_s", "1", *STANDIN_INSTALL,
+               "--config.train_steps=40"]  # fmt: skip
     with open(log, "w") as out:
         supervisor = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
