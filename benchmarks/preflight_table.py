@@ -3,7 +3,6 @@ images/s, hours for the recipe and implied MFU, float32 and bfloat16 (compiler e
 
     python benchmarks/preflight_table.py            # every row (each compile takes minutes)
     python benchmarks/preflight_table.py --rows r50_v4   # rows whose name contains r50_v4
-    python -m simclr_jax.preflight --table          # the same
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ and what the compiler estimates it costs.
     python -m simclr_jax.preflight --config=configs/imagenet_pretrain.py:r50_1x,v1 --tpu=v3-128 \
         --config.model.dtype=bfloat16 --out=/tmp/preflight.json
     python -m simclr_jax.preflight --config=... --tpu=v5litepod-16 --max_batch
-    python -m simclr_jax.preflight --table      # the paper's configurations (docs/preflight.md)
 
 Nothing is allocated: the state is jax.eval_shape of the init, the batch is ShapeDtypeStructs
 with the run's shardings, on a mesh of the slice's devices as libtpu describes them (one
@@ -719,13 +718,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; returns the exit status (0 fits, 1 does not fit / does not compile)."""
-    argv = list(sys.argv if argv is None else argv)
-    if "--table" in argv:
-        from benchmarks import preflight_table  # noqa: PLC0415 - only for --table
-
-        _quiet_libtpu_environment()
-        return preflight_table.main([a for a in argv if a != "--table"])
-    return _absl_main(argv)
+    return _absl_main(list(sys.argv if argv is None else argv))
 
 
 def _absl_main(argv: list[str]) -> int:
