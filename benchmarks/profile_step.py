@@ -172,7 +172,7 @@ def xla_category(instruction: dict, computations: dict, scopes: dict[str, str]) 
         return "batch norm (fwd+bwd)" if "/bn/" in name else "elementwise/other fusions"
     if "jvp(" in name:  # differentiated but outside the model: NT-Xent and the probe's loss
         return "loss"
-    if name.startswith("jit(step_fn)/"):  # after the gradient: LARS, norms, the schedule
+    if name.startswith("jit("):  # in the step, after the gradient: LARS, norms, the schedule
         return "optimizer"
     return "other"  # XLA-made ops with no name stack, collectives
 

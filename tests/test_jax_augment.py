@@ -15,7 +15,7 @@ from simclr_jax import parallel
 from simclr_jax.data import grain_pipeline, numpy_pipeline, spec
 from simclr_jax.data import jax_augment as ja
 
-BASE = spec.AugmentParams()  # the ImageNet defaults of configs/common.py
+BASE = spec.AugmentParams()  # the ImageNet defaults of simclr_jax/config.py
 N_DRAWS = 4000
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
 
@@ -418,7 +418,7 @@ def test_sharded_views_match_one_device_without_communication(simclr_batch, devi
     ],
 )
 def test_bad_config_values_name_the_field(changes, match):
-    from configs.common import get_base_config
+    from simclr_jax.config import get_base_config
 
     data = get_base_config().data
     data.update(changes)

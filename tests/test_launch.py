@@ -625,7 +625,9 @@ def one_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("queued", [False, True], ids=["spot", "queued-spot"])
 def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, queued):
-    root, env, pod = standin_pod(tmp_path, "v4-8", "--spot", *(["--queued"] if queued else []))
+    # Slow enough steps (40 x 0.5 s) that the run is still going when the log copy shows step 4.
+    root, env, pod = standin_pod(tmp_path, "v4-8", "--spot", *(["--queued"] if queued else []),
+                                 worker_env={"all": {"STANDIN_STEP_S": "0.5"}})  # fmt: skip
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("kept\n")
@@ -638,6 +640,10 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
         supervisor = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: (workdir / "checkpoints" / "4").is_dir(), 120, "checkpoint 4")
+        # Logs are copied every --log_copy_s: a preemption loses what came after the last copy.
+        wait_for(lambda: any("step 4/40" in p.read_text()
+                             for p in (workdir / "logs").glob("worker0-*.log")),
+                 60, "the log copy at step 4")  # fmt: skip
         preempt(env)
         assert supervisor.wait(timeout=300) == 0, log.read_text()
     finally:

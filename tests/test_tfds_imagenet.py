@@ -226,7 +226,7 @@ def test_grain_reads_tfds_array_record_on_two_hosts(imagenet, monkeypatch):
             process_index=p, process_count=2,
         )  # fmt: skip
         batch = next(host)
-        assert batch["image"].shape == (4, 2, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert batch["image"].shape == (4, 2, 32, 32, 3) and batch["image"].dtype == np.float32
         assert set(batch["label"].tolist()) <= synset_labels
         seen.append(set(host.views.shard.tolist()))
         host.close()
