@@ -1,10 +1,5 @@
-"""The tf.data path's SimCLR augmentations (data.backend='tfdata'): pure TensorFlow ops with
-explicit stateless seeds, per spec.py's constants and AugmentParams.
-
-Every op takes a `seed` (int32/int64 tensor of shape [2]) and draws its randomness with
-`tf.random.stateless_*`, so the same (image, seed) gives the same output eagerly and inside
-tf.data, and a pipeline can make each example's augmentation a function of (seed, position).
-Images are float32 in [0, 1], shape (H, W, 3); no mean/std normalization (as the reference).
+"""The tf.data path's SimCLR augmentations: TensorFlow ops with explicit stateless seeds, so
+(image, seed) gives the same view eagerly and inside tf.data. Images are float32 [0, 1].
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""config.data.backend picks the input path; both yield the same batches to the train step.
-
-- 'tfdata' (default): tf.data decodes and augments on the host (pipeline.py); the step gets
-  float32 views.
-- 'jax': TensorFlow is never imported. Grain (grain_pipeline.py) decodes on the host and
-  samples the random resized crop on the full-resolution image (the reference's sampler),
-  shipping float32 crops at image_size, neither clipped nor rounded; the device makes the
-  rest of each view (flip, colour jitter, grayscale, blur; jax_augment.py) in its own jit
-  right before the train step, sharded like the batch, so each device augments its own
-  examples. The crop is on the host because it must see the whole image (ImageNet images vary
-  in size; resizing them first would make an 8%-area crop a small patch upsampled and squash
-  the aspect ratios); what follows is per-pixel work that the accelerator does for free.
-Both modules are imported lazily, so only the chosen path's dependencies load.
-
-make_train_batches is run_training's one training-input entry point: host batches -> global
-arrays -> views, with a JSON state (TrainBatches.state) saved in every checkpoint.
+"""config.data.backend picks the input path: 'tfdata' (host augmentation, pipeline.py) or
+'jax' (Grain host crops, device augmentation; no TensorFlow). Both modules load lazily.
+make_train_batches is the training-input entry point, with a checkpointable state.
 """
 
 from __future__ import annotations

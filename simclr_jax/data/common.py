@@ -1,8 +1,5 @@
-"""What both input pipelines share, without TensorFlow: the backend switch, per-process
-sharding, batch sizes, dataset info, corrupt-file bookkeeping and the Pillow decoder.
-
-pipeline.py (tf.data) and numpy_pipeline.py (TF-free, data.backend='jax') both import these,
-so the two paths shard, count and decode by the same rules.
+"""What both input pipelines share, without TensorFlow: the backend switch, sharding, batch
+sizes, dataset info, corrupt-file bookkeeping and the Pillow decoder.
 """
 
 from __future__ import annotations

@@ -1,30 +1,8 @@
-"""Grain input path for data.backend='jax' (no TensorFlow): reading, decoding and the random
-resized crop on the host, in Grain worker threads or processes; flip, colour jitter,
-grayscale and blur on the device (data.backends / jax_augment.py).
-
-Why Grain: deterministic, checkpointable iterator state (saved in the orbax checkpoint with
-every step through data.TrainBatches.state()), per-process sharding and worker processes,
-from a well-kept library instead of hand-written threads.
-
-Contract (same as the tf.data path, pipeline.py):
-- Sharding: process p of P reads shard_indices(n, p, P) (disjoint, together everything).
-- Order: within its shard a process walks epoch after epoch, each in a permutation seeded by
-  (seed, process index, epoch); batch k is shard positions [k*b, (k+1)*b), so batch k depends
-  only on (seed, k) for a fixed number of processes. Grain's state (the next batch index, per
-  worker with worker processes) restores exactly where the checkpoint was taken.
-- Each example carries a global id, position * P + p (uint32); its crop windows are drawn from
-  (seed, id, view) on the host, and the device derives the rest of its view from the same id.
-- Crop: on the full-resolution decoded image, with the reference's sampler
-  (tf.image.sample_distorted_bounding_box with the whole image as the box: area 0.08-1,
-  min_object_covered 0.1, aspect 3/4-4/3, 100 tries, whole-image fallback; a NumPy port),
-  then a bicubic resize to image_size like tf.image.resize (numpy_pipeline.resize_bicubic),
-  shipped as float32, neither clipped nor rounded: the reference clips only after the colour
-  jitter, so the overshoot and the fractions reach the device's jitter as on tf.data.
-- Corrupt files: skipped and logged; the next example of the epoch order takes the place.
-
-Train batches: {'image': float32 (b, V, S, S, 3), 'label': int32 (b,), 'id': uint32 (b,)}.
-data.grain_workers > 0 decodes in that many worker processes (mp_prefetch); 0 uses
-data.grain_threads threads in this process (Pillow and NumPy release the GIL).
+"""Grain train input for data.backend='jax' (no TensorFlow): decode and random resized crop
+on the host (a NumPy port of tf.image.sample_distorted_bounding_box), the rest of each view on
+the device (jax_augment.py). Sharding and order follow pipeline.py; each example carries a
+global id (position * P + p) from which its crops and device draws derive. Crops are float32,
+neither clipped nor rounded, since the reference clips only after the colour jitter.
 """
 
 from __future__ import annotations

@@ -1,16 +1,5 @@
-"""TF-free host pieces of data.backend='jax' (no TensorFlow): Pillow decoding (Reader), the
-bicubic resize that matches tf.image.resize, and the eval pass. The training input is Grain
-(grain_pipeline.py), which crops on the host with these functions; the rest of each view is
-made on the device (data.backends / jax_augment.py).
-
-Sources: the bundled sample and image folders (the same IndexedSource listings, split syntax
-and label rules as tf.data, from sources.py), and NumPy arrays (data.source='numpy'). Images are
-read lazily, one batch at a time: a folder is never held in memory.
-
-Eval (same contract as pipeline.py): each process takes a contiguous block (np.array_split),
-applies the eval transform on the host and pads with mask-0 rows so every process yields the
-same number of full batches; a corrupt file's row is masked out (skip_corrupt=False: ValueError
-naming the file).
+"""TF-free host pieces of data.backend='jax': Pillow decoding (Reader), a bicubic resize
+matching tf.image.resize, and the eval pass (same sharding and mask-0 padding as pipeline.py).
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""Per-process tf.data input pipelines that yield numpy batches (see CONTEXT.md, Data).
+"""tf.data input pipelines (data.backend='tfdata') yielding numpy batches.
 
-Order and randomness (both modes): each process owns a disjoint shard of the examples
-(`indices[process_index::process_count]` for folders and the bundled sample;
-`tfds.even_splits` for TFDS). Within its shard a process walks epoch after epoch, each in the
-order of a permutation seeded by (seed, process_index, epoch); its i-th example overall gets the
-augmentation seed fold_in(seed, i * process_count + process_index), and its batch k is examples
-[k*b, (k+1)*b). So batch k depends only on (seed, k) (for a fixed number of processes), and
-start_step=k starts the stream at example k*b without decoding anything before it.
-`data.deterministic` additionally keeps tf.data's parallel map in order; without it the map may
-return elements out of order (faster), so batches mix neighbouring examples.
-Folders and the bundled sample are shuffled by a full permutation of the indices, so
-data.shuffle_buffer is only used for TFDS sources.
-Caveats: a skipped corrupt file shifts later examples by one row; TFDS sources are read as a
-stream (files in a seeded order, then a seeded shuffle buffer), so start_step there is honoured
-by `skip` (it reads and drops k*b records) and the order is exact only with deterministic=True.
-
-Eval: each process takes a contiguous block of the split (np.array_split / tfds.even_splits),
-decodes it with the eval transform and appends mask-0 rows so that every process yields the same
-number of full batches.
-
-Decoding (make_decoder): fast in-graph decode for complete-looking JPEG/PNG/GIF files, Pillow
-for the rest; corrupt files are skipped, logged with their path and listed in
-`iterator.skipped_files` (data.skip_corrupt=False: ValueError naming the file).
+Batch k of a process depends only on (seed, k): each process walks its shard in seeded
+per-epoch permutations, and example i gets augmentation seed fold_in(seed, i * P + p).
+TFDS sources are streams, so start_step skips records and order is exact only with
+data.deterministic. Eval pads every process to the same number of batches with mask-0 rows.
 """
 
 from __future__ import annotations

@@ -1,26 +1,8 @@
 """Where examples come from: the bundled sample, image folders, NumPy arrays and TFDS builders.
 
-Three kinds of source:
-- `IndexedSource` (bundled sample, image folders): a list of records (file paths, or encoded
-  image bytes for the bundled sample) plus labels, read by index. Files are only listed here;
-  they are read and decoded by the input pipeline, so no dataset is ever held in memory.
-- `ArraySource` (data.source='numpy', data.backend='jax' only): decoded uint8 images in a
-  .npz file or memory-mapped .npy files, read by row.
-- `TfdsSource`: a TFDS builder and split, read as a stream (per-host sub-splits via
-  `tfds.even_splits`).
-
-This module imports no TensorFlow (tensorflow_datasets only when a TFDS source is built), so the
-TF-free pipeline (numpy_pipeline.py) shares every listing, slicing and label rule with tf.data.
-
-Split syntax for folders, arrays and the bundled sample: '<subdir>' or '<subdir>[start:end]',
-where the slice applies to each class's files sorted by name (ints, or percentages such as
-'[:90%]'). The CIFAR-10 validation split used by this project is the last 500 images of every
-class:
-    data.source='folder', data.data_dir=<extracted tarball>, train_split='train[:4500]',
-    eval_split='train[4500:]'
-NumPy arrays: data.data_dir is a .npz file with '<split>_images' (N, H, W, 3) uint8 and
-'<split>_labels' (N,) int (optional: unlabeled, label -1; optional 'class_names'), or a folder
-with <split>_images.npy and <split>_labels.npy (memory-mapped: rows are read when used).
+No TensorFlow here, so both backends share every listing, slicing and label rule. Split syntax
+for folders, arrays and the bundled sample: '<subdir>' or '<subdir>[start:end]', sliced per
+class (ints or percentages).
 """
 
 from __future__ import annotations
