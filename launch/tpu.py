@@ -492,6 +492,16 @@ def connect(
     raise AssertionError("unreachable")
 
 
+def connect_or_fail(args: argparse.Namespace, command: list[str], label: str, what: str) -> None:
+    """Prints one gcloud ssh/scp and runs it (unless --dry_run); LaunchError if it fails."""
+    echo(command)
+    if args.dry_run:
+        return
+    code, _ = connect(args, command, label)
+    if code != 0:
+        raise LaunchError(f"{what} failed (exit {code}): {shlex.join(command)}")
+
+
 def on_workers_results(
     args: argparse.Namespace,
     workers: list[int],
@@ -668,13 +678,7 @@ def do_install(args: argparse.Namespace) -> None:
                          f"--output={archive}", "HEAD"], "git archive")  # fmt: skip
         shutil.copyfile(args.lock, lock)
         for local in (archive, lock):
-            command = scp(args, local)
-            echo(command)
-            if not args.dry_run:
-                code, output = connect(args, command, "[scp] ")
-                if code != 0:
-                    raise LaunchError(f"copying {local.name} to the workers failed (exit "
-                                      f"{code}): {shlex.join(command)}")  # fmt: skip
+            connect_or_fail(args, scp(args, local), "[scp] ", f"copying {local.name} to workers")
     on_workers(args, workers, lambda w: install_remote(args, commit.strip() or "HEAD"), "install")
     if not args.dry_run:
         OUT.say(f"installed on {len(workers)} worker(s)")
@@ -746,8 +750,12 @@ def read_saved_logs(args: argparse.Namespace) -> None:
     if args.workdir.startswith("gs://"):
         command = ["gsutil", "cat", pattern]
         echo(command)
-        if not args.dry_run and subprocess.run(command).returncode != 0:
-            raise LaunchError(f"no saved log matches {pattern} (or gsutil failed)")
+        if args.dry_run:
+            return
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            said = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise LaunchError(f"no saved log matches {pattern} (gsutil: {said})")
         return
     paths = sorted(Path(os.path.dirname(pattern)).glob(os.path.basename(pattern)))
     if not paths:
@@ -765,12 +773,7 @@ def do_logs(args: argparse.Namespace) -> None:
         read_saved_logs(args)
         return
     command = ssh(args, logs_remote(args.lines, not args.no_follow), worker=args.worker)
-    echo(command)
-    if not args.dry_run:
-        code, _ = connect(args, command, "")
-        if code != 0:
-            raise LaunchError(f"worker {args.worker}: logs failed (exit {code}): "
-                              f"{shlex.join(command)}")  # fmt: skip
+    connect_or_fail(args, command, "", f"worker {args.worker}: logs")
 
 
 def delete_slice(args: argparse.Namespace, missing_ok: bool) -> None:
@@ -1036,7 +1039,7 @@ def add_install_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu_only",
         action="store_true",
-        help="skip requirements/tpu.txt (libtpu): CPU-only workers",
+        help="skip requirements/tpu.txt (what jax[tpu] adds to the lock): CPU-only workers",
     )
 
 

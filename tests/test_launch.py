@@ -696,6 +696,34 @@ def test_supervise_stops_when_the_run_fails_twice_from_the_same_checkpoint(tmp_p
     assert (workdir / "checkpoints" / "2").is_dir()
 
 
+def test_supervise_with_a_gs_workdir_copies_logs_and_sees_the_end_through_gsutil(tmp_path):
+    # Two workers share gs://bucket/run (tests/fake_gcloud/gsutil: a local directory).
+    _, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"STANDIN_STEP_S": "0.3"}})
+    env["FAKE_GCS_ROOT"] = str(tmp_path / "gcs")
+    result = launch("supervise", *pod, "--config", "c.py", "--workdir", "gs://bucket/run",
+                    "--skip_preflight", "--poll_s", "0.3", "--log_copy_s", "1",
+                    *STANDIN_INSTALL, "--config.train_steps=6", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "finished: " in result.stdout.splitlines()[-1]  # results.json seen by `gsutil stat`
+    run = tmp_path / "gcs" / "bucket" / "run"
+    assert json.loads((run / "results.json").read_text())["step"] == 6
+    # Each worker's log is copied by `gsutil cp`, the last time after the run's end.
+    saved = [next((run / "logs").glob(f"worker{w}-*.log")) for w in (0, 1)]
+
+    def ended() -> bool:
+        return all("=== exited with status 0" in copy.read_text() for copy in saved)
+
+    wait_for(ended, 30, "the last copies")
+    assert all("step 6/6" in copy.read_text() for copy in saved)
+    copies = launch("logs", *pod, "--workdir", "gs://bucket/run", "--worker", "1", env=env)
+    assert copies.returncode == 0 and "step 6/6" in copies.stdout  # `gsutil cat` of the copies
+    missing = launch("logs", *pod, "--workdir", "gs://bucket/other", env=env)
+    assert one_line(missing).endswith(
+        "no saved log matches gs://bucket/other/logs/worker0-*.log "
+        "(gsutil: CommandException: No URLs matched: gs://bucket/other/logs/worker0-*.log)"
+    )
+
+
 def test_status_names_a_preempted_node_and_fails(tmp_path):
     _, env, pod = standin_pod(tmp_path)
     preempt(env)
