@@ -679,7 +679,7 @@ def convert(path: str, overrides: ml_collections.ConfigDict | Mapping | None = N
     # orbax saves jax.Arrays with about one more copy in flight (NumPy leaves cost two).
     for var, dest in plan.pairs:
         flat[dest] = jax.device_put(source.get(var.key))
-    rng = jax.random.key(int(config.seed))
+    rng = jax.random.key(config.seed)
     for dest in plan.initialized:
         shape = shapes[dest].shape
         value = head_kernel_init(rng, shape) if dest.endswith("kernel") else jnp.zeros(shape)

@@ -1,4 +1,5 @@
-"""Evaluation: top-1/top-5 over padded eval batches, weighted kNN on h, and embedding functions.
+"""Evaluation: top-1/top-5 over padded eval batches, weighted kNN on h, and embedding functions;
+evaluate_model is what every mode runs on its eval split (and pretraining's periodic eval).
 
 Every host runs the same number of eval batches; padding rows carry mask 0 and are excluded
 from every sum, so each example of the split counts exactly once.
@@ -226,14 +227,14 @@ def restore_model(
     """Builds the model a checkpoint was trained with and loads its params and batch stats
     (or, with random_init, keeps the fresh initialization: seed config.seed)."""
     model = create_model(
-        config.model, num_classes=int(config.model.num_classes), mode=model_mode(config.mode)
+        config.model, num_classes=config.model.num_classes, mode=model_mode(config.mode)
     )
-    size = int(config.data.image_size)
+    size = config.data.image_size
     init = jax.jit(
         lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False),
         out_shardings=parallel.replicated(mesh),
     )
-    target = init(jax.random.key(int(config.seed)))
+    target = init(jax.random.key(config.seed))
     if random_init:
         return model, target
     variables, _ = checkpoint.restore_variables(

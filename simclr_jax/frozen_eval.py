@@ -105,18 +105,18 @@ def frozen_eval(
     """Linear and kNN top-1 of the (pretrained or random) encoder's h on eval_split."""
     embed, config = evaluate.load_embedder(workdir, step, random_init=random_init)
     eval_split = eval_split or config.data.eval_split
-    batch = int(config.eval_batch_size)
+    batch = config.eval_batch_size
     train = evaluate.split_features(embed, config.data, train_split, batch)
     evaluation = evaluate.split_features(embed, config.data, eval_split, batch)
-    num_classes = int(config.model.num_classes)
+    num_classes = config.model.num_classes
     linear_top1, l2 = linear_accuracy(train, evaluation, num_classes)
     as_arrays = lambda f, y: (jnp.asarray(f), jnp.asarray(y), jnp.ones(len(y)))  # noqa: E731
     knn = evaluate.knn_accuracy(
         as_arrays(*train),
         as_arrays(*evaluation),
         num_classes=num_classes,
-        k=int(config.knn_k),
-        temperature=float(config.knn_temperature),
+        k=config.knn_k,
+        temperature=config.knn_temperature,
     )
     return {
         "encoder": "random" if random_init else "pretrained",
@@ -127,7 +127,7 @@ def frozen_eval(
         "linear_top1": linear_top1,
         "linear_l2": l2,
         "knn_top1": float(knn["knn_top1"]),
-        "knn_k": int(config.knn_k),
+        "knn_k": config.knn_k,
     }
 
 
