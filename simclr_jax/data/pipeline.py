@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_jax.data import augment, common, sources
-from simclr_jax.data.common import PAD_LABEL, SkippedFiles, per_process_batch, shard_indices
-from simclr_jax.data.spec import augment_params
+from simclr_jax.data.common import PAD_LABEL, SkippedFiles, per_process_batch
+from simclr_jax.data.spec import AugmentParams, augment_params
 
 AUTOTUNE = tf.data.AUTOTUNE
 _CORRUPT_MARK = common.CORRUPT_MARK
@@ -198,7 +198,10 @@ class NumpyIterator:
         )
 
 
-# ---------------------------------------------------------------- indexed sources
+# ---------------------------------------------------------------- streams of records
+#
+# A stream is a dataset plus `read`, which turns one of its elements into (contents, label,
+# name[, position in this process's stream]); _train_dataset and _eval_dataset take it from there.
 
 
 def _record_loader(source: sources.IndexedSource) -> Callable:
@@ -237,71 +240,127 @@ def _epoch_stream(shard: np.ndarray, seed: int, salt: int, start: int) -> tf.dat
     return tf.data.Dataset.counter(start // n).flat_map(epoch).skip(start % n)
 
 
-def _indexed_train_dataset(
-    source: sources.IndexedSource,
-    params: augment.AugmentParams,
+def _tfds_dataset(
+    source: sources.TfdsSource, split: str, *, shuffle_files: bool, seed: int, deterministic: bool
+) -> tf.data.Dataset:
+    import tensorflow_datasets as tfds
+
+    read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(deterministic))
+    ds = source.builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle_files,
+        read_config=read_config,
+        decoders={"image": tfds.decode.SkipDecoding()},  # decoded by our robust decoder
+    )
+    if source.name_filter is not None:
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(sorted(source.name_filter)), tf.ones(len(source.name_filter), tf.int32)
+            ),
+            default_value=0,
+        )
+        ds = ds.filter(lambda ex: table.lookup(tf.strings.split(ex["file_name"], "/")[-1]) > 0)
+    return ds
+
+
+def _tfds_read(example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    name = example["file_name"] if "file_name" in example else tf.constant("tfds-example")
+    return example["image"], tf.cast(example["label"], tf.int32), name
+
+
+def _host_tfds_splits(source: sources.TfdsSource, process_count: int) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    return tfds.even_splits(source.split, n=process_count, drop_remainder=False)
+
+
+def _train_stream(
+    source: sources.Source, data_config: Any, seed: int, index: int, count: int, start: int
+) -> tuple[tf.data.Dataset, Callable]:
+    """This process's training records from position `start` on, forever."""
+    if isinstance(source, sources.TfdsSource):
+        split = _host_tfds_splits(source, count)[index]
+        deterministic = data_config.get("deterministic", False)
+        ds = _tfds_dataset(
+            source, split, shuffle_files=True, seed=seed + index, deterministic=deterministic
+        )
+        ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=seed + index).enumerate()
+        ds = ds.skip(start)  # a stream: resuming means reading past it
+        return ds, lambda position, example: (*_tfds_read(example), position)
+    load = _record_loader(source)
+    ds = _epoch_stream(common.train_shard(source, index, count), seed, index, start)
+    return ds, lambda row, position: (*load(row), position)
+
+
+def _eval_stream(
+    source: sources.Source, index: int, count: int, local_batch: int
+) -> tuple[tf.data.Dataset, Callable, int]:
+    """This process's block of eval records, and the batches every process yields."""
+    if isinstance(source, sources.TfdsSource):
+        splits = _host_tfds_splits(source, count)
+        counts = [source.builder.info.splits[s].num_examples for s in splits]
+        num_batches = math.ceil(max(counts) / local_batch)
+        ds = _tfds_dataset(source, splits[index], shuffle_files=False, seed=0, deterministic=True)
+        return ds, _tfds_read, num_batches
+    shards, num_batches = common.eval_shards(source.num_examples, count, local_batch)
+    ds = tf.data.Dataset.from_tensor_slices(shards[index].astype(np.int64))
+    return ds, _record_loader(source), num_batches
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _train_dataset(
+    ds: tf.data.Dataset,
+    read: Callable,
+    params: AugmentParams,
     *,
     local_batch: int,
     num_views: int,
     augmentation: str,
     seed: int,
-    start_step: int,
     process_index: int,
     process_count: int,
     skip_corrupt: bool,
     skipped: SkippedFiles,
 ) -> tf.data.Dataset:
-    shard = shard_indices(source.num_examples, process_index, process_count)
-    if len(shard) == 0:
-        raise ValueError(
-            f"{source.description} has {source.num_examples} examples, fewer than the "
-            f"{process_count} processes."
-        )
-    load, decode = _record_loader(source), make_decoder(skip_corrupt, skipped)
+    decode = make_decoder(skip_corrupt, skipped)
     per_view, per_batch = augment.make_view_fn(augmentation, params)
 
     @tf.autograph.experimental.do_not_convert
-    def element(index, position):
-        contents, label, name = load(index)
+    def element(*item):
+        contents, label, name, position = read(*item)
         image, ok = decode(contents, name)
         seed_t = _example_seed(seed, position * process_count + process_index)
         return {"image": _views(per_view, image, seed_t, num_views), "label": label}, ok
 
-    ds = _epoch_stream(shard, seed, process_index, start_step * local_batch)
     ds = ds.map(element, num_parallel_calls=AUTOTUNE)
     ds = _drop_failed(ds, skip_corrupt)
     return _batch_views(ds, local_batch, per_batch, num_views)
 
 
-def _indexed_eval_dataset(
-    source: sources.IndexedSource,
+def _eval_dataset(
+    ds: tf.data.Dataset,
+    read: Callable,
     image_size: int,
     *,
     local_batch: int,
-    process_index: int,
-    process_count: int,
+    num_batches: int,
     skip_corrupt: bool,
     skipped: SkippedFiles,
-) -> tuple[tf.data.Dataset, int]:
-    shards = np.array_split(np.arange(source.num_examples), process_count)
-    num_batches = math.ceil(max(len(s) for s in shards) / local_batch)
-    load, decode = _record_loader(source), make_decoder(skip_corrupt, skipped)
+) -> tf.data.Dataset:
+    decode = make_decoder(skip_corrupt, skipped)
 
     @tf.autograph.experimental.do_not_convert
-    def element(index):
-        contents, label, name = load(index)
+    def element(item):
+        contents, label, name = read(item)
         image, ok = decode(contents, name)
-        example = {
-            "image": augment.eval_transform(image, image_size),
-            "label": label,
-            "mask": tf.constant(1.0),
-        }
-        return example, ok
+        image = augment.eval_transform(image, image_size)
+        return {"image": image, "label": label, "mask": tf.constant(1.0)}, ok
 
-    ds = tf.data.Dataset.from_tensor_slices(shards[process_index].astype(np.int64))
     ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = _drop_failed(ds, skip_corrupt)
-    return _pad_and_batch(ds, image_size, local_batch, num_batches), num_batches
+    return _pad_and_batch(ds, image_size, local_batch, num_batches)
 
 
 def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
@@ -335,112 +394,7 @@ def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_b
     return ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
 
 
-# ---------------------------------------------------------------- TFDS sources
-
-
-def _tfds_dataset(
-    source: sources.TfdsSource, split: str, *, shuffle_files: bool, seed: int, deterministic: bool
-) -> tf.data.Dataset:
-    import tensorflow_datasets as tfds
-
-    read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options(deterministic))
-    ds = source.builder.as_dataset(
-        split=split,
-        shuffle_files=shuffle_files,
-        read_config=read_config,
-        decoders={"image": tfds.decode.SkipDecoding()},  # decoded by our robust decoder
-    )
-    if source.name_filter is not None:
-        table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(sorted(source.name_filter)), tf.ones(len(source.name_filter), tf.int32)
-            ),
-            default_value=0,
-        )
-        ds = ds.filter(lambda ex: table.lookup(tf.strings.split(ex["file_name"], "/")[-1]) > 0)
-    return ds
-
-
-def _tfds_name(example: dict) -> tf.Tensor:
-    return example["file_name"] if "file_name" in example else tf.constant("tfds-example")
-
-
-def _host_tfds_splits(source: sources.TfdsSource, process_count: int) -> list[str]:
-    import tensorflow_datasets as tfds
-
-    return tfds.even_splits(source.split, n=process_count, drop_remainder=False)
-
-
-def _tfds_train_dataset(
-    source,
-    params,
-    *,
-    local_batch,
-    num_views,
-    augmentation,
-    seed,
-    start_step,
-    process_index,
-    process_count,
-    skip_corrupt,
-    skipped,
-    shuffle_buffer,
-    deterministic,
-) -> tf.data.Dataset:
-    split = _host_tfds_splits(source, process_count)[process_index]
-    ds = _tfds_dataset(
-        source, split, shuffle_files=True, seed=seed + process_index, deterministic=deterministic
-    )
-    ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + process_index).enumerate()
-    decode = make_decoder(skip_corrupt, skipped)
-    per_view, per_batch = augment.make_view_fn(augmentation, params)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(position, example):
-        image, ok = decode(example["image"], _tfds_name(example))
-        seed_t = _example_seed(seed, position * process_count + process_index)
-        views = _views(per_view, image, seed_t, num_views)
-        return {"image": views, "label": tf.cast(example["label"], tf.int32)}, ok
-
-    ds = ds.skip(start_step * local_batch)  # a stream: resuming means reading past it
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _batch_views(ds, local_batch, per_batch, num_views)
-
-
-def _tfds_eval_dataset(
-    source, image_size, *, local_batch, process_index, process_count, skip_corrupt, skipped
-) -> tuple[tf.data.Dataset, int]:
-    splits = _host_tfds_splits(source, process_count)
-    counts = [source.builder.info.splits[s].num_examples for s in splits]
-    num_batches = math.ceil(max(counts) / local_batch)
-    ds = _tfds_dataset(
-        source, splits[process_index], shuffle_files=False, seed=0, deterministic=True
-    )
-    decode = make_decoder(skip_corrupt, skipped)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(example):
-        image, ok = decode(example["image"], _tfds_name(example))
-        return {
-            "image": augment.eval_transform(image, image_size),
-            "label": tf.cast(example["label"], tf.int32),
-            "mask": tf.constant(1.0),
-        }, ok
-
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _pad_and_batch(ds, image_size, local_batch, num_batches), num_batches
-
-
 # ---------------------------------------------------------------- public API
-
-
-def _check_not_arrays(source: sources.Source) -> None:
-    if isinstance(source, sources.ArraySource):
-        raise ValueError(
-            "data.source='numpy' is read by data.backend='jax' only; set data.backend='jax'."
-        )
 
 
 def make_train_iterator(
@@ -459,49 +413,32 @@ def make_train_iterator(
     {'image': (b, V, H, W, 3) or (b, H, W, 3) float32 in [0, 1], 'label': (b,) int32}."""
     index, count = common.resolve_process(process_index, process_count)
     local_batch = per_process_batch(batch_size, count)
-    if augmentation not in augment.AUGMENTATIONS:
-        raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}.")
-    if num_views < 1:
-        raise ValueError(f"num_views={num_views!r} must be >= 1 (2 for pretraining).")
-    if start_step < 0:
-        raise ValueError(f"start_step={start_step!r} must be >= 0.")
-    params = augment_params(data_config)
     supervised = augmentation == "crop_flip"
     source = sources.get_source(
         data_config, split, supervised=supervised, field="split", use_label_subset=True
     )
-    _check_not_arrays(source)
-    deterministic = bool(data_config.get("deterministic", False))
+    ds, read = _train_stream(source, data_config, seed, index, count, start_step * local_batch)
     skipped = SkippedFiles()
-    shared = dict(
+    ds = _train_dataset(
+        ds,
+        read,
+        augment_params(data_config),
         local_batch=local_batch,
         num_views=num_views,
         augmentation=augmentation,
-        seed=int(seed),
-        start_step=int(start_step),
+        seed=seed,
         process_index=index,
         process_count=count,
-        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
+        skip_corrupt=data_config.get("skip_corrupt", True),
         skipped=skipped,
     )
-    if isinstance(source, sources.TfdsSource):
-        ds = _tfds_train_dataset(
-            source,
-            params,
-            shuffle_buffer=int(data_config.shuffle_buffer),
-            deterministic=deterministic,
-            **shared,
-        )
-    else:
-        ds = _indexed_train_dataset(source, params, **shared)
-    ds = ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+    ds = ds.prefetch(AUTOTUNE).with_options(_options(data_config.get("deterministic", False)))
     return NumpyIterator(ds, skipped, source, infinite=True)
 
 
 @dataclasses.dataclass
-class EvalData:
-    """One pass over an eval split: re-iterable, `num_batches` equal on every process, each
-    example exactly once over all processes, padding rows with mask 0.0."""
+class EvalData(common.EvalPass):
+    """The tf.data eval pass."""
 
     dataset: tf.data.Dataset
     num_batches: int
@@ -509,16 +446,8 @@ class EvalData:
     skipped: SkippedFiles
     source: sources.Source | None = None
 
-    @property
-    def skipped_files(self) -> list[str]:
-        """Corrupt files skipped so far (named in the logs as well)."""
-        return self.skipped.names
-
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return NumpyIterator(self.dataset, self.skipped, self.source)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
 
 def make_eval_iterator(
@@ -534,18 +463,16 @@ def make_eval_iterator(
     local_batch = per_process_batch(batch_size, count)
     image_size = augment_params(data_config).image_size
     source = sources.get_source(data_config, split, supervised=True, field="split")
-    _check_not_arrays(source)
+    ds, read, num_batches = _eval_stream(source, index, count, local_batch)
     skipped = SkippedFiles()
-    shared = dict(
+    ds = _eval_dataset(
+        ds,
+        read,
+        image_size,
         local_batch=local_batch,
-        process_index=index,
-        process_count=count,
-        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
+        num_batches=num_batches,
+        skip_corrupt=data_config.get("skip_corrupt", True),
         skipped=skipped,
     )
-    if isinstance(source, sources.TfdsSource):
-        ds, num_batches = _tfds_eval_dataset(source, image_size, **shared)
-    else:
-        ds, num_batches = _indexed_eval_dataset(source, image_size, **shared)
     ds = ds.prefetch(AUTOTUNE).with_options(_options(True))
-    return EvalData(ds, num_batches, int(source.num_examples), skipped, source)
+    return EvalData(ds, num_batches, source.num_examples, skipped, source)
