@@ -96,11 +96,6 @@ class Reader:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_records": None}  # each worker opens its own data source
 
-    @property
-    def labels(self) -> np.ndarray:
-        """int32 label per example (not for TFDS sources: see `example`)."""
-        return self.source.labels
-
     def example(self, index: int) -> tuple[np.ndarray | None, int]:
         """(decoded image or None for a skipped corrupt file, label) of one example."""
         if isinstance(self.source, sources.TfdsSource):

@@ -129,9 +129,16 @@ def slice_per_class(
     return files[_slice_bound(start, n, field, split) : _slice_bound(end, n, field, split)]
 
 
-def _check_selects_some(count: int, field: str, split: str, where: str) -> None:
-    if count == 0:
+def _rows_per_class(
+    labels: np.ndarray, start: str | None, end: str | None, field: str, split: str, where: str
+) -> np.ndarray:
+    """Sorted rows of the '[start:end]' slice of every class, rows taken in file order."""
+    keep: list[int] = []
+    for label in np.unique(labels):
+        keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
+    if not keep:
         raise ValueError(f"{field}={split!r} selects no examples of {where}; widen the slice.")
+    return np.array(sorted(keep), dtype=np.int64)
 
 
 # ---------------------------------------------------------------- bundled sample
@@ -157,12 +164,7 @@ def bundled_source(split: str, field: str = "split") -> IndexedSource:
     arrays = load_bundled_arrays()
     offsets, blob = arrays[f"{name}_offsets"], arrays[f"{name}_jpeg"].tobytes()
     labels = arrays[f"{name}_labels"].astype(np.int32)
-    keep: list[int] = []
-    for label in np.unique(labels):
-        index = list(np.flatnonzero(labels == label))  # already in sorted file order
-        keep += slice_per_class(index, start, end, field, split)
-    keep_array = np.array(sorted(keep), dtype=np.int64)
-    _check_selects_some(len(keep_array), field, split, "the bundled sample")
+    keep_array = _rows_per_class(labels, start, end, field, split, "the bundled sample")
     records = np.array([blob[offsets[i] : offsets[i + 1]] for i in keep_array], dtype=object)
     return IndexedSource(
         description=f"bundled:{split}",
@@ -304,11 +306,7 @@ def array_source(data_dir: str, split: str, *, supervised: bool, field: str = "s
             f"({len(images)},), one label per image."
         )
     labels = labels.astype(np.int32)
-    keep: list[int] = []
-    for label in np.unique(labels):  # per-class slicing, as for folders (rows in file order)
-        keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
-    rows = np.array(sorted(keep), dtype=np.int64)
-    _check_selects_some(len(rows), field, split, f"data.data_dir={data_dir!r}")
+    rows = _rows_per_class(labels, start, end, field, split, f"data.data_dir={data_dir!r}")
     if not class_names and labels.max(initial=-1) >= 0:
         class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
     if supervised and len(class_names) < 2:
