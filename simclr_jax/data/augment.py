@@ -95,8 +95,7 @@ def random_crop_resize(
 
 
 def crop_resize(image: tf.Tensor, begin: tf.Tensor, crop_size: tf.Tensor, size: int) -> tf.Tensor:
-    """The window at begin [y, x] of crop_size [h, w], bicubic-resized to (size, size) as float32
-    [0, 1], not clipped."""
+    """The window at begin [y, x] of crop_size [h, w], bicubic-resized to size, not clipped."""
     crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop_size, [-1]], 0))
     resized = tf.image.resize(to_float(crop), [size, size], method="bicubic")
     return tf.ensure_shape(resized, [size, size, 3])

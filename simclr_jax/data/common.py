@@ -15,6 +15,7 @@ from simclr_jax.data import sources, spec
 BACKENDS = ("tfdata", "jax")
 PAD_LABEL = 0  # label of padding rows in eval batches (mask 0.0)
 CORRUPT_MARK = "corrupt or truncated image"
+CORRUPT_FIX = "Delete or replace the file, or set data.skip_corrupt=True to skip it."
 
 
 class DatasetInfo(NamedTuple):

@@ -40,15 +40,13 @@ def crop_window_from_uniforms(
     width: int,
     *,
     min_area: float = 0.08,
-    max_area: float = 1.0,
     aspect_ratio_range: tuple[float, float] = ASPECT_RATIO_RANGE,
-    min_object_covered: float = MIN_OBJECT_COVERED,
 ) -> tuple[int, int, int, int]:
     """(y, x, h, w) of TF's sample_distorted_bounding_box from (4, attempts) U[0, 1) draws
     (ratio, height, y, x per attempt): the first valid attempt, else the whole image."""
     u = np.asarray(uniforms, np.float64)
     image_area = float(height * width)
-    min_px, max_px = min_area * image_area, max_area * image_area
+    min_px, max_px = min_area * image_area, image_area
     low, high = aspect_ratio_range
     ratio = low + u[0] * (high - low)
     shortest = np.round(np.sqrt(min_px / ratio))
@@ -67,7 +65,7 @@ def crop_window_from_uniforms(
     w = np.where(too_big, np.round(h * ratio), w)
     area = w * h
     valid = (area >= min_px) & (area <= max_px) & (h >= 1) & (w >= 1)
-    valid &= (h <= height) & (w <= width) & (area / image_area >= min_object_covered)
+    valid &= (h <= height) & (w <= width) & (area / image_area >= MIN_OBJECT_COVERED)
     if not valid.any():
         return 0, 0, height, width
     i = int(np.argmax(valid))

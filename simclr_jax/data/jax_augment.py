@@ -198,8 +198,7 @@ def flip(view: jax.Array, flipped: jax.Array | bool) -> jax.Array:
 
 
 def apply_view(crop: jax.Array, draws: ViewDraws, params: AugmentParams) -> jax.Array:
-    """Pixels of one SimCLR view from its (S, S, 3) crop: flip, jitter, grayscale, clip, blur,
-    clip."""
+    """One SimCLR view of an (S, S, 3) crop: flip, jitter, grayscale, clip, blur, clip."""
     view = flip(to_float_image(crop), draws.flip)
     if params.color_jitter_prob > 0:
         jittered = color_jitter(
@@ -268,11 +267,8 @@ def augment_views(
 def make_augment_fn(
     params: AugmentParams, mesh: Mesh | None = None, *, augmentation: str = "simclr"
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """Jitted fn(key, crops (B, V, S, S, 3), example_ids (B,)) -> (B, V, S, S, 3) views.
-
-    With a mesh, crops, ids and output are sharded on 'data' and the key replicated: every
-    device augments its own examples, with no communication.
-    """
+    """Jitted fn(key, crops (B, V, S, S, 3), example_ids (B,)) -> (B, V, S, S, 3) views; with
+    a mesh, all but the key are sharded on 'data', so each device augments its own examples."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}.")
 

@@ -129,8 +129,7 @@ class Reader:
     def _skip(self, name: str, error: Exception) -> None:
         if not self.skip_corrupt:
             raise ValueError(
-                f"{common.CORRUPT_MARK} {name}: {error}. Delete or replace the file, or set "
-                "data.skip_corrupt=True to skip it."
+                f"{common.CORRUPT_MARK} {name}: {error}. {common.CORRUPT_FIX}"
             ) from None
         self.skipped.add(name, error)
         return None
@@ -194,9 +193,8 @@ class HostEvalData(common.EvalPass):
     def _batch(self, pool: concurrent.futures.Executor, batch: int) -> dict[str, np.ndarray]:
         indices = self.shard[batch * self.local_batch : (batch + 1) * self.local_batch]
         rows = list(pool.map(self._row, indices.tolist()))
-        pad = self.local_batch - len(rows)
-        blank = np.zeros((self.image_size,) * 2 + (3,), np.float32)
-        rows += [(blank, common.PAD_LABEL, 0.0)] * pad
+        blank = (np.zeros((self.image_size,) * 2 + (3,), np.float32), common.PAD_LABEL, 0.0)
+        rows += [blank] * (self.local_batch - len(rows))
         return {
             "image": np.stack([image for image, _, _ in rows]),
             "label": np.array([label for _, label, _ in rows], np.int32),

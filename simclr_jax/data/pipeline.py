@@ -17,11 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_jax.data import augment, common, sources
-from simclr_jax.data.common import PAD_LABEL, SkippedFiles, per_process_batch
+from simclr_jax.data.common import CORRUPT_MARK, PAD_LABEL, SkippedFiles, per_process_batch
 from simclr_jax.data.spec import AugmentParams, augment_params
 
 AUTOTUNE = tf.data.AUTOTUNE
-_CORRUPT_MARK = common.CORRUPT_MARK
 
 
 # ---------------------------------------------------------------- decoding
@@ -47,13 +46,10 @@ def _looks_complete(contents: tf.Tensor) -> tf.Tensor:
 
 
 def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
-    """decode(contents, name) -> (uint8 (H, W, 3) image, ok).
-
-    Complete-looking JPEG/PNG/GIF files take the fast in-graph decoder (grayscale, CMYK,
-    RGBA, palette and 16-bit images all come out as 8-bit RGB). Anything else (truncated,
-    trailing bytes, BMP/WebP, garbage) goes through Pillow in a py_function, which either
-    decodes it or records the file as skipped (or raises when skip_corrupt is False).
-    """
+    """decode(contents, name) -> (uint8 (H, W, 3) image, ok): complete-looking JPEG/PNG/GIF
+    files take the fast in-graph decoder; anything else (truncated, BMP/WebP, garbage) goes
+    through Pillow in a py_function, which decodes it or skips the file (raises without
+    skip_corrupt)."""
 
     def slow_decode(contents: tf.Tensor, name: tf.Tensor):
         path = name.numpy().decode("utf-8", "replace")
@@ -61,10 +57,7 @@ def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
             return common.pil_to_rgb_uint8(contents.numpy()), True
         except Exception as error:  # Pillow raises many types for bad files
             if not skip_corrupt:
-                raise ValueError(
-                    f"{_CORRUPT_MARK} {path}: {error}. Delete or replace the file, or set "
-                    "data.skip_corrupt=True to skip it."
-                ) from None
+                raise ValueError(f"{CORRUPT_MARK} {path}: {error}. {common.CORRUPT_FIX}") from None
             skipped.add(path, error)
             return np.zeros((1, 1, 3), np.uint8), False
 
@@ -155,7 +148,6 @@ class NumpyIterator:
         self._iterator = dataset.as_numpy_iterator()
         self._source, self._infinite = source, infinite
         self.skipped_files = skipped.names
-        self.element_spec = dataset.element_spec
 
     def __iter__(self) -> NumpyIterator:
         return self
@@ -183,8 +175,8 @@ class NumpyIterator:
 
     def _explain(self, error: tf.errors.OpError) -> Exception:
         """A ValueError naming the bad file for decode failures; other errors unchanged."""
-        if _CORRUPT_MARK in error.message:
-            start = error.message.index(_CORRUPT_MARK)
+        if CORRUPT_MARK in error.message:
+            start = error.message.index(CORRUPT_MARK)
             return ValueError(error.message[start:].splitlines()[0])
         if not any(key in error.message for key in _DECODER_ERRORS):
             return error
@@ -193,8 +185,7 @@ class NumpyIterator:
             names = find_undecodable(self._source)  # only on this fatal path
         where = f" in {', '.join(names)}" if names else ""
         return ValueError(
-            f"{_CORRUPT_MARK}{where}: {error.message.splitlines()[0][-200:]}. Delete or "
-            "replace the file, or set data.skip_corrupt=True to skip it."
+            f"{CORRUPT_MARK}{where}: {error.message.splitlines()[0][-200:]}. {common.CORRUPT_FIX}"
         )
 
 
@@ -372,12 +363,9 @@ def _without_flag(example: dict, ok: tf.Tensor) -> dict:
 
 
 def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
-    """Drops (example, ok=False) elements (skipped corrupt files) and the flag.
-
-    Safety net: a file that looks complete (end marker present) but still fails the in-graph
-    decoder (e.g. a damaged header) raises inside the map; with skip_corrupt tf.data drops it
-    and logs the decoder's message ("Ignoring error"), which cannot name the file.
-    """
+    """Drops (example, ok=False) elements (skipped corrupt files) and the flag. A file that
+    looks complete but fails the in-graph decoder (a damaged header) raises inside the map;
+    with skip_corrupt tf.data drops it, logging a message that cannot name the file."""
     if skip_corrupt:
         ds = ds.ignore_errors(log_warning=True)
     return ds.filter(_is_ok).map(_without_flag)

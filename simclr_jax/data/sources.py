@@ -27,15 +27,8 @@ LABEL_SUBSETS = ("1pct", "10pct")
 _SPLIT_RE = re.compile(r"^(?P<name>[^\[\]]*)(\[(?P<start>[^:\[\]]*):(?P<end>[^:\[\]]*)\])?$")
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexedSource:
-    """Examples read by index: `records` are file paths or encoded image bytes."""
-
-    description: str
-    records: np.ndarray  # object array of str paths or bytes
-    labels: np.ndarray  # int32, -1 for unlabeled
-    class_names: tuple[str, ...]
-    records_are_paths: bool
+class _Labelled:
+    """Counts of a source with `labels` (one per example) and `class_names`."""
 
     @property
     def num_examples(self) -> int:
@@ -44,8 +37,19 @@ class IndexedSource:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (0 for an unlabeled folder)."""
+        """Number of classes (0 for unlabeled examples)."""
         return len(self.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedSource(_Labelled):
+    """Examples read by index: `records` are file paths or encoded image bytes."""
+
+    description: str
+    records: np.ndarray  # object array of str paths or bytes
+    labels: np.ndarray  # int32, -1 for unlabeled
+    class_names: tuple[str, ...]
+    records_are_paths: bool
 
     def names(self) -> np.ndarray:
         """A name per record for logs (the path, or '<description>#<index>')."""
@@ -72,7 +76,7 @@ class TfdsSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArraySource:
+class ArraySource(_Labelled):
     """Decoded uint8 images (N, H, W, 3), possibly memory-mapped; `rows` are this split's."""
 
     description: str
@@ -80,16 +84,6 @@ class ArraySource:
     rows: np.ndarray  # int64 rows of `images` in this split (after slicing)
     labels: np.ndarray  # int32 per row of the split, -1 for unlabeled
     class_names: tuple[str, ...]
-
-    @property
-    def num_examples(self) -> int:
-        """Number of examples in the split."""
-        return len(self.rows)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for unlabeled arrays)."""
-        return len(self.class_names)
 
 
 Source = IndexedSource | ArraySource | TfdsSource
@@ -184,11 +178,8 @@ def _is_image(name: str) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _list_folder(directory: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    """(loose image files, {class subdir: sorted image files}) of one directory.
-
-    epath, not tf.io.gfile, so that listing needs no TensorFlow (data.backend='jax'); for
-    gs:// paths epath itself uses gfile when TensorFlow is installed.
-    """
+    """(loose image files, {class subdir: sorted image files}) of one directory; epath, not
+    tf.io.gfile, so that listing needs no TensorFlow (epath uses gfile for gs:// if present)."""
     entries = sorted(epath.Path(directory).iterdir(), key=lambda p: p.name)
     subdirs = [e.name for e in entries if e.is_dir()]
     loose = tuple(e.name for e in entries if _is_image(e.name))
@@ -424,11 +415,8 @@ def get_source(
     field: str = "split",
     use_label_subset: bool = False,
 ) -> Source:
-    """The source named by data_config.source for one split (validated, nothing decoded).
-
-    data_config.label_subset (semi-supervised fine-tuning) only applies where
-    use_label_subset is set: the training split, never the eval split.
-    """
+    """The source named by data_config.source for one split (validated, nothing decoded);
+    data.label_subset applies only with use_label_subset (the training split, never eval)."""
     kind = data_config.source
     subset = data_config.get("label_subset", "") if use_label_subset else ""
     if kind == "bundled":
