@@ -54,9 +54,6 @@ class SkippedFiles:
             "Skipping %s %s (%d skipped so far): %s", CORRUPT_MARK, name, len(self.names), error
         )
 
-    def __len__(self) -> int:
-        return len(self.names)
-
 
 def pil_to_rgb_uint8(contents: bytes) -> np.ndarray:
     """Decodes any image Pillow reads to (H, W, 3) uint8; 16-bit data scaled, not clipped."""

@@ -41,6 +41,7 @@ def crop_window_from_uniforms(
     *,
     min_area: float = 0.08,
     aspect_ratio_range: tuple[float, float] = ASPECT_RATIO_RANGE,
+    min_object_covered: float = MIN_OBJECT_COVERED,
 ) -> tuple[int, int, int, int]:
     """(y, x, h, w) of TF's sample_distorted_bounding_box from (4, attempts) U[0, 1) draws
     (ratio, height, y, x per attempt): the first valid attempt, else the whole image."""
@@ -65,7 +66,7 @@ def crop_window_from_uniforms(
     w = np.where(too_big, np.round(h * ratio), w)
     area = w * h
     valid = (area >= min_px) & (area <= max_px) & (h >= 1) & (w >= 1)
-    valid &= (h <= height) & (w <= width) & (area / image_area >= MIN_OBJECT_COVERED)
+    valid &= (h <= height) & (w <= width) & (area / image_area >= min_object_covered)
     if not valid.any():
         return 0, 0, height, width
     i = int(np.argmax(valid))
@@ -167,8 +168,7 @@ class GrainTrainIterator:
     ) -> None:
         self.views, self.local_batch = views, local_batch
         self.workers, self.threads = workers, threads
-        self._origin = start_step
-        self._iterator = self._make(start_step)
+        self._iterator = self._make(start_step)  # sets self._origin
 
     @property
     def skipped_files(self) -> list[str]:

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from simclr_jax.data import augment, common, sources
 from simclr_jax.data.common import CORRUPT_MARK, PAD_LABEL, SkippedFiles, per_process_batch
-from simclr_jax.data.spec import AugmentParams, augment_params
+from simclr_jax.data.spec import augment_params
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -116,6 +116,34 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
+def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
+    return ok
+
+
+def _without_flag(example: dict, ok: tf.Tensor) -> dict:
+    return example
+
+
+def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
+    """Drops (example, ok=False) elements (skipped corrupt files) and the flag. A file that
+    looks complete but fails the in-graph decoder (a damaged header) raises inside the map;
+    with skip_corrupt tf.data drops it, logging a message that cannot name the file."""
+    if skip_corrupt:
+        ds = ds.ignore_errors(log_warning=True)
+    return ds.filter(_is_ok).map(_without_flag)
+
+
+def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_batches: int):
+    """Appends mask-0 rows so every process yields exactly num_batches full batches."""
+    pad = {
+        "image": tf.zeros([image_size, image_size, 3], tf.float32),
+        "label": tf.constant(PAD_LABEL, tf.int32),
+        "mask": tf.constant(0.0),
+    }
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    return ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+
+
 _DECODER_ERRORS = ("DecodeImage", "jpeg::Uncompress", "Unknown image file format", "PNG", "GIF")
 MAX_FILES_TO_SCAN = 200_000
 
@@ -192,7 +220,7 @@ class NumpyIterator:
 # ---------------------------------------------------------------- streams of records
 #
 # A stream is a dataset plus `read`, which turns one of its elements into (contents, label,
-# name[, position in this process's stream]); _train_dataset and _eval_dataset take it from there.
+# name[, position in this process's stream]); make_train_iterator / make_eval_iterator map it.
 
 
 def _record_loader(source: sources.IndexedSource) -> Callable:
@@ -298,90 +326,6 @@ def _eval_stream(
     return ds, _record_loader(source), num_batches
 
 
-# ---------------------------------------------------------------- datasets
-
-
-def _train_dataset(
-    ds: tf.data.Dataset,
-    read: Callable,
-    params: AugmentParams,
-    *,
-    local_batch: int,
-    num_views: int,
-    augmentation: str,
-    seed: int,
-    process_index: int,
-    process_count: int,
-    skip_corrupt: bool,
-    skipped: SkippedFiles,
-) -> tf.data.Dataset:
-    decode = make_decoder(skip_corrupt, skipped)
-    per_view, per_batch = augment.make_view_fn(augmentation, params)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(*item):
-        contents, label, name, position = read(*item)
-        image, ok = decode(contents, name)
-        seed_t = _example_seed(seed, position * process_count + process_index)
-        return {"image": _views(per_view, image, seed_t, num_views), "label": label}, ok
-
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _batch_views(ds, local_batch, per_batch, num_views)
-
-
-def _eval_dataset(
-    ds: tf.data.Dataset,
-    read: Callable,
-    image_size: int,
-    *,
-    local_batch: int,
-    num_batches: int,
-    skip_corrupt: bool,
-    skipped: SkippedFiles,
-) -> tf.data.Dataset:
-    decode = make_decoder(skip_corrupt, skipped)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(item):
-        contents, label, name = read(item)
-        image, ok = decode(contents, name)
-        image = augment.eval_transform(image, image_size)
-        return {"image": image, "label": label, "mask": tf.constant(1.0)}, ok
-
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _pad_and_batch(ds, image_size, local_batch, num_batches)
-
-
-def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
-    return ok
-
-
-def _without_flag(example: dict, ok: tf.Tensor) -> dict:
-    return example
-
-
-def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
-    """Drops (example, ok=False) elements (skipped corrupt files) and the flag. A file that
-    looks complete but fails the in-graph decoder (a damaged header) raises inside the map;
-    with skip_corrupt tf.data drops it, logging a message that cannot name the file."""
-    if skip_corrupt:
-        ds = ds.ignore_errors(log_warning=True)
-    return ds.filter(_is_ok).map(_without_flag)
-
-
-def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_batches: int):
-    """Appends mask-0 rows so every process yields exactly num_batches full batches."""
-    pad = {
-        "image": tf.zeros([image_size, image_size, 3], tf.float32),
-        "label": tf.constant(PAD_LABEL, tf.int32),
-        "mask": tf.constant(0.0),
-    }
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
-    return ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-
-
 # ---------------------------------------------------------------- public API
 
 
@@ -406,21 +350,21 @@ def make_train_iterator(
         data_config, split, supervised=supervised, field="split", use_label_subset=True
     )
     ds, read = _train_stream(source, data_config, seed, index, count, start_step * local_batch)
+    skip_corrupt = data_config.get("skip_corrupt", True)
     skipped = SkippedFiles()
-    ds = _train_dataset(
-        ds,
-        read,
-        augment_params(data_config),
-        local_batch=local_batch,
-        num_views=num_views,
-        augmentation=augmentation,
-        seed=seed,
-        process_index=index,
-        process_count=count,
-        skip_corrupt=data_config.get("skip_corrupt", True),
-        skipped=skipped,
-    )
-    ds = ds.prefetch(AUTOTUNE).with_options(_options(data_config.get("deterministic", False)))
+    decode = make_decoder(skip_corrupt, skipped)
+    per_view, per_batch = augment.make_view_fn(augmentation, augment_params(data_config))
+
+    @tf.autograph.experimental.do_not_convert
+    def element(*item):
+        contents, label, name, position = read(*item)
+        image, ok = decode(contents, name)
+        seed_t = _example_seed(seed, position * count + index)
+        return {"image": _views(per_view, image, seed_t, num_views), "label": label}, ok
+
+    ds = _drop_failed(ds.map(element, num_parallel_calls=AUTOTUNE), skip_corrupt)
+    ds = _batch_views(ds, local_batch, per_batch, num_views).prefetch(AUTOTUNE)
+    ds = ds.with_options(_options(data_config.get("deterministic", False)))
     return NumpyIterator(ds, skipped, source, infinite=True)
 
 
@@ -452,15 +396,18 @@ def make_eval_iterator(
     image_size = augment_params(data_config).image_size
     source = sources.get_source(data_config, split, supervised=True, field="split")
     ds, read, num_batches = _eval_stream(source, index, count, local_batch)
+    skip_corrupt = data_config.get("skip_corrupt", True)
     skipped = SkippedFiles()
-    ds = _eval_dataset(
-        ds,
-        read,
-        image_size,
-        local_batch=local_batch,
-        num_batches=num_batches,
-        skip_corrupt=data_config.get("skip_corrupt", True),
-        skipped=skipped,
-    )
+    decode = make_decoder(skip_corrupt, skipped)
+
+    @tf.autograph.experimental.do_not_convert
+    def element(item):
+        contents, label, name = read(item)
+        image, ok = decode(contents, name)
+        image = augment.eval_transform(image, image_size)
+        return {"image": image, "label": label, "mask": tf.constant(1.0)}, ok
+
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _pad_and_batch(_drop_failed(ds, skip_corrupt), image_size, local_batch, num_batches)
     ds = ds.prefetch(AUTOTUNE).with_options(_options(True))
     return EvalData(ds, num_batches, source.num_examples, skipped, source)
