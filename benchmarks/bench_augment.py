@@ -39,7 +39,7 @@ def make_big_folder(out: pathlib.Path, count: int) -> None:
 
     reader = numpy_pipeline.Reader(sources.bundled_source("train"), skip_corrupt=False)
     for i in range(count):
-        target = out / "train" / f"class{reader.labels[i]}"
+        target = out / "train" / f"class{reader.source.labels[i]}"
         target.mkdir(parents=True, exist_ok=True)
         image = Image.fromarray(reader.image(i)).resize((500, 375), Image.BICUBIC)
         image.save(target / f"{i}.jpg", quality=90)

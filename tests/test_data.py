@@ -19,10 +19,10 @@ from shared_data import CIFAR_TARBALL, require
 from simclr_jax import visualize
 from simclr_jax.config import get_base_config
 from simclr_jax.data import (
+    common,
     get_dataset_info,
     make_eval_iterator,
     make_train_iterator,
-    pipeline,
     sources,
 )
 
@@ -95,7 +95,7 @@ def test_folder_per_class_slicing(cifar_root):
 
 def test_process_shards_disjoint_and_cover(cifar_root):
     source = sources.folder_source(cifar_root, "train", supervised=True)
-    shards = [set(pipeline.shard_indices(source.num_examples, p, 2)) for p in range(2)]
+    shards = [set(common.shard_indices(source.num_examples, p, 2)) for p in range(2)]
     assert shards[0].isdisjoint(shards[1])
     assert shards[0] | shards[1] == set(range(source.num_examples))
     assert abs(len(shards[0]) - len(shards[1])) <= 1

@@ -10,11 +10,10 @@ from simclr_jax.data.backends import (
     make_train_batches,
     make_train_iterator,
 )
-from simclr_jax.data.common import BACKENDS, DatasetInfo, get_dataset_info
+from simclr_jax.data.common import DatasetInfo, get_dataset_info
 from simclr_jax.data.spec import AugmentParams, augment_params
 
 __all__ = [
-    "BACKENDS",
     "AugmentParams",
     "DatasetInfo",
     "TrainBatches",

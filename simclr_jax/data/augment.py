@@ -10,16 +10,14 @@ import tensorflow as tf
 
 from simclr_jax.data.spec import (
     ASPECT_RATIO_RANGE,
+    AUGMENTATIONS,
     BLUR_SIGMA_RANGE,
-    BRIGHTNESS_MODES,
     EVAL_CROP_PROPORTION,
     MAX_CROP_ATTEMPTS,
     MIN_OBJECT_COVERED,
     AugmentParams,
     blur_kernel_size,
 )
-
-AUGMENTATIONS = ("simclr", "crop_flip")
 
 # The V1 stateless ops give the same values as tf.random.stateless_uniform and
 # tf.random.experimental.stateless_split (Philox on CPU, tested) with one op per draw instead of
@@ -50,31 +48,22 @@ def _apply_with_prob(
 
 
 def sample_crop_window(
-    image_shape: tf.Tensor,
-    seed: tf.Tensor,
-    area_range: tuple[float, float] = (0.08, 1.0),
-    aspect_ratio_range: tuple[float, float] = ASPECT_RATIO_RANGE,
-    min_object_covered: float = MIN_OBJECT_COVERED,
-    max_attempts: int = MAX_CROP_ATTEMPTS,
+    image_shape: tf.Tensor, seed: tf.Tensor, area_range: tuple[float, float] = (0.08, 1.0)
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Inception-style crop window (whole image as fallback); returns ([y, x], [h, w])."""
+    image_shape = tf.cast(image_shape, tf.int32)
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        _hw1(image_shape),
+        tf.stack([image_shape[0], image_shape[1], tf.constant(1, tf.int32)]),
         bounding_boxes=bbox,
         seed=seed,
-        min_object_covered=min_object_covered,
-        aspect_ratio_range=aspect_ratio_range,
+        min_object_covered=MIN_OBJECT_COVERED,
+        aspect_ratio_range=ASPECT_RATIO_RANGE,
         area_range=area_range,
-        max_attempts=max_attempts,
+        max_attempts=MAX_CROP_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
     return begin[:2], size[:2]
-
-
-def _hw1(image_shape: tf.Tensor) -> tf.Tensor:
-    image_shape = tf.cast(image_shape, tf.int32)
-    return tf.stack([image_shape[0], image_shape[1], tf.constant(1, tf.int32)])
 
 
 def to_float(image: tf.Tensor) -> tf.Tensor:
@@ -98,19 +87,15 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
 def random_crop_resize(
     image: tf.Tensor, seed: tf.Tensor, size: int, crop_min_area: float = 0.08
 ) -> tf.Tensor:
-    """Random resized crop (crop first, then one bicubic resize of the window), NOT clipped.
-
-    The reference resizes without clipping and clips once the colour distortion is done, so
-    bicubic overshoot reaches the jitter (and its clips) as in the authors' code; the views
-    are clipped in simclr_view / crop_flip_view. The Grain path's host crops do the same.
-    """
+    """Random resized crop (crop first, then one bicubic resize of the window), NOT clipped:
+    the reference clips only after the colour distortion, so bicubic overshoot reaches the
+    jitter as in the authors' code (the Grain path's host crops do the same)."""
     begin, crop_size = sample_crop_window(tf.shape(image), seed, area_range=(crop_min_area, 1.0))
     return crop_resize(image, begin, crop_size, size)
 
 
 def crop_resize(image: tf.Tensor, begin: tf.Tensor, crop_size: tf.Tensor, size: int) -> tf.Tensor:
-    """The window at begin [y, x] of crop_size [h, w], bicubic-resized to (size, size) as float32
-    [0, 1], not clipped."""
+    """The window at begin [y, x] of crop_size [h, w], bicubic-resized to size, not clipped."""
     crop = tf.slice(image, tf.concat([begin, [0]], 0), tf.concat([crop_size, [-1]], 0))
     resized = tf.image.resize(to_float(crop), [size, size], method="bicubic")
     return tf.ensure_shape(resized, [size, size, 3])
@@ -139,9 +124,7 @@ def brightness_draw(seed: tf.Tensor, max_delta: float, mode: str) -> tuple[tf.Te
     simclrv1 draws shift ~ U[-b, b] (scale 1)."""
     if mode == "simclrv2":
         return _uniform(seed, max(0.0, 1.0 - max_delta), 1.0 + max_delta), tf.constant(0.0)
-    if mode == "simclrv1":
-        return tf.constant(1.0), _uniform(seed, -max_delta, max_delta)
-    raise ValueError(f"data.brightness_mode={mode!r}; allowed: {BRIGHTNESS_MODES}.")
+    return tf.constant(1.0), _uniform(seed, -max_delta, max_delta)
 
 
 def sample_jitter_draws(
@@ -189,12 +172,9 @@ def _blur_matrix(taps: tf.Tensor, n: int) -> tf.Tensor:
 
 
 def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
-    """Separable Gaussian blur with zero padding, one sigma per image.
-
-    `images` is (H, W, C) with a scalar sigma, or (B, H, W, C) with sigma of shape (B,).
-    Each 1-D pass is a matmul with a banded (Toeplitz) matrix: on CPUs this is several times
-    faster than a depthwise convolution with a large kernel, and batches vectorize for free.
-    """
+    """Separable Gaussian blur with zero padding of (H, W, C) images with a scalar sigma, or
+    (B, H, W, C) with sigmas (B,). Each 1-D pass is a matmul with a banded matrix: on CPUs
+    several times faster than a depthwise convolution with a large kernel."""
     single = images.shape.rank == 3
     if single:
         images, sigma = images[None], tf.reshape(sigma, [1])
@@ -366,12 +346,8 @@ def eval_transform(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def make_view_fn(augmentation: str, params: AugmentParams) -> tuple[Callable, Callable]:
-    """(per_view, per_batch) for 'simclr' (pretraining) or 'crop_flip' (fine-tune).
-
-    per_view(image, seed) runs per example; per_batch maps the batched per_view outputs, with
-    leading dims (batch, views), to the images (batch, views, S, S, 3). SimCLR does its crop
-    per example (images differ in size) and the rest per batch (distort_batch).
-    """
+    """(per_view(image, seed) per example, per_batch(batched per_view outputs) -> images
+    (batch, views, S, S, 3)): SimCLR crops per example (sizes differ), distorts per batch."""
     if augmentation == "simclr":
 
         def per_batch(views):

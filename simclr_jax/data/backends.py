@@ -38,20 +38,6 @@ def make_device_augment(
     return jax.jit(views, in_shardings=(batch, batch), out_shardings=batch)
 
 
-def make_batch_augmenter(
-    data_config: Any, mesh: Mesh, *, num_views: int, augmentation: str, seed: int
-) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]]:
-    """fn(global batch) -> global batch of views: the device augmentation for backend 'jax'
-    (drops the ids), the identity for tf.data (its batches are views already)."""
-    if common.backend(data_config) == "tfdata":
-        return lambda batch: batch
-    augment = make_device_augment(
-        data_config, mesh, num_views=num_views, augmentation=augmentation, seed=seed
-    )
-    # Dispatch is asynchronous: the host goes on to the next batch while this one augments.
-    return lambda batch: {"image": augment(batch["image"], batch["id"]), "label": batch["label"]}
-
-
 class TrainBatches:
     """Global train batches {'image': views, 'label'} on a mesh, one per step, with the input
     position to checkpoint: `state()` after batch k is what a resumed run passes back as
@@ -122,9 +108,13 @@ def make_train_batches(
     host_state = (data_state or {}).get("host")
     if host_state is not None and hasattr(iterator, "set_state"):
         iterator.set_state(host_state)
-    augment = make_batch_augmenter(
+    if common.backend(data_config) == "tfdata":  # its batches are views already
+        return TrainBatches(iterator, mesh, lambda batch: batch, start_step)
+    device = make_device_augment(
         data_config, mesh, num_views=num_views, augmentation=augmentation, seed=seed
     )
+    # Dispatch is asynchronous: the host goes on to the next batch while this one augments.
+    augment = lambda batch: {"image": device(batch["image"], batch["id"]), "label": batch["label"]}
     return TrainBatches(iterator, mesh, augment, start_step)
 
 

@@ -15,6 +15,7 @@ from simclr_jax.data import sources, spec
 BACKENDS = ("tfdata", "jax")
 PAD_LABEL = 0  # label of padding rows in eval batches (mask 0.0)
 CORRUPT_MARK = "corrupt or truncated image"
+CORRUPT_FIX = "Delete or replace the file, or set data.skip_corrupt=True to skip it."
 
 
 class DatasetInfo(NamedTuple):
@@ -52,9 +53,6 @@ class SkippedFiles:
         logging.warning(
             "Skipping %s %s (%d skipped so far): %s", CORRUPT_MARK, name, len(self.names), error
         )
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def pil_to_rgb_uint8(contents: bytes) -> np.ndarray:
@@ -98,11 +96,38 @@ def shard_indices(num_examples: int, process_index: int, process_count: int) -> 
     return np.arange(num_examples)[process_index::process_count]
 
 
+def train_shard(source: Any, process_index: int, process_count: int) -> np.ndarray:
+    """shard_indices of a source; raises where the process would get no example."""
+    shard = shard_indices(source.num_examples, process_index, process_count)
+    if len(shard) == 0:
+        raise ValueError(
+            f"{source.description} has {source.num_examples} examples, fewer than the "
+            f"{process_count} processes."
+        )
+    return shard
+
+
 def eval_shards(num_examples: int, process_count: int, local_batch: int):
     """(contiguous block of examples per process, batches every process yields): each example
     is evaluated once, and every process runs the same number of padded batches."""
     shards = np.array_split(np.arange(num_examples), process_count)
     return shards, -(-max(len(s) for s in shards) // local_batch)
+
+
+class EvalPass:
+    """One pass over an eval split: re-iterable, `num_batches` equal on every process, each
+    example exactly once over all processes, padding rows with mask 0.0."""
+
+    num_batches: int
+    skipped: SkippedFiles
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Corrupt files skipped so far (named in the logs as well)."""
+        return self.skipped.names
+
+    def __len__(self) -> int:
+        return self.num_batches
 
 
 def get_dataset_info(data_config: Any) -> DatasetInfo:

@@ -40,7 +40,6 @@ def crop_window_from_uniforms(
     width: int,
     *,
     min_area: float = 0.08,
-    max_area: float = 1.0,
     aspect_ratio_range: tuple[float, float] = ASPECT_RATIO_RANGE,
     min_object_covered: float = MIN_OBJECT_COVERED,
 ) -> tuple[int, int, int, int]:
@@ -48,7 +47,7 @@ def crop_window_from_uniforms(
     (ratio, height, y, x per attempt): the first valid attempt, else the whole image."""
     u = np.asarray(uniforms, np.float64)
     image_area = float(height * width)
-    min_px, max_px = min_area * image_area, max_area * image_area
+    min_px, max_px = min_area * image_area, image_area
     low, high = aspect_ratio_range
     ratio = low + u[0] * (high - low)
     shortest = np.round(np.sqrt(min_px / ratio))
@@ -169,8 +168,7 @@ class GrainTrainIterator:
     ) -> None:
         self.views, self.local_batch = views, local_batch
         self.workers, self.threads = workers, threads
-        self._origin = start_step
-        self._iterator = self._make(start_step)
+        self._iterator = self._make(start_step)  # sets self._origin
 
     @property
     def skipped_files(self) -> list[str]:
@@ -261,10 +259,6 @@ def _die_with_parent(worker_index: int, worker_count: int) -> None:
             os._exit(1)
 
 
-def _default_threads() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
-
-
 def make_train_iterator(
     data_config: Any,
     *,
@@ -279,34 +273,25 @@ def make_train_iterator(
 ) -> GrainTrainIterator:
     """This process's host batches of float32 crops (V views) with global ids (batch_size is
     GLOBAL); flip, colour and blur are applied on the device (data.backends)."""
-    common.backend(data_config)
     index, count = common.resolve_process(process_index, process_count)
     local_batch = common.per_process_batch(batch_size, count)
-    if start_step < 0:
-        raise ValueError(f"start_step={start_step!r} must be >= 0.")
-    workers = int(data_config.get("grain_workers", 0))
+    workers = data_config.get("grain_workers", 0)
     if workers < 0:
         raise ValueError(f"data.grain_workers={workers!r} must be >= 0 (0: threads only).")
     source = sources.get_source(
         data_config, split, supervised=supervised, field="split", use_label_subset=True
     )
-    shard = common.shard_indices(source.num_examples, index, count)
-    if len(shard) == 0:
-        raise ValueError(
-            f"{source.description} has {source.num_examples} examples, fewer than the "
-            f"{count} processes."
-        )
     views = HostViews(
         source,
-        shard,
-        seed=int(seed),
+        common.train_shard(source, index, count),
+        seed=seed,
         process_index=index,
         process_count=count,
         num_views=num_views,
         params=augment_params(data_config),
-        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
+        skip_corrupt=data_config.get("skip_corrupt", True),
     )
-    threads = int(data_config.get("grain_threads", 0)) or _default_threads()
+    threads = data_config.get("grain_threads", 0) or numpy_pipeline.default_threads()
     return GrainTrainIterator(
         views, local_batch=local_batch, workers=workers, threads=threads, start_step=start_step
     )

@@ -4,14 +4,9 @@ PRNG key per example and view (so views do not depend on the device count).
 
 The crops arrive as float32 (B, V, S, S, 3), resized but not clipped: as in the reference (and
 augment.py), bicubic overshoot goes into the colour jitter, and the view is clipped after
-jitter/grayscale, before the blur. Semantics follow the authors' tf.image ops:
-- Colour: brightness (simclrv2: x * U[max(0, 1-b), 1+b]; simclrv1: x + U[-b, b]), contrast
-  (around each channel's mean), saturation (HSV saturation scaled, clipped to [0, 1]), hue (HSV
-  hue rotated); b = c = sat = 0.8 s, h = 0.2 s, random order, clip to [0, 1] after each.
-  Saturation and hue use exact closed forms of the HSV round trip (value and chroma are kept).
-- Grayscale: ITU-R 601 luma (0.2989, 0.5870, 0.1140) tiled to 3 channels.
-- Blur: sigma ~ U(0.1, 2.0) per view (the reference draws one per batch), kernel
-  spec.blur_kernel_size(S) taps, separable, zero padding, then clip.
+jitter/grayscale, before the blur. The ops follow the authors' tf.image ops (saturation and hue
+as exact closed forms of the HSV round trip), except that the blur draws its sigma per view
+where the reference draws one per batch.
 """
 
 from __future__ import annotations
@@ -25,6 +20,7 @@ from jax.sharding import Mesh
 
 from simclr_jax import parallel
 from simclr_jax.data.spec import (
+    AUGMENTATIONS,
     BLUR_SIGMA_RANGE,
     MAX_CROP_ATTEMPTS,
     AugmentParams,
@@ -32,7 +28,6 @@ from simclr_jax.data.spec import (
 )
 
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
-AUGMENTATIONS = ("simclr", "crop_flip")
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Draws per view: 4 * MAX_CROP_ATTEMPTS slots ahead of the 13 view draws. The slots are unused
 # (the crop is sampled on the host) but fix where each draw sits in the key's stream, and so
@@ -203,8 +198,7 @@ def flip(view: jax.Array, flipped: jax.Array | bool) -> jax.Array:
 
 
 def apply_view(crop: jax.Array, draws: ViewDraws, params: AugmentParams) -> jax.Array:
-    """Pixels of one SimCLR view from its (S, S, 3) crop: flip, jitter, grayscale, clip, blur,
-    clip."""
+    """One SimCLR view of an (S, S, 3) crop: flip, jitter, grayscale, clip, blur, clip."""
     view = flip(to_float_image(crop), draws.flip)
     if params.color_jitter_prob > 0:
         jittered = color_jitter(
@@ -235,9 +229,7 @@ def view_keys(key: jax.Array, example_ids: jax.Array, num_views: int) -> jax.Arr
     return jax.vmap(lambda k: jax.vmap(lambda v: jax.random.fold_in(k, v))(views))(per_example)
 
 
-def _check_batch(crops: jax.Array, example_ids: jax.Array, augmentation: str) -> None:
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}.")
+def _check_batch(crops: jax.Array, example_ids: jax.Array) -> None:
     if crops.ndim != 5 or crops.shape[2] != crops.shape[3] or crops.shape[4] != 3:
         raise ValueError(f"crops of shape {crops.shape} must be RGB (B, V, S, S, 3).")
     if crops.dtype != jnp.uint8 and not jnp.issubdtype(crops.dtype, jnp.floating):
@@ -260,7 +252,7 @@ def augment_views(
     """(B, V, S, S, 3) host crops -> float32 views in [0, 1]: flip, colour jitter, grayscale
     and blur (simclr) or flip only (crop_flip). `example_ids` (B,) are GLOBAL example indices:
     the draws depend only on (key, example id, view)."""
-    _check_batch(crops, example_ids, augmentation)
+    _check_batch(crops, example_ids)
 
     def one_view(k, crop):
         if augmentation == "simclr":
@@ -275,11 +267,8 @@ def augment_views(
 def make_augment_fn(
     params: AugmentParams, mesh: Mesh | None = None, *, augmentation: str = "simclr"
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """Jitted fn(key, crops (B, V, S, S, 3), example_ids (B,)) -> (B, V, S, S, 3) views.
-
-    With a mesh, crops, ids and output are sharded on 'data' and the key replicated: every
-    device augments its own examples, with no communication.
-    """
+    """Jitted fn(key, crops (B, V, S, S, 3), example_ids (B,)) -> (B, V, S, S, 3) views; with
+    a mesh, all but the key are sharded on 'data', so each device augments its own examples."""
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r} must be one of {AUGMENTATIONS}.")
 

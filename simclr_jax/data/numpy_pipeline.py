@@ -96,11 +96,6 @@ class Reader:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_records": None}  # each worker opens its own data source
 
-    @property
-    def labels(self) -> np.ndarray:
-        """int32 label per example (not for TFDS sources: see `example`)."""
-        return self.source.labels
-
     def example(self, index: int) -> tuple[np.ndarray | None, int]:
         """(decoded image or None for a skipped corrupt file, label) of one example."""
         if isinstance(self.source, sources.TfdsSource):
@@ -134,8 +129,7 @@ class Reader:
     def _skip(self, name: str, error: Exception) -> None:
         if not self.skip_corrupt:
             raise ValueError(
-                f"{common.CORRUPT_MARK} {name}: {error}. Delete or replace the file, or set "
-                "data.skip_corrupt=True to skip it."
+                f"{common.CORRUPT_MARK} {name}: {error}. {common.CORRUPT_FIX}"
             ) from None
         self.skipped.add(name, error)
         return None
@@ -169,7 +163,8 @@ def tfds_records(source: sources.TfdsSource) -> Any:
     )
 
 
-def _workers() -> int:
+def default_threads() -> int:
+    """Decoding threads per process: one per CPU, at most 16."""
     # Pillow and NumPy release the GIL while decoding / resizing, so threads scale.
     return max(1, min(16, os.cpu_count() or 1))
 
@@ -178,9 +173,8 @@ def _workers() -> int:
 
 
 @dataclasses.dataclass
-class HostEvalData:
-    """One pass over an eval split: re-iterable, `num_batches` equal on every process, each
-    example exactly once over all processes, padding rows with mask 0.0 (as pipeline.EvalData)."""
+class HostEvalData(common.EvalPass):
+    """The eval pass of data.backend='jax', decoded in a thread pool."""
 
     reader: Reader
     shard: np.ndarray
@@ -188,11 +182,7 @@ class HostEvalData:
     num_examples: int
     local_batch: int
     image_size: int
-
-    @property
-    def skipped_files(self) -> list[str]:
-        """Corrupt files skipped so far (named in the logs as well)."""
-        return self.reader.skipped.names
+    skipped: common.SkippedFiles
 
     def _row(self, index: int) -> tuple[np.ndarray, int, float]:
         image, label = self.reader.example(index)
@@ -203,9 +193,8 @@ class HostEvalData:
     def _batch(self, pool: concurrent.futures.Executor, batch: int) -> dict[str, np.ndarray]:
         indices = self.shard[batch * self.local_batch : (batch + 1) * self.local_batch]
         rows = list(pool.map(self._row, indices.tolist()))
-        pad = self.local_batch - len(rows)
-        blank = np.zeros((self.image_size,) * 2 + (3,), np.float32)
-        rows += [(blank, common.PAD_LABEL, 0.0)] * pad
+        blank = (np.zeros((self.image_size,) * 2 + (3,), np.float32), common.PAD_LABEL, 0.0)
+        rows += [blank] * (self.local_batch - len(rows))
         return {
             "image": np.stack([image for image, _, _ in rows]),
             "label": np.array([label for _, label, _ in rows], np.int32),
@@ -213,12 +202,9 @@ class HostEvalData:
         }
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+        with concurrent.futures.ThreadPoolExecutor(default_threads()) as pool:
             for batch in range(self.num_batches):
                 yield self._batch(pool, batch)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
 
 def make_eval_iterator(
@@ -230,17 +216,17 @@ def make_eval_iterator(
     process_count: int | None = None,
 ) -> HostEvalData:
     """Eval pass over `split` with the eval transform (batch_size is GLOBAL)."""
-    common.backend(data_config)
     index, count = common.resolve_process(process_index, process_count)
     local_batch = common.per_process_batch(batch_size, count)
     source = sources.get_source(data_config, split, supervised=True, field="split")
-    reader = Reader(source, bool(data_config.get("skip_corrupt", True)))
+    reader = Reader(source, data_config.get("skip_corrupt", True))
     shards, num_batches = common.eval_shards(source.num_examples, count, local_batch)
     return HostEvalData(
         reader,
         shards[index],
         num_batches=num_batches,
-        num_examples=int(source.num_examples),
+        num_examples=source.num_examples,
         local_batch=local_batch,
-        image_size=int(data_config.image_size),
+        image_size=data_config.image_size,
+        skipped=reader.skipped,
     )

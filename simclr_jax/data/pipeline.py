@@ -17,11 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from simclr_jax.data import augment, common, sources
-from simclr_jax.data.common import PAD_LABEL, SkippedFiles, per_process_batch, shard_indices
+from simclr_jax.data.common import CORRUPT_MARK, PAD_LABEL, SkippedFiles, per_process_batch
 from simclr_jax.data.spec import augment_params
 
 AUTOTUNE = tf.data.AUTOTUNE
-_CORRUPT_MARK = common.CORRUPT_MARK
 
 
 # ---------------------------------------------------------------- decoding
@@ -47,13 +46,10 @@ def _looks_complete(contents: tf.Tensor) -> tf.Tensor:
 
 
 def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
-    """decode(contents, name) -> (uint8 (H, W, 3) image, ok).
-
-    Complete-looking JPEG/PNG/GIF files take the fast in-graph decoder (grayscale, CMYK,
-    RGBA, palette and 16-bit images all come out as 8-bit RGB). Anything else (truncated,
-    trailing bytes, BMP/WebP, garbage) goes through Pillow in a py_function, which either
-    decodes it or records the file as skipped (or raises when skip_corrupt is False).
-    """
+    """decode(contents, name) -> (uint8 (H, W, 3) image, ok): complete-looking JPEG/PNG/GIF
+    files take the fast in-graph decoder; anything else (truncated, BMP/WebP, garbage) goes
+    through Pillow in a py_function, which decodes it or skips the file (raises without
+    skip_corrupt)."""
 
     def slow_decode(contents: tf.Tensor, name: tf.Tensor):
         path = name.numpy().decode("utf-8", "replace")
@@ -61,10 +57,7 @@ def make_decoder(skip_corrupt: bool, skipped: SkippedFiles) -> Callable:
             return common.pil_to_rgb_uint8(contents.numpy()), True
         except Exception as error:  # Pillow raises many types for bad files
             if not skip_corrupt:
-                raise ValueError(
-                    f"{_CORRUPT_MARK} {path}: {error}. Delete or replace the file, or set "
-                    "data.skip_corrupt=True to skip it."
-                ) from None
+                raise ValueError(f"{CORRUPT_MARK} {path}: {error}. {common.CORRUPT_FIX}") from None
             skipped.add(path, error)
             return np.zeros((1, 1, 3), np.uint8), False
 
@@ -123,6 +116,34 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
+def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
+    return ok
+
+
+def _without_flag(example: dict, ok: tf.Tensor) -> dict:
+    return example
+
+
+def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
+    """Drops (example, ok=False) elements (skipped corrupt files) and the flag. A file that
+    looks complete but fails the in-graph decoder (a damaged header) raises inside the map;
+    with skip_corrupt tf.data drops it, logging a message that cannot name the file."""
+    if skip_corrupt:
+        ds = ds.ignore_errors(log_warning=True)
+    return ds.filter(_is_ok).map(_without_flag)
+
+
+def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_batches: int):
+    """Appends mask-0 rows so every process yields exactly num_batches full batches."""
+    pad = {
+        "image": tf.zeros([image_size, image_size, 3], tf.float32),
+        "label": tf.constant(PAD_LABEL, tf.int32),
+        "mask": tf.constant(0.0),
+    }
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    return ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+
+
 _DECODER_ERRORS = ("DecodeImage", "jpeg::Uncompress", "Unknown image file format", "PNG", "GIF")
 MAX_FILES_TO_SCAN = 200_000
 
@@ -155,7 +176,6 @@ class NumpyIterator:
         self._iterator = dataset.as_numpy_iterator()
         self._source, self._infinite = source, infinite
         self.skipped_files = skipped.names
-        self.element_spec = dataset.element_spec
 
     def __iter__(self) -> NumpyIterator:
         return self
@@ -183,8 +203,8 @@ class NumpyIterator:
 
     def _explain(self, error: tf.errors.OpError) -> Exception:
         """A ValueError naming the bad file for decode failures; other errors unchanged."""
-        if _CORRUPT_MARK in error.message:
-            start = error.message.index(_CORRUPT_MARK)
+        if CORRUPT_MARK in error.message:
+            start = error.message.index(CORRUPT_MARK)
             return ValueError(error.message[start:].splitlines()[0])
         if not any(key in error.message for key in _DECODER_ERRORS):
             return error
@@ -193,12 +213,14 @@ class NumpyIterator:
             names = find_undecodable(self._source)  # only on this fatal path
         where = f" in {', '.join(names)}" if names else ""
         return ValueError(
-            f"{_CORRUPT_MARK}{where}: {error.message.splitlines()[0][-200:]}. Delete or "
-            "replace the file, or set data.skip_corrupt=True to skip it."
+            f"{CORRUPT_MARK}{where}: {error.message.splitlines()[0][-200:]}. {common.CORRUPT_FIX}"
         )
 
 
-# ---------------------------------------------------------------- indexed sources
+# ---------------------------------------------------------------- streams of records
+#
+# A stream is a dataset plus `read`, which turns one of its elements into (contents, label,
+# name[, position in this process's stream]); make_train_iterator / make_eval_iterator map it.
 
 
 def _record_loader(source: sources.IndexedSource) -> Callable:
@@ -237,107 +259,6 @@ def _epoch_stream(shard: np.ndarray, seed: int, salt: int, start: int) -> tf.dat
     return tf.data.Dataset.counter(start // n).flat_map(epoch).skip(start % n)
 
 
-def _indexed_train_dataset(
-    source: sources.IndexedSource,
-    params: augment.AugmentParams,
-    *,
-    local_batch: int,
-    num_views: int,
-    augmentation: str,
-    seed: int,
-    start_step: int,
-    process_index: int,
-    process_count: int,
-    skip_corrupt: bool,
-    skipped: SkippedFiles,
-) -> tf.data.Dataset:
-    shard = shard_indices(source.num_examples, process_index, process_count)
-    if len(shard) == 0:
-        raise ValueError(
-            f"{source.description} has {source.num_examples} examples, fewer than the "
-            f"{process_count} processes."
-        )
-    load, decode = _record_loader(source), make_decoder(skip_corrupt, skipped)
-    per_view, per_batch = augment.make_view_fn(augmentation, params)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(index, position):
-        contents, label, name = load(index)
-        image, ok = decode(contents, name)
-        seed_t = _example_seed(seed, position * process_count + process_index)
-        return {"image": _views(per_view, image, seed_t, num_views), "label": label}, ok
-
-    ds = _epoch_stream(shard, seed, process_index, start_step * local_batch)
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _batch_views(ds, local_batch, per_batch, num_views)
-
-
-def _indexed_eval_dataset(
-    source: sources.IndexedSource,
-    image_size: int,
-    *,
-    local_batch: int,
-    process_index: int,
-    process_count: int,
-    skip_corrupt: bool,
-    skipped: SkippedFiles,
-) -> tuple[tf.data.Dataset, int]:
-    shards = np.array_split(np.arange(source.num_examples), process_count)
-    num_batches = math.ceil(max(len(s) for s in shards) / local_batch)
-    load, decode = _record_loader(source), make_decoder(skip_corrupt, skipped)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(index):
-        contents, label, name = load(index)
-        image, ok = decode(contents, name)
-        example = {
-            "image": augment.eval_transform(image, image_size),
-            "label": label,
-            "mask": tf.constant(1.0),
-        }
-        return example, ok
-
-    ds = tf.data.Dataset.from_tensor_slices(shards[process_index].astype(np.int64))
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _pad_and_batch(ds, image_size, local_batch, num_batches), num_batches
-
-
-def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
-    return ok
-
-
-def _without_flag(example: dict, ok: tf.Tensor) -> dict:
-    return example
-
-
-def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
-    """Drops (example, ok=False) elements (skipped corrupt files) and the flag.
-
-    Safety net: a file that looks complete (end marker present) but still fails the in-graph
-    decoder (e.g. a damaged header) raises inside the map; with skip_corrupt tf.data drops it
-    and logs the decoder's message ("Ignoring error"), which cannot name the file.
-    """
-    if skip_corrupt:
-        ds = ds.ignore_errors(log_warning=True)
-    return ds.filter(_is_ok).map(_without_flag)
-
-
-def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_batches: int):
-    """Appends mask-0 rows so every process yields exactly num_batches full batches."""
-    pad = {
-        "image": tf.zeros([image_size, image_size, 3], tf.float32),
-        "label": tf.constant(PAD_LABEL, tf.int32),
-        "mask": tf.constant(0.0),
-    }
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
-    return ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-
-
-# ---------------------------------------------------------------- TFDS sources
-
-
 def _tfds_dataset(
     source: sources.TfdsSource, split: str, *, shuffle_files: bool, seed: int, deterministic: bool
 ) -> tf.data.Dataset:
@@ -361,8 +282,9 @@ def _tfds_dataset(
     return ds
 
 
-def _tfds_name(example: dict) -> tf.Tensor:
-    return example["file_name"] if "file_name" in example else tf.constant("tfds-example")
+def _tfds_read(example: dict) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    name = example["file_name"] if "file_name" in example else tf.constant("tfds-example")
+    return example["image"], tf.cast(example["label"], tf.int32), name
 
 
 def _host_tfds_splits(source: sources.TfdsSource, process_count: int) -> list[str]:
@@ -371,76 +293,40 @@ def _host_tfds_splits(source: sources.TfdsSource, process_count: int) -> list[st
     return tfds.even_splits(source.split, n=process_count, drop_remainder=False)
 
 
-def _tfds_train_dataset(
-    source,
-    params,
-    *,
-    local_batch,
-    num_views,
-    augmentation,
-    seed,
-    start_step,
-    process_index,
-    process_count,
-    skip_corrupt,
-    skipped,
-    shuffle_buffer,
-    deterministic,
-) -> tf.data.Dataset:
-    split = _host_tfds_splits(source, process_count)[process_index]
-    ds = _tfds_dataset(
-        source, split, shuffle_files=True, seed=seed + process_index, deterministic=deterministic
-    )
-    ds = ds.repeat().shuffle(shuffle_buffer, seed=seed + process_index).enumerate()
-    decode = make_decoder(skip_corrupt, skipped)
-    per_view, per_batch = augment.make_view_fn(augmentation, params)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(position, example):
-        image, ok = decode(example["image"], _tfds_name(example))
-        seed_t = _example_seed(seed, position * process_count + process_index)
-        views = _views(per_view, image, seed_t, num_views)
-        return {"image": views, "label": tf.cast(example["label"], tf.int32)}, ok
-
-    ds = ds.skip(start_step * local_batch)  # a stream: resuming means reading past it
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _batch_views(ds, local_batch, per_batch, num_views)
+def _train_stream(
+    source: sources.Source, data_config: Any, seed: int, index: int, count: int, start: int
+) -> tuple[tf.data.Dataset, Callable]:
+    """This process's training records from position `start` on, forever."""
+    if isinstance(source, sources.TfdsSource):
+        split = _host_tfds_splits(source, count)[index]
+        deterministic = data_config.get("deterministic", False)
+        ds = _tfds_dataset(
+            source, split, shuffle_files=True, seed=seed + index, deterministic=deterministic
+        )
+        ds = ds.repeat().shuffle(data_config.shuffle_buffer, seed=seed + index).enumerate()
+        ds = ds.skip(start)  # a stream: resuming means reading past it
+        return ds, lambda position, example: (*_tfds_read(example), position)
+    load = _record_loader(source)
+    ds = _epoch_stream(common.train_shard(source, index, count), seed, index, start)
+    return ds, lambda row, position: (*load(row), position)
 
 
-def _tfds_eval_dataset(
-    source, image_size, *, local_batch, process_index, process_count, skip_corrupt, skipped
-) -> tuple[tf.data.Dataset, int]:
-    splits = _host_tfds_splits(source, process_count)
-    counts = [source.builder.info.splits[s].num_examples for s in splits]
-    num_batches = math.ceil(max(counts) / local_batch)
-    ds = _tfds_dataset(
-        source, splits[process_index], shuffle_files=False, seed=0, deterministic=True
-    )
-    decode = make_decoder(skip_corrupt, skipped)
-
-    @tf.autograph.experimental.do_not_convert
-    def element(example):
-        image, ok = decode(example["image"], _tfds_name(example))
-        return {
-            "image": augment.eval_transform(image, image_size),
-            "label": tf.cast(example["label"], tf.int32),
-            "mask": tf.constant(1.0),
-        }, ok
-
-    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _drop_failed(ds, skip_corrupt)
-    return _pad_and_batch(ds, image_size, local_batch, num_batches), num_batches
+def _eval_stream(
+    source: sources.Source, index: int, count: int, local_batch: int
+) -> tuple[tf.data.Dataset, Callable, int]:
+    """This process's block of eval records, and the batches every process yields."""
+    if isinstance(source, sources.TfdsSource):
+        splits = _host_tfds_splits(source, count)
+        counts = [source.builder.info.splits[s].num_examples for s in splits]
+        num_batches = math.ceil(max(counts) / local_batch)
+        ds = _tfds_dataset(source, splits[index], shuffle_files=False, seed=0, deterministic=True)
+        return ds, _tfds_read, num_batches
+    shards, num_batches = common.eval_shards(source.num_examples, count, local_batch)
+    ds = tf.data.Dataset.from_tensor_slices(shards[index].astype(np.int64))
+    return ds, _record_loader(source), num_batches
 
 
 # ---------------------------------------------------------------- public API
-
-
-def _check_not_arrays(source: sources.Source) -> None:
-    if isinstance(source, sources.ArraySource):
-        raise ValueError(
-            "data.source='numpy' is read by data.backend='jax' only; set data.backend='jax'."
-        )
 
 
 def make_train_iterator(
@@ -459,49 +345,32 @@ def make_train_iterator(
     {'image': (b, V, H, W, 3) or (b, H, W, 3) float32 in [0, 1], 'label': (b,) int32}."""
     index, count = common.resolve_process(process_index, process_count)
     local_batch = per_process_batch(batch_size, count)
-    if augmentation not in augment.AUGMENTATIONS:
-        raise ValueError(f"augmentation={augmentation!r}; allowed: {augment.AUGMENTATIONS}.")
-    if num_views < 1:
-        raise ValueError(f"num_views={num_views!r} must be >= 1 (2 for pretraining).")
-    if start_step < 0:
-        raise ValueError(f"start_step={start_step!r} must be >= 0.")
-    params = augment_params(data_config)
     supervised = augmentation == "crop_flip"
     source = sources.get_source(
         data_config, split, supervised=supervised, field="split", use_label_subset=True
     )
-    _check_not_arrays(source)
-    deterministic = bool(data_config.get("deterministic", False))
+    ds, read = _train_stream(source, data_config, seed, index, count, start_step * local_batch)
+    skip_corrupt = data_config.get("skip_corrupt", True)
     skipped = SkippedFiles()
-    shared = dict(
-        local_batch=local_batch,
-        num_views=num_views,
-        augmentation=augmentation,
-        seed=int(seed),
-        start_step=int(start_step),
-        process_index=index,
-        process_count=count,
-        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
-        skipped=skipped,
-    )
-    if isinstance(source, sources.TfdsSource):
-        ds = _tfds_train_dataset(
-            source,
-            params,
-            shuffle_buffer=int(data_config.shuffle_buffer),
-            deterministic=deterministic,
-            **shared,
-        )
-    else:
-        ds = _indexed_train_dataset(source, params, **shared)
-    ds = ds.prefetch(AUTOTUNE).with_options(_options(deterministic))
+    decode = make_decoder(skip_corrupt, skipped)
+    per_view, per_batch = augment.make_view_fn(augmentation, augment_params(data_config))
+
+    @tf.autograph.experimental.do_not_convert
+    def element(*item):
+        contents, label, name, position = read(*item)
+        image, ok = decode(contents, name)
+        seed_t = _example_seed(seed, position * count + index)
+        return {"image": _views(per_view, image, seed_t, num_views), "label": label}, ok
+
+    ds = _drop_failed(ds.map(element, num_parallel_calls=AUTOTUNE), skip_corrupt)
+    ds = _batch_views(ds, local_batch, per_batch, num_views).prefetch(AUTOTUNE)
+    ds = ds.with_options(_options(data_config.get("deterministic", False)))
     return NumpyIterator(ds, skipped, source, infinite=True)
 
 
 @dataclasses.dataclass
-class EvalData:
-    """One pass over an eval split: re-iterable, `num_batches` equal on every process, each
-    example exactly once over all processes, padding rows with mask 0.0."""
+class EvalData(common.EvalPass):
+    """The tf.data eval pass."""
 
     dataset: tf.data.Dataset
     num_batches: int
@@ -509,16 +378,8 @@ class EvalData:
     skipped: SkippedFiles
     source: sources.Source | None = None
 
-    @property
-    def skipped_files(self) -> list[str]:
-        """Corrupt files skipped so far (named in the logs as well)."""
-        return self.skipped.names
-
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return NumpyIterator(self.dataset, self.skipped, self.source)
-
-    def __len__(self) -> int:
-        return self.num_batches
 
 
 def make_eval_iterator(
@@ -534,18 +395,19 @@ def make_eval_iterator(
     local_batch = per_process_batch(batch_size, count)
     image_size = augment_params(data_config).image_size
     source = sources.get_source(data_config, split, supervised=True, field="split")
-    _check_not_arrays(source)
+    ds, read, num_batches = _eval_stream(source, index, count, local_batch)
+    skip_corrupt = data_config.get("skip_corrupt", True)
     skipped = SkippedFiles()
-    shared = dict(
-        local_batch=local_batch,
-        process_index=index,
-        process_count=count,
-        skip_corrupt=bool(data_config.get("skip_corrupt", True)),
-        skipped=skipped,
-    )
-    if isinstance(source, sources.TfdsSource):
-        ds, num_batches = _tfds_eval_dataset(source, image_size, **shared)
-    else:
-        ds, num_batches = _indexed_eval_dataset(source, image_size, **shared)
+    decode = make_decoder(skip_corrupt, skipped)
+
+    @tf.autograph.experimental.do_not_convert
+    def element(item):
+        contents, label, name = read(item)
+        image, ok = decode(contents, name)
+        image = augment.eval_transform(image, image_size)
+        return {"image": image, "label": label, "mask": tf.constant(1.0)}, ok
+
+    ds = ds.map(element, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _pad_and_batch(_drop_failed(ds, skip_corrupt), image_size, local_batch, num_batches)
     ds = ds.prefetch(AUTOTUNE).with_options(_options(True))
-    return EvalData(ds, num_batches, int(source.num_examples), skipped, source)
+    return EvalData(ds, num_batches, source.num_examples, skipped, source)

@@ -27,15 +27,8 @@ LABEL_SUBSETS = ("1pct", "10pct")
 _SPLIT_RE = re.compile(r"^(?P<name>[^\[\]]*)(\[(?P<start>[^:\[\]]*):(?P<end>[^:\[\]]*)\])?$")
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexedSource:
-    """Examples read by index: `records` are file paths or encoded image bytes."""
-
-    description: str
-    records: np.ndarray  # object array of str paths or bytes
-    labels: np.ndarray  # int32, -1 for unlabeled
-    class_names: tuple[str, ...]
-    records_are_paths: bool
+class _Labelled:
+    """Counts of a source with `labels` (one per example) and `class_names`."""
 
     @property
     def num_examples(self) -> int:
@@ -44,8 +37,19 @@ class IndexedSource:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes (0 for an unlabeled folder)."""
+        """Number of classes (0 for unlabeled examples)."""
         return len(self.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexedSource(_Labelled):
+    """Examples read by index: `records` are file paths or encoded image bytes."""
+
+    description: str
+    records: np.ndarray  # object array of str paths or bytes
+    labels: np.ndarray  # int32, -1 for unlabeled
+    class_names: tuple[str, ...]
+    records_are_paths: bool
 
     def names(self) -> np.ndarray:
         """A name per record for logs (the path, or '<description>#<index>')."""
@@ -72,7 +76,7 @@ class TfdsSource:
 
 
 @dataclasses.dataclass(frozen=True)
-class ArraySource:
+class ArraySource(_Labelled):
     """Decoded uint8 images (N, H, W, 3), possibly memory-mapped; `rows` are this split's."""
 
     description: str
@@ -80,16 +84,6 @@ class ArraySource:
     rows: np.ndarray  # int64 rows of `images` in this split (after slicing)
     labels: np.ndarray  # int32 per row of the split, -1 for unlabeled
     class_names: tuple[str, ...]
-
-    @property
-    def num_examples(self) -> int:
-        """Number of examples in the split."""
-        return len(self.rows)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for unlabeled arrays)."""
-        return len(self.class_names)
 
 
 Source = IndexedSource | ArraySource | TfdsSource
@@ -129,9 +123,16 @@ def slice_per_class(
     return files[_slice_bound(start, n, field, split) : _slice_bound(end, n, field, split)]
 
 
-def _check_selects_some(count: int, field: str, split: str, where: str) -> None:
-    if count == 0:
+def _rows_per_class(
+    labels: np.ndarray, start: str | None, end: str | None, field: str, split: str, where: str
+) -> np.ndarray:
+    """Sorted rows of the '[start:end]' slice of every class, rows taken in file order."""
+    keep: list[int] = []
+    for label in np.unique(labels):
+        keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
+    if not keep:
         raise ValueError(f"{field}={split!r} selects no examples of {where}; widen the slice.")
+    return np.array(sorted(keep), dtype=np.int64)
 
 
 # ---------------------------------------------------------------- bundled sample
@@ -157,12 +158,7 @@ def bundled_source(split: str, field: str = "split") -> IndexedSource:
     arrays = load_bundled_arrays()
     offsets, blob = arrays[f"{name}_offsets"], arrays[f"{name}_jpeg"].tobytes()
     labels = arrays[f"{name}_labels"].astype(np.int32)
-    keep: list[int] = []
-    for label in np.unique(labels):
-        index = list(np.flatnonzero(labels == label))  # already in sorted file order
-        keep += slice_per_class(index, start, end, field, split)
-    keep_array = np.array(sorted(keep), dtype=np.int64)
-    _check_selects_some(len(keep_array), field, split, "the bundled sample")
+    keep_array = _rows_per_class(labels, start, end, field, split, "the bundled sample")
     records = np.array([blob[offsets[i] : offsets[i + 1]] for i in keep_array], dtype=object)
     return IndexedSource(
         description=f"bundled:{split}",
@@ -182,11 +178,8 @@ def _is_image(name: str) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _list_folder(directory: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    """(loose image files, {class subdir: sorted image files}) of one directory.
-
-    epath, not tf.io.gfile, so that listing needs no TensorFlow (data.backend='jax'); for
-    gs:// paths epath itself uses gfile when TensorFlow is installed.
-    """
+    """(loose image files, {class subdir: sorted image files}) of one directory; epath, not
+    tf.io.gfile, so that listing needs no TensorFlow (epath uses gfile for gs:// if present)."""
     entries = sorted(epath.Path(directory).iterdir(), key=lambda p: p.name)
     subdirs = [e.name for e in entries if e.is_dir()]
     loose = tuple(e.name for e in entries if _is_image(e.name))
@@ -304,11 +297,7 @@ def array_source(data_dir: str, split: str, *, supervised: bool, field: str = "s
             f"({len(images)},), one label per image."
         )
     labels = labels.astype(np.int32)
-    keep: list[int] = []
-    for label in np.unique(labels):  # per-class slicing, as for folders (rows in file order)
-        keep += slice_per_class(list(np.flatnonzero(labels == label)), start, end, field, split)
-    rows = np.array(sorted(keep), dtype=np.int64)
-    _check_selects_some(len(rows), field, split, f"data.data_dir={data_dir!r}")
+    rows = _rows_per_class(labels, start, end, field, split, f"data.data_dir={data_dir!r}")
     if not class_names and labels.max(initial=-1) >= 0:
         class_names = tuple(str(c) for c in range(int(labels.max()) + 1))
     if supervised and len(class_names) < 2:
@@ -426,11 +415,8 @@ def get_source(
     field: str = "split",
     use_label_subset: bool = False,
 ) -> Source:
-    """The source named by data_config.source for one split (validated, nothing decoded).
-
-    data_config.label_subset (semi-supervised fine-tuning) only applies where
-    use_label_subset is set: the training split, never the eval split.
-    """
+    """The source named by data_config.source for one split (validated, nothing decoded);
+    data.label_subset applies only with use_label_subset (the training split, never eval)."""
     kind = data_config.source
     subset = data_config.get("label_subset", "") if use_label_subset else ""
     if kind == "bundled":

@@ -19,6 +19,7 @@ MAX_CROP_ATTEMPTS = 100
 BLUR_SIGMA_RANGE = (0.1, 2.0)
 EVAL_CROP_PROPORTION = 0.875  # eval: centre crop keeping this much of the shorter side
 BRIGHTNESS_MODES = ("simclrv2", "simclrv1")
+AUGMENTATIONS = ("simclr", "crop_flip")  # pretraining views | fine-tuning crop and flip
 # The reference's tf.image.random_contrast/random_saturation need 1 - 0.8 s >= 0.
 MAX_JITTER_STRENGTH = 1.25
 _PROBABILITIES = ("flip_prob", "color_jitter_prob", "grayscale_prob", "blur_prob")

@@ -6,8 +6,7 @@ per class, the first `--train_per_class` files by sorted name become split 'trai
 validation carve-out of the last 500 images per class). The original JPEG bytes are stored
 unchanged (no re-encoding), concatenated into one uint8 array per split with offsets.
 
-    python -m simclr_jax.data.make_bundled_sample \
-        --tarball ../shared/data/cifar10-train-jpeg.tar.gz
+    python tools/make_bundled_sample.py --tarball ../shared/data/cifar10-train-jpeg.tar.gz
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import tarfile
 
 import numpy as np
 
-DEFAULT_OUT = pathlib.Path(__file__).parent / "bundled" / "cifar10_sample.npz"
+DEFAULT_OUT = pathlib.Path(__file__).parents[1] / "simclr_jax/data/bundled/cifar10_sample.npz"
 
 
 def read_class_files(tarball: pathlib.Path) -> dict[str, dict[str, bytes]]:
