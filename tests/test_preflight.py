@@ -154,6 +154,49 @@ def test_resnet152_3x_sk_at_4096_on_v5litepod_8_without_fsdp_does_not_fit():
     assert needed and float(needed.group(1)) > 16
 
 
+# HBM per chip small enough that the smoke model (0.12 GiB replicated, 0.06 GiB with FSDP at
+# batch 64 on v5litepod-4) reaches it at a modest batch, so that every compile is quick.
+MAX_BATCH_HBM_GIB = {"replicated": 0.1225, "fsdp": 0.061}
+
+
+@pytest.mark.parametrize("layout", ["replicated", "fsdp"])
+def test_max_batch_is_the_largest_multiple_of_the_devices_that_fits(tmp_path, layout):
+    require_libtpu()
+    out, hbm_gib = tmp_path / "max_batch.json", MAX_BATCH_HBM_GIB[layout]
+    result = preflight(
+        f"--config={SMOKE}", "--tpu=v5litepod-4", "--max_batch", f"--max_batch_for={layout}",
+        f"--hbm_gib={hbm_gib}", "--max_compiles=10", f"--out={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert list(report["max_batch"]) == [layout]
+    search = report["max_batch"][layout]
+    batch, trials = search["max_batch"], {t["batch"]: t for t in search["trials"]}
+    assert search["closed"] and batch > 0 and batch % 4 == 0  # 4 devices on the data axis
+    assert trials[batch]["fits"] and trials[batch]["total_bytes"] <= hbm_gib * 2**30
+    above = trials[batch + 4]  # the next multiple was compiled and is over the limit
+    assert not above["fits"] and above["total_bytes"] > hbm_gib * 2**30
+    assert all(t["fits"] == (b <= batch) for b, t in trials.items())
+    # One progress line per compile, then the answer.
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == len(trials) + 1 and len(trials) <= 10
+    assert all(line.startswith(f"  [{layout}] global batch ") for line in lines[:-1])
+    assert lines[-1].startswith(f"v5litepod-4: largest global batch that fits ({layout}")
+    assert f": {batch} (" in lines[-1] and f"{batch + 4} does not fit" in lines[-1]
+
+
+def test_bad_max_batch_arguments_are_one_line():
+    for args, message in (
+        (["--hbm_gib=0"], "--hbm_gib=0.0 must be a positive number"),
+        (["--max_batch", "--max_batch_for=sharded"], "--max_batch_for=sharded is not a layout"),
+        (["--max_batch", "--max_compiles=0"], "--max_compiles=0 must be at least 1"),
+    ):
+        result = preflight(f"--config={SMOKE}", "--tpu=v4-8", *args)
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert message in line, line
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["linear_eval", "finetune", "distill", "eval"])
 def test_every_mode_compiles(tmp_path, mode):
