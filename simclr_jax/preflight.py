@@ -749,6 +749,8 @@ def max_batch(
         trial_config[field] = multiple * unit
         started = time.time()
         result = run_preflight(trial_config, tpu, devices=devices)
+        if result.reason.startswith("does not compile"):  # not a matter of memory: no answer
+            raise ValueError(f"{field}={multiple * unit} {result.reason}")
         total = result.report.get("bytes_per_chip", {}).get("total")
         state_bytes = result.report.get("state_bytes_per_chip", state_bytes)
         trial = Trial(multiple * unit, result.ok, total, time.time() - started, result.reason)
