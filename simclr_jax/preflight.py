@@ -678,21 +678,26 @@ def _trial_line(label: str, trial: Trial, hbm_bytes: float) -> str:
 
 
 def _linear_guess(trials: Sequence[Trial], unit: int, hbm_bytes: float) -> int | None:
-    """The multiple of unit at which memory per chip, fitted as a line through the two
-    compiled trials nearest the limit, reaches HBM (floored); None without two such trials.
-    Per-image buffers (activations, their gradients) grow linearly with the batch; the state,
-    the gradients and the code do not."""
-    known = sorted(
-        (t for t in trials if t.total_bytes is not None),
-        key=lambda t: abs(t.total_bytes - hbm_bytes),
-    )
-    if len(known) < 2:
+    """The multiple of unit at which memory per chip, as a line through two compiled trials,
+    reaches HBM (floored); None without two. The line goes through the largest trial that fits
+    and the smallest that does not when both were compiled (interpolation), else through the
+    two nearest the limit. Per-image buffers (activations, their gradients) grow linearly with
+    the batch; the state, the gradients and the code do not."""
+    known = [t for t in trials if t.total_bytes is not None]
+    fitting = [t for t in known if t.fits]
+    failing = [t for t in known if not t.fits]
+    if fitting and failing:
+        pair = [max(fitting, key=lambda t: t.batch), min(failing, key=lambda t: t.batch)]
+    else:
+        pair = sorted(known, key=lambda t: abs(t.total_bytes - hbm_bytes))[:2]
+    if len(pair) < 2 or pair[0].batch == pair[1].batch:
         return None
-    a, b = known[0], known[1]
+    a, b = pair
     slope = (b.total_bytes - a.total_bytes) / (b.batch - a.batch)
     if slope <= 0:
         return None
-    return math.floor((a.batch + (hbm_bytes - a.total_bytes) / slope) / unit)
+    # The small epsilon keeps a batch exactly at the limit from flooring one multiple below.
+    return math.floor((a.batch + (hbm_bytes - a.total_bytes) / slope) / unit + 1e-9)
 
 
 def _second_multiple(first: Trial, state_bytes: int, unit: int, hbm_bytes: float) -> int:
@@ -709,13 +714,18 @@ def _second_multiple(first: Trial, state_bytes: int, unit: int, hbm_bytes: float
 
 def _next_multiple(lo: int, hi: int | None, guess: int | None, same_side: bool) -> int:
     """The next multiple to compile (lo fits, hi does not, None: nothing failed yet): the
-    linear guess, kept inside the bracket; when two guesses in a row fell on the same side
-    (memory is not quite linear in the batch), the middle of the bracket, or twice lo."""
-    if hi is None:
-        return max(guess or 0, 2 * lo if same_side or guess is None else lo + 1)
+    linear guess, kept inside the bracket (and under 8x lo). When two guesses in a row fell on
+    the same side (memory is not quite linear in the batch): the middle of the bracket, or,
+    with nothing failed yet, twice as far beyond lo as the guess."""
+    if guess is not None and guess <= lo:  # the line ends at lo: check the next multiple
+        return lo + 1
+    if hi is None:  # extrapolating: at most 8x at a time, as compiles slow with the batch
+        if guess is None:
+            return 2 * lo
+        return min(lo + 2 * (guess - lo) if same_side else guess, 8 * lo)
     if guess is None or (same_side and hi - lo > 2):
         return (lo + hi) // 2
-    return min(max(guess, lo + 1), hi - 1)
+    return min(guess, hi - 1)
 
 
 def max_batch(
