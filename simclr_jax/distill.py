@@ -95,6 +95,21 @@ def check_teacher(config: ml_collections.ConfigDict, num_classes: int) -> None:
         )
 
 
+def teacher_variables_and_shardings(
+    model: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[Callable[[jax.Array], dict[str, Any]], dict[str, Any], Any]:
+    """(init, abstract variables, their shardings) of a teacher model: params and batch stats,
+    sharded like a train state (config.mesh.fsdp_min_size)."""
+    size = config.data.image_size
+
+    def init(rng: jax.Array) -> dict[str, Any]:
+        variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    return init, abstract, parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+
+
 def restore_teacher(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> tuple[Any, dict[str, Any], Any]:
@@ -103,20 +118,13 @@ def restore_teacher(
     model = create_model(
         saved.model, num_classes=int(saved.model.num_classes), mode=evaluate.model_mode(saved.mode)
     )
-    size = config.data.image_size
-
-    def init(rng: jax.Array) -> dict[str, Any]:
-        return model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
-
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    init, _, shardings = teacher_variables_and_shardings(model, config, mesh)
     target = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     variables, _ = checkpoint.restore_variables(
         manager, step, target, prefixes=("encoder", "projection_head", "classifier")
     )
     manager.close()
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    shardings = {"params": shardings["params"], "batch_stats": shardings.get("batch_stats", {})}
     logging.info("Teacher: %s step %d (%s).", config.distill.teacher_checkpoint, step, saved.model)
     return model, variables, shardings
 
@@ -200,6 +208,75 @@ def make_distill_step(
     )
 
 
+def distill_step_factory(
+    config: ml_collections.ConfigDict,
+    student: Any,
+    teacher: Any,
+    teacher_shardings: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+) -> Callable[[Any, Any], step.StepFn]:
+    """make(state_shardings, teacher_variables) -> step(state, batch): make_distill_step with
+    config.distill's temperature and alpha, the one place its arguments are assembled (for
+    run_distill's restored teacher and the preflight's abstract one)."""
+
+    def make(state_shardings: Any, teacher_variables: Any) -> step.StepFn:
+        return make_distill_step(
+            student,
+            teacher,
+            teacher_variables,
+            teacher_shardings,
+            tx,
+            schedule,
+            mesh,
+            state_shardings,
+            temperature=float(config.distill.temperature),
+            alpha=float(config.distill.alpha),
+        )
+
+    return make
+
+
+def abstract_distill_step(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    student: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: Any,
+) -> tuple[Callable[..., Any], dict[str, Any], str]:
+    """(jitted step(state, teacher_variables, batch), the teacher's abstract variables with
+    their shardings, where its architecture came from): run_distill's step to lower and compile
+    ahead of time, reading no parameter. The teacher is distill.teacher_checkpoint's
+    architecture when that is readable here, else the student's (self-distillation)."""
+    teacher_config, mode, source = config.model, "finetune", "the student's architecture"
+    try:
+        manager, _, saved = open_teacher(config)
+        manager.close()
+        teacher_config, mode = saved.model, evaluate.model_mode(saved.mode)
+        source = str(config.distill.teacher_checkpoint)
+    except Exception:  # noqa: BLE001 - no readable teacher here: self-distillation's shapes
+        pass
+    teacher = create_model(teacher_config, num_classes=int(config.model.num_classes), mode=mode)
+    _, abstract, teacher_shardings = teacher_variables_and_shardings(teacher, config, mesh)
+    make = distill_step_factory(config, student, teacher, teacher_shardings, tx, schedule, mesh)
+
+    def distill_step(state: Any, teacher_variables: Any, batch: Any) -> Any:
+        return make(state_shardings, teacher_variables)(state, batch)
+
+    jitted = jax.jit(
+        distill_step,
+        in_shardings=(state_shardings, teacher_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    teacher_variables = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, teacher_shardings
+    )
+    return jitted, teacher_variables, source
+
+
 class DistillBatches:
     """The distillation input: global batches {'image'} of the unlabeled train split
     (fine-tuning augmentation), plus {'labeled_image', 'labeled_label'} from the labelled subset
@@ -277,19 +354,7 @@ def run_distill(
     student = create_model(config.model, num_classes=config.model.num_classes, mode="finetune")
     tx, schedule = training.create_optimizer(config, durations)
 
-    def make_step(shardings: Any) -> Callable:
-        return make_distill_step(
-            student,
-            teacher,
-            teacher_variables,
-            teacher_shardings,
-            tx,
-            schedule,
-            mesh,
-            shardings,
-            temperature=config.distill.temperature,
-            alpha=config.distill.alpha,
-        )
+    make = distill_step_factory(config, student, teacher, teacher_shardings, tx, schedule, mesh)
 
     logging.info(
         "mode=distill: %d steps (%.1f steps/epoch), tau %g, alpha %g, batch %d on %d devices.",
@@ -308,7 +373,7 @@ def run_distill(
         student,
         tx,
         writer,
-        make_step=make_step,
+        make_step=lambda shardings: make(shardings, teacher_variables),
         make_batches=lambda start_step, data_state: distill_batches(
             config, mesh, start_step, data_state
         ),

@@ -153,6 +153,17 @@ def parse_accelerator_type(name: str) -> Slice:
     )
 
 
+def with_hbm(tpu: Slice, hbm_gib: float) -> Slice:
+    """The slice with chips of hbm_gib GiB of HBM (--hbm_gib: headroom planning, or a small
+    limit the search reaches at a small batch); the compiler still targets the real chip."""
+    if not hbm_gib > 0:
+        raise ValueError(f"--hbm_gib={hbm_gib} must be a positive number of GiB per chip.")
+    gen = tpu.generation
+    source = f"HBM {hbm_gib:g} GiB per chip from --hbm_gib; the rest: {gen.source}"
+    generation = dataclasses.replace(gen, hbm_gib_per_chip=hbm_gib, source=source)
+    return dataclasses.replace(tpu, generation=generation)
+
+
 def _quiet_libtpu_environment(environ: dict[str, str] | os._Environ = os.environ) -> None:
     """Sets what libtpu otherwise looks up (and warns about) on a host that is not a TPU VM.
     On a TPU VM the runtime's own values stay."""
@@ -318,45 +329,14 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
     abstract_state, shardings = abstract_train_state(
         model, tx, mesh, image_size=size, fsdp_min_size=fsdp
     )
-    state = with_shardings(abstract_state, shardings)
-
     # distill: the frozen teacher's variables are an argument of the step, as in run_distill.
-    teacher_model_config, notes["teacher"] = config.model, "the student's architecture"
-    try:
-        _, _, saved = distill.open_teacher(config)
-        teacher_model_config, notes["teacher"] = saved.model, config.distill.teacher_checkpoint
-    except Exception:  # noqa: BLE001 - no readable teacher here: self-distillation's shapes
-        pass
-    teacher = create_model(
-        teacher_model_config, num_classes=int(config.model.num_classes), mode="finetune"
+    step, teacher_variables, notes["teacher"] = distill.abstract_distill_step(
+        config, mesh, model, tx, schedule, shardings
     )
-    teacher_vars, teacher_shardings = variables_of(teacher)
     if float(config.distill.alpha) < 1.0:
         batch["labeled_image"] = batch_spec((b, size, size, 3), jnp.float32)
         batch["labeled_label"] = batch_spec((b,), jnp.int32)
-
-    def distill_step(state: Any, teacher_variables: Any, batch: Any) -> Any:
-        inner = distill.make_distill_step(
-            model,
-            teacher,
-            teacher_variables,
-            teacher_shardings,
-            tx,
-            schedule,
-            mesh,
-            shardings,
-            temperature=float(config.distill.temperature),
-            alpha=float(config.distill.alpha),
-        )
-        return inner(state, batch)
-
-    step = jax.jit(
-        distill_step,
-        in_shardings=(shardings, teacher_shardings, batch_sharding),
-        out_shardings=(shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    return step, (state, with_shardings(teacher_vars, teacher_shardings), batch), notes
+    return step, (with_shardings(abstract_state, shardings), teacher_variables, batch), notes
 
 
 # ------------------------------------------------------------------ analysis
@@ -564,6 +544,11 @@ def activation_bytes(config: Any, images_per_device: int) -> int:
     )
 
 
+# How far the eval_shape'd backward residuals may exceed the compiled program's activations:
+# measured 1.2x (ResNet-50, 224 px, float32), 1.8x (bfloat16), 8x (ResNet-18, 16 px).
+ACTIVATION_ESTIMATE_EXCESS = 10
+
+
 def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = None) -> Result:
     """Builds and compiles config's step for the slice; never allocates a parameter."""
     from simclr_jax import parallel
@@ -591,18 +576,23 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
         "hardware_source": tpu.generation.source,
         **notes,
     }
-    # Cheap decision first: the state plus the backward's activations over HBM needs no compile.
+    # Cheap decision first: the state plus the backward's activations far over HBM needs no
+    # compile. The residuals overestimate what the compiler keeps (it fuses and recomputes),
+    # so only a clear excess is decided without it.
     if config.mode != "eval":
         views = 2 if config.mode == "pretrain" else 1
         per_device = int(config.train_batch_size) // mesh.shape["data"] * views
         base["activation_bytes_per_chip"] = activation_bytes(config, per_device)
-        needed = base["state_bytes_per_chip"] + base["activation_bytes_per_chip"]
-        if needed > tpu.hbm_bytes_per_device:
+        state, activations = base["state_bytes_per_chip"], base["activation_bytes_per_chip"]
+        needed = state + activations
+        if state + activations / ACTIVATION_ESTIMATE_EXCESS > tpu.hbm_bytes_per_device:
             reason = (
                 f"does not fit in {_gib(tpu.hbm_bytes_per_device)} HBM per chip: the state "
-                f"({_gib(base['state_bytes_per_chip'])}) plus the activations the backward pass "
-                f"keeps ({_gib(base['activation_bytes_per_chip'])}) need {_gib(needed)} "
-                "(decided before compiling; lower the batch or set mesh.fsdp_min_size)"
+                f"({_gib(state)}) plus the activations the backward pass keeps "
+                f"({_gib(activations)}) need {_gib(needed)}, and even 1/"
+                f"{ACTIVATION_ESTIMATE_EXCESS} of those activations (the estimate's margin) "
+                "would not fit (decided before compiling; lower the batch or set "
+                "mesh.fsdp_min_size)"
             )
             return Result(False, reason, {**base, "fits": False, "reason": reason})
     started = time.time()
@@ -645,8 +635,111 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB"
 
 
-def max_batch(config: Any, tpu: Slice, devices: Sequence[Any]) -> tuple[int, Result | None]:
-    """Largest global batch (a multiple of the data axis) whose step fits, by bisection."""
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One compile of the batch search: the global batch, whether it fits, the compiled total
+    per chip (None when decided before compiling or the compiler gave up), and its seconds."""
+
+    batch: int
+    fits: bool
+    total_bytes: int | None
+    seconds: float
+    reason: str
+
+
+@dataclasses.dataclass
+class BatchSearch:
+    """Outcome of max_batch: the largest fitting global batch (0: none), every trial, and
+    whether the next multiple was shown not to fit."""
+
+    batch: int
+    unit: int
+    trials: list[Trial]
+    closed: bool
+
+    def trial(self, batch: int) -> Trial | None:
+        """The trial of one global batch, if it was compiled."""
+        return next((t for t in self.trials if t.batch == batch), None)
+
+
+def _gib4(nbytes: float) -> str:
+    """'15.93 GiB', '0.1219 GiB': four digits, for limits close to what is needed."""
+    return f"{nbytes / GIB:.4g} GiB"
+
+
+def _trial_line(label: str, trial: Trial, hbm_bytes: float) -> str:
+    """One progress line: the batch tried, fits or not, GiB needed, seconds."""
+    if trial.total_bytes is not None:
+        need = f"needs {_gib4(trial.total_bytes)} of {_gib4(hbm_bytes)}"
+    else:
+        need = trial.reason
+    verdict = "fits" if trial.fits else "does not fit"
+    return f"  [{label}] global batch {trial.batch}: {verdict}, {need}, {trial.seconds:.0f} s"
+
+
+def _linear_guess(trials: Sequence[Trial], unit: int, hbm_bytes: float) -> int | None:
+    """The multiple of unit at which memory per chip, as a line through two compiled trials,
+    reaches HBM (floored); None without two. The line goes through the largest trial that fits
+    and the smallest that does not when both were compiled (interpolation), else through the
+    two nearest the limit. Per-image buffers (activations, their gradients) grow linearly with
+    the batch; the state, the gradients and the code do not."""
+    known = [t for t in trials if t.total_bytes is not None]
+    fitting = [t for t in known if t.fits]
+    failing = [t for t in known if not t.fits]
+    if fitting and failing:
+        pair = [max(fitting, key=lambda t: t.batch), min(failing, key=lambda t: t.batch)]
+    else:
+        pair = sorted(known, key=lambda t: abs(t.total_bytes - hbm_bytes))[:2]
+    if len(pair) < 2 or pair[0].batch == pair[1].batch:
+        return None
+    a, b = pair
+    slope = (b.total_bytes - a.total_bytes) / (b.batch - a.batch)
+    if slope <= 0:
+        return None
+    # The small epsilon keeps a batch exactly at the limit from flooring one multiple below.
+    return math.floor((a.batch + (hbm_bytes - a.total_bytes) / slope) / unit + 1e-9)
+
+
+def _second_multiple(first: Trial, state_bytes: int, unit: int, hbm_bytes: float) -> int:
+    """Where to compile after the first trial: far enough from it for a useful slope (2x to
+    8x when it fits, half when not), near the one-point extrapolation that counts everything
+    beyond the state as per image."""
+    multiple = first.batch // unit
+    if not first.fits or first.total_bytes is None:
+        return multiple // 2
+    per_image = max(first.total_bytes - state_bytes, 1) / first.batch
+    guess = math.floor((hbm_bytes - state_bytes) / per_image / unit)
+    return min(max(guess, 2 * multiple), 8 * multiple)
+
+
+def _next_multiple(lo: int, hi: int | None, guess: int | None, same_side: bool) -> int:
+    """The next multiple to compile (lo fits, hi does not, None: nothing failed yet): the
+    linear guess, kept inside the bracket (and under 8x lo). When two guesses in a row fell on
+    the same side (memory is not quite linear in the batch): the middle of the bracket, or,
+    with nothing failed yet, twice as far beyond lo as the guess."""
+    if guess is not None and guess <= lo:  # the line ends at lo: check the next multiple
+        return lo + 1
+    if hi is None:  # extrapolating: at most 8x at a time, as compiles slow with the batch
+        if guess is None:
+            return 2 * lo
+        return min(lo + 2 * (guess - lo) if same_side else guess, 8 * lo)
+    if guess is None or (same_side and hi - lo > 2):
+        return (lo + hi) // 2
+    return min(guess, hi - 1)
+
+
+def max_batch(
+    config: Any,
+    tpu: Slice,
+    devices: Sequence[Any],
+    *,
+    max_compiles: int = 8,
+    label: str = "",
+    log: Any = None,
+) -> BatchSearch:
+    """Largest global batch (a multiple of the data axis) whose step fits: a line through the
+    memory of the first compiles estimates it, then bisection closes the bracket of adjacent
+    multiples; at most max_compiles compiles, one progress line (log) each."""
     import ml_collections
 
     from simclr_jax import parallel
@@ -656,24 +749,68 @@ def max_batch(config: Any, tpu: Slice, devices: Sequence[Any]) -> tuple[int, Res
     )
     unit = mesh.shape["data"]
     field = "eval_batch_size" if config.mode == "eval" else "train_batch_size"
-    cache: dict[int, Result] = {}
+    hbm = tpu.hbm_bytes_per_device
+    trials: list[Trial] = []
+    state_bytes = 0
 
-    def attempt(multiple: int) -> Result:
-        if multiple not in cache:
-            trial = ml_collections.ConfigDict(config.to_dict())
-            trial[field] = multiple * unit
-            cache[multiple] = run_preflight(trial, tpu, devices=devices)
-        return cache[multiple]
+    def attempt(multiple: int) -> Trial:
+        nonlocal state_bytes
+        trial_config = ml_collections.ConfigDict(config.to_dict())
+        trial_config[field] = multiple * unit
+        started = time.time()
+        result = run_preflight(trial_config, tpu, devices=devices)
+        if result.reason.startswith("does not compile"):  # not a matter of memory: no answer
+            raise ValueError(f"{field}={multiple * unit} {result.reason}")
+        total = result.report.get("bytes_per_chip", {}).get("total")
+        state_bytes = result.report.get("state_bytes_per_chip", state_bytes)
+        trial = Trial(multiple * unit, result.ok, total, time.time() - started, result.reason)
+        trials.append(trial)
+        if log:
+            log(_trial_line(label, trial, hbm))
+        return trial
 
-    low, high = 0, 1
-    while attempt(high).ok:  # doubling until it does not fit
-        low, high = high, high * 2
-        if high > 2**20:
-            break
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if attempt(middle).ok else (low, middle)
-    return low * unit, cache.get(low)
+    first = max(1, int(config[field]) // unit)
+    trial = attempt(first)
+    lo, hi = (first, None) if trial.fits else (0, first)
+    sides: list[bool] = []
+    while (hi is None or hi - lo > 1) and len(trials) < max_compiles:
+        guess = _linear_guess(trials, unit, hbm)
+        if len(trials) == 1:
+            multiple = _second_multiple(trial, state_bytes, unit, hbm)
+        else:
+            same_side = len(sides) >= 2 and sides[-1] == sides[-2]
+            multiple = _next_multiple(lo, hi, guess, same_side)
+        multiple = min(max(multiple, lo + 1), hi - 1) if hi is not None else max(multiple, lo + 1)
+        trial = attempt(multiple)
+        sides.append(trial.fits)
+        lo, hi = (multiple, hi) if trial.fits else (lo, multiple)
+    return BatchSearch(lo * unit, unit, trials, closed=hi is not None and hi - lo == 1)
+
+
+# --max_batch's state layouts: fsdp_min_size 0 (replicated) and the config's own or 2**16.
+MAX_BATCH_LAYOUTS = {"replicated": 0, "fsdp": 2**16}
+
+
+def max_batch_line(tpu: Slice, label: str, min_size: int, search: BatchSearch) -> str:
+    """The search's final line: the answer, its memory, and what bounds it."""
+    head = (
+        f"{tpu.accelerator_type}: largest global batch that fits ({label}, "
+        f"fsdp_min_size={min_size}): "
+    )
+    seconds = sum(t.seconds for t in search.trials)
+    tail = f"{len(search.trials)} compiles, {seconds:.0f} s"
+    best = search.trial(search.batch)
+    if best is None:
+        return f"{head}none (not even {search.unit}, one per device); {tail}"
+    memory = f"{_gib4(best.total_bytes or 0)} of {_gib4(tpu.hbm_bytes_per_device)} per chip"
+    above = min((t.batch for t in search.trials if not t.fits), default=None)
+    if search.closed:
+        return f"{head}{search.batch} ({memory}; {above} does not fit); {tail}"
+    bound = f"{above} does not fit" if above else "no larger batch was tried"
+    return (
+        f"{head}at least {search.batch} ({memory}; {bound}); stopped after {tail}; "
+        "raise --max_compiles to close the bracket"
+    )
 
 
 # ------------------------------------------------------------------ command line
@@ -737,14 +874,34 @@ def _absl_main(argv: list[str]) -> int:
         "out", None, "Write the JSON report here.", flag_values=flag_values
     )
     max_batch_flag = flags.DEFINE_bool(
-        "max_batch", False, "Bisect the largest global batch that fits.", flag_values=flag_values
+        "max_batch", False, "Search the largest global batch that fits.", flag_values=flag_values
     )
+    layouts_flag = flags.DEFINE_list(
+        "max_batch_for", list(MAX_BATCH_LAYOUTS), "--max_batch: search for these state layouts "
+        f"({', '.join(MAX_BATCH_LAYOUTS)}).", flag_values=flag_values,
+    )  # fmt: skip
+    max_compiles_flag = flags.DEFINE_integer(
+        "max_compiles", 8, "--max_batch: at most this many compiles per search.",
+        flag_values=flag_values,
+    )  # fmt: skip
+    hbm_flag = flags.DEFINE_float(
+        "hbm_gib", None, "Pretend each chip has this much HBM (GiB), e.g. to keep headroom.",
+        flag_values=flag_values,
+    )  # fmt: skip
     try:
         flag_values(argv)
         if not config_flag.value or not tpu_flag.value:
             raise ValueError("--config and --tpu are required, e.g. --config=configs/smoke.py "
                              "--tpu=v4-8.")  # fmt: skip
         tpu = parse_accelerator_type(tpu_flag.value)
+        if hbm_flag.value is not None:
+            tpu = with_hbm(tpu, hbm_flag.value)
+        unknown = sorted(set(layouts_flag.value) - set(MAX_BATCH_LAYOUTS))
+        if unknown:
+            raise ValueError(f"--max_batch_for={','.join(unknown)} is not a layout; use "
+                             f"{' and/or '.join(MAX_BATCH_LAYOUTS)}.")  # fmt: skip
+        if max_compiles_flag.value < 1:
+            raise ValueError(f"--max_compiles={max_compiles_flag.value} must be at least 1.")
     except (flags.Error, ValueError) as error:
         print(f"preflight: {error}", file=sys.stderr)
         return 2
@@ -760,7 +917,9 @@ def _absl_main(argv: list[str]) -> int:
     try:
         devices = slice_devices(tpu)
         if max_batch_flag.value:
-            return _print_max_batch(config, tpu, devices, out_flag.value)
+            return _print_max_batch(
+                config, tpu, devices, out_flag.value, max_compiles_flag.value, layouts_flag.value
+            )
         result = run_preflight(config, tpu, devices=devices)
     except ValueError as error:
         print(f"preflight: {error}", file=sys.stderr)
@@ -773,23 +932,41 @@ def _absl_main(argv: list[str]) -> int:
     return 0 if result.ok else 1
 
 
-def _print_max_batch(config: Any, tpu: Slice, devices: Sequence[Any], out: str | None) -> int:
-    """--max_batch: bisects without and with FSDP and prints both."""
+def _print_max_batch(
+    config: Any,
+    tpu: Slice,
+    devices: Sequence[Any],
+    out: str | None,
+    max_compiles: int,
+    layouts: Sequence[str] = MAX_BATCH_LAYOUTS,
+) -> int:
+    """--max_batch: searches without and with FSDP, one line per compile, then the answers."""
     import ml_collections
 
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     results = {}
-    for label, min_size in (("replicated", 0), ("fsdp", 2**16)):
+    for label, min_size in MAX_BATCH_LAYOUTS.items():
+        if label not in layouts:
+            continue
         trial = ml_collections.ConfigDict(config.to_dict())
         trial.mesh.fsdp_min_size = int(config.mesh.get("fsdp_min_size", 0)) or min_size
         if label == "replicated":
             trial.mesh.fsdp_min_size = 0
-        batch, _ = max_batch(trial, tpu, devices)
-        results[label] = batch
-        print(f"{tpu.accelerator_type}: largest global batch that fits ({label}, "
-              f"fsdp_min_size={trial.mesh.fsdp_min_size}): {batch}")  # fmt: skip
+        search = max_batch(trial, tpu, devices, max_compiles=max_compiles, label=label, log=log)
+        log(max_batch_line(tpu, label, trial.mesh.fsdp_min_size, search))
+        results[label] = {
+            "fsdp_min_size": int(trial.mesh.fsdp_min_size),
+            "max_batch": search.batch,
+            "closed": search.closed,
+            "trials": [dataclasses.asdict(t) for t in search.trials],
+        }
     if out:
-        write_json(out, {"tpu": tpu.accelerator_type, "max_batch": results})
-    return 0 if max(results.values()) > 0 else 1
+        write_json(out, {"tpu": tpu.accelerator_type,
+                         "hbm_per_chip_gib": tpu.hbm_bytes_per_device / GIB,
+                         "max_batch": results})  # fmt: skip
+    return 0 if max(r["max_batch"] for r in results.values()) > 0 else 1
 
 
 def write_json(path: str, report: dict[str, Any]) -> None:

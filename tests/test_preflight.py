@@ -154,6 +154,104 @@ def test_resnet152_3x_sk_at_4096_on_v5litepod_8_without_fsdp_does_not_fit():
     assert needed and float(needed.group(1)) > 16
 
 
+# HBM per chip small enough that the smoke model (0.12 GiB replicated, 0.06 GiB with FSDP at
+# batch 64 on v5litepod-4) reaches it at a modest batch, so that every compile is quick.
+MAX_BATCH_HBM_GIB = {"replicated": 0.1225, "fsdp": 0.061}
+
+
+@pytest.mark.parametrize("layout", ["replicated", "fsdp"])
+def test_max_batch_is_the_largest_multiple_of_the_devices_that_fits(tmp_path, layout):
+    require_libtpu()
+    out, hbm_gib = tmp_path / "max_batch.json", MAX_BATCH_HBM_GIB[layout]
+    result = preflight(
+        f"--config={SMOKE}", "--tpu=v5litepod-4", "--max_batch", f"--max_batch_for={layout}",
+        f"--hbm_gib={hbm_gib}", "--max_compiles=10", f"--out={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert list(report["max_batch"]) == [layout]
+    search = report["max_batch"][layout]
+    batch, trials = search["max_batch"], {t["batch"]: t for t in search["trials"]}
+    assert search["closed"] and batch > 0 and batch % 4 == 0  # 4 devices on the data axis
+    assert trials[batch]["fits"] and trials[batch]["total_bytes"] <= hbm_gib * 2**30
+    above = trials[batch + 4]  # the next multiple was compiled and is over the limit
+    assert not above["fits"] and above["total_bytes"] > hbm_gib * 2**30
+    assert all(t["fits"] == (b <= batch) for b, t in trials.items())
+    # One progress line per compile, then the answer.
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == len(trials) + 1 and len(trials) <= 10
+    assert all(line.startswith(f"  [{layout}] global batch ") for line in lines[:-1])
+    assert lines[-1].startswith(f"v5litepod-4: largest global batch that fits ({layout}")
+    assert f": {batch} (" in lines[-1] and f"{batch + 4} does not fit" in lines[-1]
+
+
+def simulated_search(monkeypatch, bytes_per_chip, hbm_gib=1.0, max_compiles=8, start=64):
+    """max_batch over 4 CPU devices with the compiles replaced by bytes_per_chip(batch)."""
+    import jax
+
+    from simclr_jax import preflight as pf
+
+    compiled = []
+
+    def fake_preflight(config, tpu, *, devices):
+        batch = int(config.train_batch_size)
+        compiled.append(batch)
+        total = bytes_per_chip(batch)
+        fits = total <= tpu.hbm_bytes_per_device
+        report = {"bytes_per_chip": {"total": total}, "state_bytes_per_chip": 2**26}
+        return pf.Result(fits, "fits" if fits else "does not fit", report)
+
+    monkeypatch.setattr(pf, "run_preflight", fake_preflight)
+    sys.path.insert(0, str(REPO))
+    from configs import smoke
+
+    config = smoke.get_config("pretrain")
+    config.train_batch_size = start
+    tpu = pf.with_hbm(pf.parse_accelerator_type("v5litepod-4"), hbm_gib)
+    search = pf.max_batch(config, tpu, jax.devices()[:4], max_compiles=max_compiles)
+    return search, compiled, pf.max_batch_line(tpu, "replicated", 0, search)
+
+
+@pytest.mark.parametrize(
+    "name, bytes_per_chip",
+    [
+        ("linear", lambda b: 2**28 + b * 2**30 * 3 // 4 // 4672),  # 1 GiB at batch 4672
+        ("step", lambda b: 2**28 + b * 2**17 + (2**26 if b >= 2000 else 0)),  # bends at 2000
+        ("concave", lambda b: 2**28 + int(2**21 * b**0.8)),  # grows slower than the line
+        ("over", lambda b: 2**28 + b * 2**22),  # the first compile is far over
+    ],
+)
+def test_max_batch_search_closes_its_bracket_within_the_compile_bound(
+    monkeypatch, name, bytes_per_chip
+):
+    expected = max(b for b in range(4, 40_000, 4) if bytes_per_chip(b) <= 2**30)
+    search, compiled, line = simulated_search(monkeypatch, bytes_per_chip, start=256)
+    assert search.closed and search.batch == expected, (name, compiled)
+    assert search.batch + 4 in compiled and len(compiled) <= 8, (name, compiled)
+    assert len(set(compiled)) == len(compiled), compiled  # no batch compiled twice
+    assert f"): {expected} (" in line and f"{expected + 4} does not fit" in line
+
+
+def test_max_batch_search_that_runs_out_of_compiles_says_at_least(monkeypatch):
+    search, compiled, line = simulated_search(
+        monkeypatch, lambda b: 2**28 + b * 2**17, max_compiles=2
+    )
+    assert len(compiled) == 2 and not search.closed and search.batch in compiled
+    assert f"at least {search.batch}" in line and "raise --max_compiles" in line
+
+
+def test_bad_max_batch_arguments_are_one_line():
+    for args, message in (
+        (["--hbm_gib=0"], "--hbm_gib=0.0 must be a positive number"),
+        (["--max_batch", "--max_batch_for=sharded"], "--max_batch_for=sharded is not a layout"),
+        (["--max_batch", "--max_compiles=0"], "--max_compiles=0 must be at least 1"),
+    ):
+        result = preflight(f"--config={SMOKE}", "--tpu=v4-8", *args)
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert message in line, line
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["linear_eval", "finetune", "distill", "eval"])
 def test_every_mode_compiles(tmp_path, mode):
