@@ -17,6 +17,7 @@ measurement. Exit status 0 when the step fits, 1 (with a one-line reason) otherw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -268,9 +269,9 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
     from simclr_jax.train_state import abstract_train_state
 
     info = dataset_info(config)
-    size = int(config.data.image_size)
+    size = config.data.image_size
     batch_sharding = parallel.batch_sharding(mesh)
-    fsdp = int(config.mesh.get("fsdp_min_size", 0))
+    fsdp = config.mesh.fsdp_min_size
     notes: dict[str, Any] = {}
 
     def batch_spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -290,7 +291,7 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
 
     model = create_model(
         config.model,
-        num_classes=int(config.model.num_classes),
+        num_classes=config.model.num_classes,
         mode=evaluate.model_mode(config.mode if config.mode != "eval" else "finetune"),
     )
     if config.mode == "eval":
@@ -299,19 +300,19 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
         abstract = with_shardings(
             variables, jax.tree.map(lambda _: parallel.replicated(mesh), variables)
         )
-        b = int(config.eval_batch_size)
+        b = config.eval_batch_size
         batch = {
             "image": batch_spec((b, size, size, 3), jnp.float32),
             "label": batch_spec((b,), jnp.int32),
             "mask": batch_spec((b,), jnp.float32),
         }
-        step = evaluate.make_eval_step(model, mesh, int(config.model.num_classes))
+        step = evaluate.make_eval_step(model, mesh, config.model.num_classes)
         return step, (abstract, batch), notes
 
     durations = training.resolve_durations(config, info.num_examples[config.data.train_split])
     notes["total_steps"] = durations.total_steps
     tx, schedule = training.create_optimizer(config, durations)
-    b = int(config.train_batch_size)
+    b = config.train_batch_size
     if config.mode == "pretrain":
         batch = {
             "image": batch_spec((b, 2, size, size, 3), jnp.float32),
@@ -333,7 +334,7 @@ def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[st
     step, teacher_variables, notes["teacher"] = distill.abstract_distill_step(
         config, mesh, model, tx, schedule, shardings
     )
-    if float(config.distill.alpha) < 1.0:
+    if config.distill.alpha < 1.0:
         batch["labeled_image"] = batch_spec((b, size, size, 3), jnp.float32)
         batch["labeled_label"] = batch_spec((b,), jnp.int32)
     return step, (with_shardings(abstract_state, shardings), teacher_variables, batch), notes
@@ -426,7 +427,7 @@ def analyse(compiled: Any, tpu: Slice, config: Any, total_steps: int | None) -> 
     flops = float(cost.get("flops", 0.0))
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     seconds, bound = roofline(flops, bytes_accessed, tpu)
-    batch = int(config.eval_batch_size if config.mode == "eval" else config.train_batch_size)
+    batch = config.eval_batch_size if config.mode == "eval" else config.train_batch_size
     collectives = parse_collectives(compiled.as_text())
     compute_seconds = flops / tpu.peak_flops_per_device
     report = {
@@ -514,10 +515,10 @@ def activation_bytes(config: Any, images_per_device: int) -> int:
     from simclr_jax import evaluate
     from simclr_jax.models import create_model
 
-    size = int(config.data.image_size)
+    size = config.data.image_size
     model = create_model(
         config.model,
-        num_classes=int(config.model.num_classes),
+        num_classes=config.model.num_classes,
         mode=evaluate.model_mode(config.mode),
     )
     variables = jax.eval_shape(
@@ -559,7 +560,7 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
         data=config.mesh.get("data", -1), model=config.mesh.get("model", 1), devices=devices
     )
     batch_field = "eval_batch_size" if config.mode == "eval" else "train_batch_size"
-    check_divisible(int(config[batch_field]), mesh, batch_field)
+    check_divisible(config[batch_field], mesh, batch_field)
     step, args, notes = abstract_step(config, mesh)
     base = {
         "tpu": tpu.accelerator_type,
@@ -567,9 +568,9 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
         "num_devices": tpu.num_devices,
         "device_kind": devices[0].device_kind,
         "mode": config.mode,
-        "global_batch": int(config[batch_field]),
+        "global_batch": config[batch_field],
         "dtype": str(config.model.dtype),
-        "fsdp_min_size": int(config.mesh.get("fsdp_min_size", 0)),
+        "fsdp_min_size": config.mesh.fsdp_min_size,
         "hbm_per_chip_gib": tpu.hbm_bytes_per_device / GIB,
         "state_bytes_per_chip": _per_device_bytes(args[0]),
         "state_bytes_whole": _parameter_bytes(args[0]),
@@ -581,7 +582,7 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
     # so only a clear excess is decided without it.
     if config.mode != "eval":
         views = 2 if config.mode == "pretrain" else 1
-        per_device = int(config.train_batch_size) // mesh.shape["data"] * views
+        per_device = config.train_batch_size // mesh.shape["data"] * views
         base["activation_bytes_per_chip"] = activation_bytes(config, per_device)
         state, activations = base["state_bytes_per_chip"], base["activation_bytes_per_chip"]
         needed = state + activations
@@ -769,7 +770,7 @@ def max_batch(
             log(_trial_line(label, trial, hbm))
         return trial
 
-    first = max(1, int(config[field]) // unit)
+    first = max(1, config[field] // unit)
     trial = attempt(first)
     lo, hi = (first, None) if trial.fits else (0, first)
     sides: list[bool] = []
@@ -943,15 +944,14 @@ def _print_max_batch(
     """--max_batch: searches without and with FSDP, one line per compile, then the answers."""
     import ml_collections
 
-    def log(line: str) -> None:
-        print(line, flush=True)
+    log = functools.partial(print, flush=True)
 
     results = {}
     for label, min_size in MAX_BATCH_LAYOUTS.items():
         if label not in layouts:
             continue
         trial = ml_collections.ConfigDict(config.to_dict())
-        trial.mesh.fsdp_min_size = int(config.mesh.get("fsdp_min_size", 0)) or min_size
+        trial.mesh.fsdp_min_size = config.mesh.fsdp_min_size or min_size
         if label == "replicated":
             trial.mesh.fsdp_min_size = 0
         search = max_batch(trial, tpu, devices, max_compiles=max_compiles, label=label, log=log)
