@@ -231,8 +231,8 @@ def distill_step_factory(
             schedule,
             mesh,
             state_shardings,
-            temperature=float(config.distill.temperature),
-            alpha=float(config.distill.alpha),
+            temperature=config.distill.temperature,
+            alpha=config.distill.alpha,
         )
 
     return make
