@@ -17,9 +17,9 @@ def _color_jitter(image, seed, strength, mode="simclrv2"):
     return augment._jitter(image, augment.sample_jitter_draws(seed, strength, mode))
 
 
-def _adjust_brightness(image, seed, max_delta, mode):
-    scale, shift = augment.brightness_draw(seed, max_delta, mode)
-    return image * scale + shift
+def _adjust_brightness(image, seed, strength, mode):
+    d = augment.sample_jitter_draws(seed, strength, mode)
+    return image * d["brightness_scale"] + d["brightness_shift"]
 
 
 def _random_grayscale(image, seed, prob=0.2):
@@ -39,7 +39,8 @@ def _random_blur(image, seed, prob, image_size):
         return image
     apply_seed, sigma_seed = tf.unstack(augment.split_seed(seed, 2))
     kernel = augment.blur_kernel_size(image_size)
-    blur = lambda x: augment.gaussian_blur(x, augment.sample_blur_sigma(sigma_seed), kernel)  # noqa: E731
+    sigma = augment._uniform(sigma_seed, *spec.BLUR_SIGMA_RANGE)
+    blur = lambda x: augment.gaussian_blur(x, sigma, kernel)  # noqa: E731
     return augment._apply_with_prob(prob, apply_seed, blur, image)[0]
 
 
@@ -152,12 +153,16 @@ def test_blur_matches_numpy_and_rate():
 @pytest.mark.parametrize("mode", ["simclrv2", "simclrv1"])
 def test_brightness_bounded_by_strength(mode):
     strength = 0.5
-    b = augment.jitter_ranges(strength)["brightness"]
-    assert augment.jitter_ranges(strength) == pytest.approx(
-        {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
-    )
+    b = 0.4
+    ranges = [pytest.approx(r) for r in spec.jitter_ranges(strength, mode)]
+    assert ranges == [
+        (1 - b, 1 + b) if mode == "simclrv2" else (-b, b),
+        (0.6, 1.4),
+        (0.6, 1.4),
+        (-0.1, 0.1),
+    ]
     image = tf.fill([2, 2, 3], 0.5)
-    adjust = tf.function(lambda s: _adjust_brightness(image, s, b, mode))
+    adjust = tf.function(lambda s: _adjust_brightness(image, s, strength, mode))
     values = np.array([float(adjust(s)[0, 0, 0]) for s in _seeds(500)])
     if mode == "simclrv2":
         factors = values / 0.5

@@ -95,7 +95,7 @@ def test_folder_per_class_slicing(cifar_root):
 
 def test_process_shards_disjoint_and_cover(cifar_root):
     source = sources.folder_source(cifar_root, "train", supervised=True)
-    shards = [set(common.shard_indices(source.num_examples, p, 2)) for p in range(2)]
+    shards = [set(common.train_shard(source, p, 2)) for p in range(2)]
     assert shards[0].isdisjoint(shards[1])
     assert shards[0] | shards[1] == set(range(source.num_examples))
     assert abs(len(shards[0]) - len(shards[1])) <= 1

@@ -17,6 +17,7 @@ from simclr_jax.data.spec import (
     MIN_OBJECT_COVERED,
     AugmentParams,
     blur_kernel_size,
+    jitter_ranges,
 )
 
 # The V1 stateless ops give the same values as tf.random.stateless_uniform and
@@ -109,39 +110,21 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tens
 # ---------------------------------------------------------------- colour
 
 
-def jitter_ranges(strength: float) -> dict[str, float]:
-    """The reference's max deltas for colour jitter of strength s."""
-    return {
-        "brightness": 0.8 * strength,
-        "contrast": 0.8 * strength,
-        "saturation": 0.8 * strength,
-        "hue": 0.2 * strength,
-    }
-
-
-def brightness_draw(seed: tf.Tensor, max_delta: float, mode: str) -> tuple[tf.Tensor, tf.Tensor]:
-    """Brightness as x * scale + shift: simclrv2 draws scale ~ U[max(0, 1-b), 1+b] (shift 0),
-    simclrv1 draws shift ~ U[-b, b] (scale 1)."""
-    if mode == "simclrv2":
-        return _uniform(seed, max(0.0, 1.0 - max_delta), 1.0 + max_delta), tf.constant(0.0)
-    return tf.constant(1.0), _uniform(seed, -max_delta, max_delta)
-
-
 def sample_jitter_draws(
     seed: tf.Tensor, strength: float, brightness_mode: str = "simclrv2"
 ) -> dict[str, tf.Tensor]:
     """The random draws of one colour jitter: op order and the four factors."""
-    deltas = jitter_ranges(strength)
+    bright, contrast, saturation, hue = jitter_ranges(strength, brightness_mode)
     order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(split_seed(seed, 5))
-    c, s, h = deltas["contrast"], deltas["saturation"], deltas["hue"]
-    scale, shift = brightness_draw(b_seed, deltas["brightness"], brightness_mode)
+    brightness = _uniform(b_seed, *bright)
+    v2 = brightness_mode == "simclrv2"  # brightness is x * scale + shift: v2 draws the scale
     return {
         "order": tf.argsort(tf.raw_ops.StatelessRandomUniform(shape=[4], seed=order_seed)),
-        "brightness_scale": scale,
-        "brightness_shift": shift,
-        "contrast": _uniform(c_seed, 1.0 - c, 1.0 + c),
-        "saturation": _uniform(s_seed, 1.0 - s, 1.0 + s),
-        "hue": _uniform(h_seed, -h, h),
+        "brightness_scale": brightness if v2 else tf.constant(1.0),
+        "brightness_shift": tf.constant(0.0) if v2 else brightness,
+        "contrast": _uniform(c_seed, *contrast),
+        "saturation": _uniform(s_seed, *saturation),
+        "hue": _uniform(h_seed, *hue),
     }
 
 
@@ -192,11 +175,6 @@ def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.T
     return out[0] if single else out
 
 
-def sample_blur_sigma(seed: tf.Tensor) -> tf.Tensor:
-    """sigma ~ U(0.1, 2.0)."""
-    return _uniform(seed, *BLUR_SIGMA_RANGE)
-
-
 # ---------------------------------------------------------------- full transforms
 
 
@@ -215,7 +193,7 @@ def sample_view_draws(
         "gray": _uniform(gray_seed) < params.grayscale_prob,
         # No blur draws at blur_prob 0: each draw costs a few microseconds.
         "blur": _uniform(blur_apply_seed) < params.blur_prob if blur else tf.constant(False),
-        "sigma": sample_blur_sigma(sigma_seed) if blur else tf.constant(1.0),
+        "sigma": _uniform(sigma_seed, *BLUR_SIGMA_RANGE) if blur else tf.constant(1.0),
     }
 
 

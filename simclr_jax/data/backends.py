@@ -65,9 +65,7 @@ class TrainBatches:
 
     def close(self) -> None:
         """Stops the host iterator's workers, if it has any."""
-        close = getattr(self._host, "close", None)
-        if close is not None:
-            close()
+        getattr(self._host, "close", lambda: None)()
 
 
 def _host_state(host: Any) -> Any:

@@ -91,14 +91,10 @@ def per_process_batch(batch_size: int, process_count: int, field: str = "batch_s
     return batch_size // process_count
 
 
-def shard_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
-    """The examples a process trains on: disjoint across processes, together all of them."""
-    return np.arange(num_examples)[process_index::process_count]
-
-
 def train_shard(source: Any, process_index: int, process_count: int) -> np.ndarray:
-    """shard_indices of a source; raises where the process would get no example."""
-    shard = shard_indices(source.num_examples, process_index, process_count)
+    """The examples of a source a process trains on: disjoint across processes, together all
+    of them; raises where the process would get no example."""
+    shard = np.arange(source.num_examples)[process_index::process_count]
     if len(shard) == 0:
         raise ValueError(
             f"{source.description} has {source.num_examples} examples, fewer than the "

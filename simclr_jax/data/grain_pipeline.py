@@ -242,9 +242,7 @@ class GrainTrainIterator:
 
     def close(self) -> None:
         """Stops Grain's worker threads/processes."""
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
+        getattr(self._iterator, "close", lambda: None)()
 
 
 def _die_with_parent(worker_index: int, worker_count: int) -> None:

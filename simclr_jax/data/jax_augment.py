@@ -25,6 +25,7 @@ from simclr_jax.data.spec import (
     MAX_CROP_ATTEMPTS,
     AugmentParams,
     blur_kernel_size,
+    jitter_ranges,
 )
 
 LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
@@ -105,13 +106,6 @@ def to_grayscale(image: jax.Array) -> jax.Array:
     return jnp.repeat(luma[..., None], 3, axis=-1)
 
 
-def jitter_ranges(strength: float, brightness_mode: str) -> tuple[tuple[float, float], ...]:
-    """Uniform ranges of the brightness, contrast, saturation and hue draws for a strength."""
-    b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
-    bright = (max(0.0, 1.0 - b), 1.0 + b) if brightness_mode == "simclrv2" else (-b, b)
-    return bright, (1.0 - c, 1.0 + c), (1.0 - s, 1.0 + s), (-h, h)
-
-
 def color_jitter(
     image: jax.Array,
     order: jax.Array,
@@ -135,12 +129,6 @@ def color_jitter(
     return jax.lax.fori_loop(0, 4, step, image)
 
 
-def _separable(rows: jax.Array, image: jax.Array, cols: jax.Array) -> jax.Array:
-    """out[i, l] = sum_jk rows[i, j] image[j, k] cols[l, k], per channel."""
-    tmp = jnp.einsum("ij,jkc->ikc", rows, image, precision=_HIGHEST)
-    return jnp.einsum("ikc,lk->ilc", tmp, cols, precision=_HIGHEST)
-
-
 # ----------------------------------------------------------------------------- blur
 
 
@@ -158,7 +146,9 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.A
     """Separable Gaussian blur with zero padding ('SAME'), like the reference gaussian_blur."""
     rows = blur_matrix(sigma, kernel_size, image.shape[0])
     cols = blur_matrix(sigma, kernel_size, image.shape[1])
-    return _separable(rows, image, cols)
+    # out[i, l] = sum_jk rows[i, j] image[j, k] cols[l, k], per channel
+    tmp = jnp.einsum("ij,jkc->ikc", rows, image, precision=_HIGHEST)
+    return jnp.einsum("ikc,lk->ilc", tmp, cols, precision=_HIGHEST)
 
 
 # ----------------------------------------------------------------------------- one view

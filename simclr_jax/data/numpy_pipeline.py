@@ -184,17 +184,15 @@ class HostEvalData(common.EvalPass):
     image_size: int
     skipped: common.SkippedFiles
 
-    def _row(self, index: int) -> tuple[np.ndarray, int, float]:
-        image, label = self.reader.example(index)
-        if image is None:  # skipped corrupt file: a masked-out row keeps batches aligned
+    def _row(self, index: int | None) -> tuple[np.ndarray, int, float]:
+        image, label = self.reader.example(index) if index is not None else (None, 0)
+        if image is None:  # padding, or a skipped corrupt file: a masked-out row
             return np.zeros((self.image_size,) * 2 + (3,), np.float32), common.PAD_LABEL, 0.0
         return eval_transform(image, self.image_size), label, 1.0
 
     def _batch(self, pool: concurrent.futures.Executor, batch: int) -> dict[str, np.ndarray]:
-        indices = self.shard[batch * self.local_batch : (batch + 1) * self.local_batch]
-        rows = list(pool.map(self._row, indices.tolist()))
-        blank = (np.zeros((self.image_size,) * 2 + (3,), np.float32), common.PAD_LABEL, 0.0)
-        rows += [blank] * (self.local_batch - len(rows))
+        indices = self.shard[batch * self.local_batch : (batch + 1) * self.local_batch].tolist()
+        rows = list(pool.map(self._row, indices + [None] * (self.local_batch - len(indices))))
         return {
             "image": np.stack([image for image, _, _ in rows]),
             "label": np.array([label for _, label, _ in rows], np.int32),

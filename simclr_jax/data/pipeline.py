@@ -116,21 +116,14 @@ def _options(deterministic: bool) -> tf.data.Options:
     return options
 
 
-def _is_ok(example: dict, ok: tf.Tensor) -> tf.Tensor:
-    return ok
-
-
-def _without_flag(example: dict, ok: tf.Tensor) -> dict:
-    return example
-
-
 def _drop_failed(ds: tf.data.Dataset, skip_corrupt: bool) -> tf.data.Dataset:
     """Drops (example, ok=False) elements (skipped corrupt files) and the flag. A file that
     looks complete but fails the in-graph decoder (a damaged header) raises inside the map;
     with skip_corrupt tf.data drops it, logging a message that cannot name the file."""
     if skip_corrupt:
         ds = ds.ignore_errors(log_warning=True)
-    return ds.filter(_is_ok).map(_without_flag)
+    ds = ds.filter(lambda example, ok: ok)
+    return ds.map(lambda example, ok: example)
 
 
 def _pad_and_batch(ds: tf.data.Dataset, image_size: int, local_batch: int, num_batches: int):

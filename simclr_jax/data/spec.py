@@ -67,6 +67,15 @@ def augment_params(data_config: Any) -> AugmentParams:
     return params
 
 
+def jitter_ranges(strength: float, brightness_mode: str) -> tuple[tuple[float, float], ...]:
+    """Uniform ranges of the colour jitter's brightness, contrast, saturation and hue draws at
+    a strength (the reference's 0.8 s, 0.8 s, 0.8 s, 0.2 s); simclrv2 brightness is a factor,
+    simclrv1 brightness an additive delta."""
+    b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
+    bright = (max(0.0, 1.0 - b), 1.0 + b) if brightness_mode == "simclrv2" else (-b, b)
+    return bright, (1.0 - c, 1.0 + c), (1.0 - s, 1.0 + s), (-h, h)
+
+
 def blur_kernel_size(image_size: int) -> int:
     """Gaussian blur taps for a view size: image_size // 10 made odd (the reference's radius
     (image_size // 10) // 2)."""
