@@ -212,6 +212,17 @@ def simulated_search(monkeypatch, bytes_per_chip, hbm_gib=1.0, max_compiles=8, s
     return search, compiled, pf.max_batch_line(tpu, "replicated", 0, search)
 
 
+def test_byte_figures_print_one_decimal_or_four_significant_digits():
+    from simclr_jax import preflight as pf
+
+    assert pf._gib(12.34 * 2**30) == "12.3 GiB" and pf._gib(2**29) == "0.5 GiB"
+    assert pf._gib(15.934 * 2**30, 4) == "15.93 GiB" and pf._gib(0.12191 * 2**30, 4) == "0.1219 GiB"
+    trial = pf.Trial(256, False, int(16.5 * 2**30), 41.6, "does not fit")
+    assert pf._trial_line("fsdp", trial, 16 * 2**30) == (
+        "  [fsdp] global batch 256: does not fit, needs 16.5 GiB of 16 GiB, 42 s"
+    )
+
+
 @pytest.mark.parametrize(
     "name, bytes_per_chip",
     [
