@@ -178,6 +178,28 @@ def _quiet_libtpu_environment(environ: dict[str, str] | os._Environ = os.environ
     environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+# Set in the re-executed process, so that it runs the command instead of re-executing again.
+STACK_RAISED_ENV = "SIMCLR_PREFLIGHT_STACK_RAISED"
+
+
+def rerun_with_raised_stack_limit(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Re-executes this command (sys.orig_argv) once with RLIMIT_STACK's soft limit raised to
+    the hard one, as `ulimit -s unlimited` would; returns when it is already there.
+
+    libtpu 0.0.42's compiler recurses deeply (MigrateInstructionUsers) compiling the ResNet-50
+    step for v6e and overflows the default 8 MiB stack (SIGSEGV) on one of its own threads,
+    whose stack follows the limit the process started with: raising the limit in-process is
+    too late, so the process starts again under the raised one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == hard or environ.get(STACK_RAISED_ENV):
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+    environ[STACK_RAISED_ENV] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def libtpu_available() -> bool:
     """Whether the libtpu package (the TPU compiler) is importable."""
     import importlib.util
@@ -975,5 +997,6 @@ def write_json(path: str, report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    rerun_with_raised_stack_limit()
     _quiet_libtpu_environment()
     sys.exit(main())

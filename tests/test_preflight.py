@@ -105,6 +105,31 @@ def test_batch_or_mesh_that_does_not_divide_the_slice_is_one_line(override, mess
     assert message in line
 
 
+# ------------------------------------------------------------------ the process
+
+
+def test_preflight_reruns_itself_once_under_the_hard_stack_limit():
+    """libtpu's compiler overflows an 8 MiB stack on some steps (v6e): a process started under
+    that soft limit re-executes itself (same command line) under the hard limit, once."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    soft = 8 * 2**20 if hard == resource.RLIM_INFINITY else min(8 * 2**20, hard)
+    code = (
+        "import os, resource, sys; from simclr_jax import preflight as pf; "
+        "print('started', flush=True); pf.rerun_with_raised_stack_limit(); "
+        "print(resource.getrlimit(resource.RLIMIT_STACK), os.environ.get(pf.STACK_RAISED_ENV))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=preflight_env(), capture_output=True, text=True,
+        timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, (soft, hard)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rerun = soft != hard
+    expected = ["started"] * (1 + rerun) + [f"{(hard, hard)} {'1' if rerun else None}"]
+    assert result.stdout.splitlines() == expected
+
+
 # ------------------------------------------------------------------ distill's teacher (no compile)
 
 
