@@ -90,4 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from simclr_jax.preflight import rerun_with_raised_stack_limit
+
+    rerun_with_raised_stack_limit()  # the v6e row's compile needs more than 8 MiB of stack
     sys.exit(main(sys.argv))

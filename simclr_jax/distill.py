@@ -12,6 +12,7 @@ sharded step; its variables are an argument of that step, never donated or check
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +67,16 @@ def open_teacher(
     fine-tuned classifier."""
     d = config.distill
     manager, step = checkpoint.open_for_restore(d.teacher_checkpoint, d.teacher_checkpoint_step)
-    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
     where = f"distill.teacher_checkpoint={d.teacher_checkpoint!r} (step {step})"
+    try:
+        saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
+        shapes = checkpoint.saved_shapes(manager, step)
+    except (KeyError, ValueError) as error:  # a missing item or unparsable metadata
+        manager.close()
+        raise ValueError(
+            f"{where} is not a readable checkpoint ({type(error).__name__}: {error}); point it "
+            "at a fine-tuning workdir whose training finished saving it."
+        ) from error
     if saved.mode not in TEACHER_MODES:
         manager.close()
         raise ValueError(
@@ -75,7 +84,7 @@ def open_teacher(
             f"it at a workdir of mode {' or '.join(TEACHER_MODES)} (e.g. configs/"
             "imagenet_finetune.py's) or a converted fine-tuned checkpoint."
         )
-    if not any(k.startswith("params/classifier/") for k in checkpoint.saved_shapes(manager, step)):
+    if not any(k.startswith("params/classifier/") for k in shapes):
         manager.close()
         raise ValueError(f"{where} holds no classifier parameters (params/classifier/...).")
     return manager, step, saved
@@ -238,6 +247,14 @@ def distill_step_factory(
     return make
 
 
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """The errors of opening a checkpoint that mean this host has nothing there to read: no
+    checkpoint at the path (checkpoint.open_for_restore's FileNotFoundError) or storage it
+    cannot reach (OSError; TensorFlow's OpError, through which epath reads gs:// paths)."""
+    tensorflow = sys.modules.get("tensorflow")  # not imported: none of its errors was raised
+    return (OSError, tensorflow.errors.OpError) if tensorflow else (OSError,)
+
+
 def abstract_distill_step(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
@@ -249,15 +266,18 @@ def abstract_distill_step(
     """(jitted step(state, teacher_variables, batch), the teacher's abstract variables with
     their shardings, where its architecture came from): run_distill's step to lower and compile
     ahead of time, reading no parameter. The teacher is distill.teacher_checkpoint's
-    architecture when that is readable here, else the student's (self-distillation)."""
+    architecture when a checkpoint is there, else (nothing at the path, or storage this host
+    cannot reach) the student's (self-distillation); one that is not a readable fine-tuned
+    classifier is a ValueError, as in run_distill."""
     teacher_config, mode, source = config.model, "finetune", "the student's architecture"
     try:
         manager, _, saved = open_teacher(config)
+    except unreachable_errors():  # nothing to read here: self-distillation's shapes
+        pass
+    else:
         manager.close()
         teacher_config, mode = saved.model, evaluate.model_mode(saved.mode)
         source = str(config.distill.teacher_checkpoint)
-    except Exception:  # noqa: BLE001 - no readable teacher here: self-distillation's shapes
-        pass
     teacher = create_model(teacher_config, num_classes=int(config.model.num_classes), mode=mode)
     _, abstract, teacher_shardings = teacher_variables_and_shardings(teacher, config, mesh)
     make = distill_step_factory(config, student, teacher, teacher_shardings, tx, schedule, mesh)

@@ -178,6 +178,28 @@ def _quiet_libtpu_environment(environ: dict[str, str] | os._Environ = os.environ
     environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+# Set in the re-executed process, so that it runs the command instead of re-executing again.
+STACK_RAISED_ENV = "SIMCLR_PREFLIGHT_STACK_RAISED"
+
+
+def rerun_with_raised_stack_limit(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Re-executes this command (sys.orig_argv) once with RLIMIT_STACK's soft limit raised to
+    the hard one, as `ulimit -s unlimited` would; returns when it is already there.
+
+    libtpu 0.0.42's compiler recurses deeply (MigrateInstructionUsers) compiling the ResNet-50
+    step for v6e and overflows the default 8 MiB stack (SIGSEGV) on one of its own threads,
+    whose stack follows the limit the process started with: raising the limit in-process is
+    too late, so the process starts again under the raised one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == hard or environ.get(STACK_RAISED_ENV):
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+    environ[STACK_RAISED_ENV] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def libtpu_available() -> bool:
     """Whether the libtpu package (the TPU compiler) is importable."""
     import importlib.util
@@ -631,9 +653,12 @@ def check_divisible(batch_size: int, mesh: Any, field: str) -> None:
         )
 
 
-def _gib(nbytes: float) -> str:
-    """'12.3 GiB'."""
-    return f"{nbytes / GIB:.1f} GiB"
+def _gib(nbytes: float, significant: int | None = None) -> str:
+    """Bytes in GiB: one decimal ('12.3 GiB'), or `significant` digits ('15.93 GiB',
+    '0.1219 GiB' with 4) for limits close to what is needed."""
+    if significant is None:
+        return f"{nbytes / GIB:.1f} GiB"
+    return f"{nbytes / GIB:.{significant}g} GiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -663,15 +688,10 @@ class BatchSearch:
         return next((t for t in self.trials if t.batch == batch), None)
 
 
-def _gib4(nbytes: float) -> str:
-    """'15.93 GiB', '0.1219 GiB': four digits, for limits close to what is needed."""
-    return f"{nbytes / GIB:.4g} GiB"
-
-
 def _trial_line(label: str, trial: Trial, hbm_bytes: float) -> str:
     """One progress line: the batch tried, fits or not, GiB needed, seconds."""
     if trial.total_bytes is not None:
-        need = f"needs {_gib4(trial.total_bytes)} of {_gib4(hbm_bytes)}"
+        need = f"needs {_gib(trial.total_bytes, 4)} of {_gib(hbm_bytes, 4)}"
     else:
         need = trial.reason
     verdict = "fits" if trial.fits else "does not fit"
@@ -803,7 +823,7 @@ def max_batch_line(tpu: Slice, label: str, min_size: int, search: BatchSearch) -
     best = search.trial(search.batch)
     if best is None:
         return f"{head}none (not even {search.unit}, one per device); {tail}"
-    memory = f"{_gib4(best.total_bytes or 0)} of {_gib4(tpu.hbm_bytes_per_device)} per chip"
+    memory = f"{_gib(best.total_bytes or 0, 4)} of {_gib(tpu.hbm_bytes_per_device, 4)} per chip"
     above = min((t.batch for t in search.trials if not t.fits), default=None)
     if search.closed:
         return f"{head}{search.batch} ({memory}; {above} does not fit); {tail}"
@@ -977,5 +997,6 @@ def write_json(path: str, report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    rerun_with_raised_stack_limit()
     _quiet_libtpu_environment()
     sys.exit(main())

@@ -105,6 +105,122 @@ def test_batch_or_mesh_that_does_not_divide_the_slice_is_one_line(override, mess
     assert message in line
 
 
+# ------------------------------------------------------------------ the process
+
+
+def test_preflight_reruns_itself_once_under_the_hard_stack_limit():
+    """libtpu's compiler overflows an 8 MiB stack on some steps (v6e): a process started under
+    that soft limit re-executes itself (same command line) under the hard limit, once."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    soft = 8 * 2**20 if hard == resource.RLIM_INFINITY else min(8 * 2**20, hard)
+    code = (
+        "import os, resource, sys; from simclr_jax import preflight as pf; "
+        "print('started', flush=True); pf.rerun_with_raised_stack_limit(); "
+        "print(resource.getrlimit(resource.RLIMIT_STACK), os.environ.get(pf.STACK_RAISED_ENV))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=preflight_env(), capture_output=True, text=True,
+        timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, (soft, hard)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rerun = soft != hard
+    expected = ["started"] * (1 + rerun) + [f"{(hard, hard)} {'1' if rerun else None}"]
+    assert result.stdout.splitlines() == expected
+
+
+# ------------------------------------------------------------------ distill's teacher (no compile)
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(tmp_path_factory):
+    """An untrained fine-tuned checkpoint of the smoke model at width 2 (the student: width 1),
+    10 classes, 16 px."""
+    sys.path.insert(0, str(REPO))
+    from configs import smoke
+    from simclr_jax import checkpoint, parallel, train_state, training
+    from simclr_jax.models import create_model
+
+    config = smoke.get_config("finetune")
+    config.data.image_size = 16
+    config.model.width_multiplier = 2
+    config.model.num_classes = 10
+    model = create_model(config.model, num_classes=10, mode="finetune")
+    tx, _ = training.create_optimizer(config, training.Durations(10, 0, 1.0))
+    state, _ = train_state.create_train_state(
+        model, tx, parallel.create_mesh(), image_size=16, seed=0
+    )
+    workdir = tmp_path_factory.mktemp("teacher")
+    manager = checkpoint.create_manager(workdir, keep=1)
+    checkpoint.save(manager, 0, state.to_tree(), training.checkpoint_meta(config, 0))
+    manager.wait_until_finished()
+    manager.close()
+    return workdir
+
+
+def distill_config(teacher: Path):
+    """The smoke distill config at 16 px, batch 16, with this teacher."""
+    sys.path.insert(0, str(REPO))
+    from configs import smoke
+
+    config = smoke.get_config("distill")
+    config.data.image_size = 16
+    config.train_batch_size = 16
+    config.distill.teacher_checkpoint = str(teacher)
+    return config
+
+
+def abstract_teacher(teacher: Path) -> tuple[str, int]:
+    """(where the preflight took the teacher's architecture from, its variables' bytes)."""
+    import jax
+
+    from simclr_jax import parallel
+    from simclr_jax import preflight as pf
+
+    config, _ = pf.prepare_config(distill_config(teacher))
+    _, args, notes = pf.abstract_step(config, parallel.create_mesh(devices=jax.devices()[:4]))
+    return notes["teacher"], pf._parameter_bytes(args[1])
+
+
+def test_distill_preflight_takes_the_teacher_architecture_when_one_is_there(tmp_path, wide_teacher):
+    source, teacher_bytes = abstract_teacher(wide_teacher)
+    assert source == str(wide_teacher)
+    # Nothing at the path on this host: the student's architecture (self-distillation).
+    source, student_bytes = abstract_teacher(tmp_path / "not_here")
+    assert source == "the student's architecture"
+    assert teacher_bytes > 3 * student_bytes  # width 2: four times the convolution weights
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("pretrain", r"mode='pretrain', not a fine-tuned classifier"),
+        ("unparsable", r"\(step 0\) is not a readable checkpoint \(JSONDecodeError"),
+    ],
+)
+def test_distill_preflight_refuses_a_teacher_it_cannot_use(tmp_path, wide_teacher, damage, message):
+    import shutil
+
+    import jax
+
+    from simclr_jax import preflight as pf
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(wide_teacher, teacher)
+    [meta] = teacher.glob("checkpoints/0/meta/metadata")
+    if damage == "pretrain":
+        saved = json.loads(meta.read_text())
+        saved["config"]["mode"] = "pretrain"
+        meta.write_text(json.dumps(saved))
+    else:
+        meta.write_text("{not json")
+    with pytest.raises(ValueError, match=message):
+        pf.run_preflight(
+            distill_config(teacher), pf.parse_accelerator_type("v4-8"), devices=jax.devices()[:4]
+        )
+
+
 # ------------------------------------------------------------------ compiled for TPU
 
 
@@ -210,6 +326,17 @@ def simulated_search(monkeypatch, bytes_per_chip, hbm_gib=1.0, max_compiles=8, s
     tpu = pf.with_hbm(pf.parse_accelerator_type("v5litepod-4"), hbm_gib)
     search = pf.max_batch(config, tpu, jax.devices()[:4], max_compiles=max_compiles)
     return search, compiled, pf.max_batch_line(tpu, "replicated", 0, search)
+
+
+def test_byte_figures_print_one_decimal_or_four_significant_digits():
+    from simclr_jax import preflight as pf
+
+    assert pf._gib(12.34 * 2**30) == "12.3 GiB" and pf._gib(2**29) == "0.5 GiB"
+    assert pf._gib(15.934 * 2**30, 4) == "15.93 GiB" and pf._gib(0.12191 * 2**30, 4) == "0.1219 GiB"
+    trial = pf.Trial(256, False, int(16.5 * 2**30), 41.6, "does not fit")
+    assert pf._trial_line("fsdp", trial, 16 * 2**30) == (
+        "  [fsdp] global batch 256: does not fit, needs 16.5 GiB of 16 GiB, 42 s"
+    )
 
 
 @pytest.mark.parametrize(
