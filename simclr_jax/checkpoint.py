@@ -53,19 +53,20 @@ def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
     return {STATE_ITEM: ocp.PyTreeCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
 
 
-def open_for_restore(path: str | epath.Path, step: int = -1) -> tuple[ocp.CheckpointManager, int]:
+def open_for_restore(
+    path: str | epath.Path, step: int = -1, field: str = "config.init_checkpoint"
+) -> tuple[ocp.CheckpointManager, int]:
     """Read-only manager on a workdir's checkpoints and the step to read (-1: latest).
 
-    Raises FileNotFoundError saying what is missing and what to pass instead.
+    Raises FileNotFoundError saying what is missing and what to pass instead, naming the
+    config field the path came from (`field`, and `field`_step for the step).
     """
     if not str(path):
-        raise FileNotFoundError(
-            "config.init_checkpoint is empty; pass --config.init_checkpoint=<pretraining workdir>."
-        )
+        raise FileNotFoundError(f"{field} is empty; pass --{field}=<training workdir>.")
     directory = checkpoint_dir(path)
     if not directory.exists():
         raise FileNotFoundError(
-            f"checkpoint directory {directory} does not exist; config.init_checkpoint must be a "
+            f"checkpoint directory {directory} does not exist; {field} must be a "
             f"training workdir (holding {CHECKPOINT_SUBDIR}/<step>/) or that {CHECKPOINT_SUBDIR}/ "
             "directory itself."
         )
@@ -75,13 +76,13 @@ def open_for_restore(path: str | epath.Path, step: int = -1) -> tuple[ocp.Checkp
     if not steps:
         raise FileNotFoundError(
             f"checkpoint directory {directory} holds no complete checkpoint (unfinished saves "
-            "are ignored); point config.init_checkpoint at a workdir whose training saved one."
+            f"are ignored); point {field} at a workdir whose training saved one."
         )
     if step == -1:
         return manager, max(steps)
     if step not in steps:
         raise FileNotFoundError(
-            f"config.init_checkpoint_step={step} is not in {directory}; available steps: "
+            f"{field}_step={step} is not in {directory}; available steps: "
             f"{sorted(steps)} (or -1 for the latest)."
         )
     return manager, step

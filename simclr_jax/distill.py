@@ -66,7 +66,9 @@ def open_teacher(
     """(read-only manager, step, saved config) of the teacher; ValueError unless it is a
     fine-tuned classifier."""
     d = config.distill
-    manager, step = checkpoint.open_for_restore(d.teacher_checkpoint, d.teacher_checkpoint_step)
+    manager, step = checkpoint.open_for_restore(
+        d.teacher_checkpoint, d.teacher_checkpoint_step, field="config.distill.teacher_checkpoint"
+    )
     where = f"distill.teacher_checkpoint={d.teacher_checkpoint!r} (step {step})"
     try:
         saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])

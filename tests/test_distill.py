@@ -381,6 +381,20 @@ def test_pretraining_workdir_as_teacher_is_rejected(tmp_path, tiny_pretrain_work
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_missing_teacher_names_the_teacher_field(tmp_path, teacher_workdir, no_compile):
+    config = tiny_config(**{"distill.teacher_checkpoint": str(tmp_path / "nowhere")})
+    with pytest.raises(
+        FileNotFoundError, match="does not exist; config.distill.teacher_checkpoint"
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    config = tiny_config(
+        **{"distill.teacher_checkpoint": teacher_workdir, "distill.teacher_checkpoint_step": 7}
+    )
+    with pytest.raises(FileNotFoundError, match=r"config.distill.teacher_checkpoint_step=7 is not"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_teacher_with_other_classes_is_rejected(tmp_path, monkeypatch):
     teacher = save_random_checkpoint(tmp_path / "teacher5", "finetune", num_classes=5)
     monkeypatch.setattr(training, "create_train_state", lambda *a, **k: pytest.fail("compiled"))
