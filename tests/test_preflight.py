@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -120,10 +121,11 @@ def test_preflight_reruns_itself_once_under_the_hard_stack_limit():
         "print('started', flush=True); pf.rerun_with_raised_stack_limit(); "
         "print(resource.getrlimit(resource.RLIMIT_STACK), os.environ.get(pf.STACK_RAISED_ENV))"
     )
+    # The shell sets the limit: a preexec_fn would fork this multithreaded (JAX) process.
+    command = f"ulimit -S -s {soft // 1024} && exec {sys.executable} -c {shlex.quote(code)}"
     result = subprocess.run(
-        [sys.executable, "-c", code], env=preflight_env(), capture_output=True, text=True,
-        timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, (soft, hard)),
-    )  # fmt: skip
+        ["bash", "-c", command], env=preflight_env(), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     rerun = soft != hard
     expected = ["started"] * (1 + rerun) + [f"{(hard, hard)} {'1' if rerun else None}"]
