@@ -182,7 +182,7 @@ def _quiet_libtpu_environment(environ: dict[str, str] | os._Environ = os.environ
 STACK_RAISED_ENV = "SIMCLR_PREFLIGHT_STACK_RAISED"
 
 
-def rerun_with_raised_stack_limit(environ: dict[str, str] | os._Environ = os.environ) -> None:
+def rerun_with_raised_stack_limit() -> None:
     """Re-executes this command (sys.orig_argv) once with RLIMIT_STACK's soft limit raised to
     the hard one, as `ulimit -s unlimited` would; returns when it is already there.
 
@@ -193,10 +193,10 @@ def rerun_with_raised_stack_limit(environ: dict[str, str] | os._Environ = os.env
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    if soft == hard or environ.get(STACK_RAISED_ENV):
+    if soft == hard or os.environ.get(STACK_RAISED_ENV):
         return
     resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
-    environ[STACK_RAISED_ENV] = "1"
+    os.environ[STACK_RAISED_ENV] = "1"  # execv passes os.environ on
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
