@@ -47,6 +47,7 @@ setuptools.setup(
             "matplotlib>=3.8",
             "scipy>=1.10",  # KS test of the crop statistics
             "psutil>=5",  # finds Grain worker processes in tests and benchmarks
+            "jsonschema>=4.18",  # rendered GKE JobSets against the JobSet CRD's schema
             # The TPU compiler: tests/test_preflight.py compiles steps for TPU slices on CPU.
             "libtpu==0.0.42.1; sys_platform == 'linux' and platform_machine == 'x86_64'",
         ],
