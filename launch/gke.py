@@ -324,6 +324,8 @@ def render(args: argparse.Namespace, tpu: Slice) -> dict:
         "terminationGracePeriodSeconds": args.grace_s,
         "containers": [container],
     }
+    if args.service_account:
+        pod["serviceAccountName"] = args.service_account
     job = {
         "parallelism": tpu.hosts,
         "completions": tpu.hosts,
@@ -599,6 +601,11 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
         "--max_restarts", type=int, default=10, help="JobSet restarts before the run fails"
     )
     p.add_argument("--spot", action="store_true", help="run on spot TPU node pools")
+    p.add_argument(
+        "--service_account",
+        default="",
+        help="Kubernetes service account of the pods (Workload Identity access to the bucket)",
+    )
     p.add_argument("--grace_s", type=int, default=300,
                    help="seconds a pod has to save after SIGTERM")  # fmt: skip
     p.add_argument("--skip_batch_check", action="store_true",

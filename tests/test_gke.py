@@ -198,6 +198,14 @@ def test_tpu7x_jobset_validates():
     assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 4}
 
 
+def test_spot_and_service_account():
+    _, document = rendered([*MULTISLICE, "--spot", "--service_account", "simclr-trainer"])
+    assert problems(document) == []
+    pod = job_and_pod(document)[2]
+    assert pod["nodeSelector"]["cloud.google.com/gke-spot"] == "true"
+    assert pod["serviceAccountName"] == "simclr-trainer"
+
+
 def test_failure_policy_restarts_preemptions_and_fails_config_errors():
     _, document = rendered(MULTISLICE)
     policy = document["spec"]["failurePolicy"]
