@@ -6,6 +6,7 @@ Dockerfile installing the lock."""
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from shared_data import SHARED_DATA, require
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "gke.py"
 FAKE_KUBECTL = REPO / "tests" / "fake_kubectl"
-CRD = REPO.parent / "shared" / "data" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
+CRD = SHARED_DATA / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
 GOLDEN = REPO / "tests" / "golden"
 IMAGE = "us-docker.pkg.dev/my-proj/simclr/simclr_jax:v1"
 WORKDIR = "gs://my-bucket/simclr/r50"
@@ -43,7 +45,12 @@ def load(path: Path, name: str):
 
 gke = load(LAUNCHER, "gke_launcher")
 fake = load(FAKE_KUBECTL / "kubectl", "fake_kubectl")
-SCHEMA = fake.crd_schema(str(CRD))
+
+
+@functools.cache
+def crd_schema() -> dict:
+    """The JobSet CRD's openAPIV3Schema as a JSON Schema (see the fake kubectl)."""
+    return fake.crd_schema(str(require(CRD, "the JobSet CRD (kubernetes-sigs/jobset)")))
 
 
 def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -61,7 +68,7 @@ def rendered(args: list[str]) -> tuple[str, dict]:
 
 def problems(document: dict) -> list[str]:
     """What the API server (schema, strict fields) and JobSet's/the Job API's checks refuse."""
-    return fake.schema_errors(document, SCHEMA) + fake.semantic_errors(document)
+    return fake.schema_errors(document, crd_schema()) + fake.semantic_errors(document)
 
 
 def job_and_pod(document: dict) -> tuple[dict, dict, dict]:
@@ -268,6 +275,7 @@ def test_yaml_writer_round_trips_tricky_values():
 
 def fake_env(root: Path) -> dict[str, str]:
     """kubectl is the fake, on a cluster kept under root; python3 is this interpreter."""
+    require(CRD, "the JobSet CRD (kubernetes-sigs/jobset)")
     path = f"{FAKE_KUBECTL}:{Path(sys.executable).parent}:{os.environ['PATH']}"
     return {**os.environ, "FAKE_KUBECTL_ROOT": str(root), "FAKE_KUBECTL_CRD": str(CRD),
             "PATH": path}  # fmt: skip
