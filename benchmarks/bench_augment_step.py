@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_step import BENCHMARKS, build_config, step_gflop  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
-from simclr_jax import data, parallel, train, train_state, training  # noqa: E402
+from simclr_jax import data, loop, modes, parallel, train_state  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
+from simclr_jax.step import make_step  # noqa: E402
 
 # Peak dense bf16 TFLOP/s per chip by jax device_kind prefix (first match wins), the vendors'
 # published figures as recalled, not re-checked: pass --peak_tflops where it matters.
@@ -70,11 +71,17 @@ class Bench:
         model = create_model(
             self.config.model, num_classes=self.config.model.num_classes, mode="pretrain"
         )
-        tx, schedule = training.create_optimizer(self.config, training.Durations(1000, 10, 1.0))
+        tx, schedule = loop.create_optimizer(self.config, loop.Durations(1000, 10, 1.0))
         self.state, shardings = train_state.create_train_state(
             model, tx, self.mesh, image_size=self.size, seed=0
         )
-        step = train.make_train_step(self.config, model, tx, schedule, self.mesh, shardings)
+        step = make_step(
+            modes.get(self.config.mode).loss(self.config, model, self.mesh),
+            tx,
+            schedule,
+            self.mesh,
+            shardings,
+        )
         self.compiled = step.lower(self.state, self.abstract_views()).compile()
 
     def abstract_views(self) -> dict:

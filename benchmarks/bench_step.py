@@ -26,9 +26,10 @@ import numpy as np
 # Run as a script from anywhere: `configs` is a top-level folder, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simclr_jax import data, parallel, train, train_state, training
+from simclr_jax import data, loop, modes, parallel, train_state
 from simclr_jax.config import get_base_config
 from simclr_jax.models import conv, create_model
+from simclr_jax.step import make_step
 
 # name -> (resnet_depth, cifar_stem, image_size, batch, num_classes, temperature)
 BENCHMARKS = {
@@ -102,11 +103,13 @@ def pipeline_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[A
 def build_step(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Any, Any]:
     """(initial train state, jitted train.py step) for the config."""
     model = create_model(config.model, num_classes=config.model.num_classes, mode="pretrain")
-    tx, schedule = training.create_optimizer(config, training.Durations(1000, 10, 1.0))
+    tx, schedule = loop.create_optimizer(config, loop.Durations(1000, 10, 1.0))
     state, shardings = train_state.create_train_state(
         model, tx, mesh, image_size=config.data.image_size, seed=0
     )
-    return state, train.make_train_step(config, model, tx, schedule, mesh, shardings)
+    return state, make_step(
+        modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
+    )
 
 
 def step_gflop(compiled: Any) -> float:

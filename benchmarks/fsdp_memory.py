@@ -28,8 +28,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import imagenet_pretrain  # noqa: E402
-from simclr_jax import parallel, train, training  # noqa: E402
+from simclr_jax import loop, modes, parallel  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
+from simclr_jax.step import make_step  # noqa: E402
 from simclr_jax.train_state import TrainState  # noqa: E402
 
 GIB = 2**30
@@ -72,10 +73,12 @@ def analyse(config, fsdp_min_size: int) -> dict[str, float]:
     mesh = parallel.create_mesh()
     num_classes = int(config.model.num_classes)
     model = create_model(config.model, num_classes=num_classes, mode="pretrain")
-    tx, schedule = training.create_optimizer(config, training.Durations(1000, 10, 1.0))
+    tx, schedule = loop.create_optimizer(config, loop.Durations(1000, 10, 1.0))
     state = abstract_state(config, model, tx)
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size)
-    step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
+    step = make_step(
+        modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
+    )
     size, batch = int(config.data.image_size), int(config.train_batch_size)
     data = parallel.batch_sharding(mesh)
     batch_spec = {

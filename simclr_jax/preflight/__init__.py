@@ -11,7 +11,8 @@ Nothing is allocated: the state is jax.eval_shape of the init, the batch is Shap
 with the run's shardings, on a mesh of the slice's devices as libtpu describes them (one
 device per chip on v4/v5p megacore and v5e/v6e, one per TensorCore on v2/v3, as jax.devices()
 shows them on the slice). Every figure is the XLA TPU compiler's own estimate, not a
-measurement. Exit status 0 when the step fits, 1 (with a one-line reason) otherwise.
+measurement. Exit status 0 when the step fits, 1 (with a one-line reason) when it does not fit
+or compile, 2 for a bad argument or a config the trainer refuses (the same one validation).
 
 The package: `core` (one compile and its report), `hardware` (generations, slices, libtpu's
 devices), `collectives` (the HLO's collectives), `search` (--max_batch), `cli` (the flags).

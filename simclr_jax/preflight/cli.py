@@ -22,7 +22,8 @@ from simclr_jax.preflight.search import MAX_BATCH_LAYOUTS, max_batch, max_batch_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line; returns the exit status (0 fits, 1 does not fit / does not compile)."""
+    """Command line; returns the exit status (0 fits, 1 does not fit / does not compile, 2 a
+    bad argument or a config the trainer refuses)."""
     return _absl_main(list(sys.argv if argv is None else argv))
 
 
@@ -89,8 +90,11 @@ def _absl_main(argv: list[str]) -> int:
                 config, tpu, devices, out_flag.value, max_compiles_flag.value, layouts_flag.value
             )
         result = run_preflight(config, tpu, devices=devices)
-    except ValueError as error:
-        print(f"preflight: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # a config the trainer refuses: exit status 2 too
+        print(f"preflight: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # a search stopped by a compile error; a libtpu mismatch
+        print(f"preflight: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     print(format_report(result.report))
     if out_flag.value:

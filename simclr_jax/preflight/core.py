@@ -17,134 +17,49 @@ from simclr_jax.preflight.hardware import GIB, Slice, gib, slice_devices
 
 # ------------------------------------------------------------------ config -> abstract step
 
-# Used when the dataset is not on this machine: (classes, training examples per split).
-KNOWN_DATASETS = {
-    "imagenet2012": (1000, {"train": 1_281_167, "validation": 50_000}),
-    "cifar10": (10, {"train": 50_000, "test": 10_000}),
-    "cifar100": (100, {"train": 50_000, "test": 10_000}),
-}
-LABEL_SUBSET_FRACTION = {"1pct": 0.01, "10pct": 0.1}
 
-
-def dataset_info(config: Any) -> Any:
-    """num_classes and split sizes: the bundled sample's own, else the known table, else read
-    from the data (a folder or prepared TFDS dataset on this machine)."""
-    from simclr_jax import data
-
-    name = str(config.data.get("name", ""))
-    if config.data.source != "bundled" and name in KNOWN_DATASETS:
-        classes, counts = KNOWN_DATASETS[name]
-        counts = dict(counts)
-        fraction = LABEL_SUBSET_FRACTION.get(str(config.data.get("label_subset", "")), 1.0)
-        split = str(config.data.train_split)
-        counts[split] = int(counts.get(split.split("[")[0], counts["train"]) * fraction)
-        return data.DatasetInfo(num_classes=classes, num_examples=counts, class_names=())
-    return data.get_dataset_info(config.data)
-
-
-def prepare_config(config: Any) -> tuple[Any, Any]:
-    """(the config main would resolve for this run on a TPU, dataset info). Checkpoint paths
-    are not read: the preflight needs shapes only."""
+def prepare_config(config: Any, mesh: Any) -> Any:
+    """The config the trainer would resolve for this run on the slice, after the one validation
+    it runs (modes.validate: a config it refuses is refused here, with the same ValueError).
+    There is no workdir: mode eval needs init_checkpoint. The checkpoints the run reads are
+    checked as the trainer checks them (modes.check_checkpoints) when this host can reach
+    them; their parameters are never read."""
     import ml_collections
 
-    from simclr_jax import train
+    from simclr_jax import data, modes
 
     values = config.to_dict()
     # 'auto' resolves by jax.default_backend() when the model is built, which is 'cpu' here;
     # on the TPU slice it is XLA's own kernel gradient.
     if values["model"].get("conv_kernel_grad", "auto") == "auto":
         values["model"]["conv_kernel_grad"] = "xla"
-    values["init_checkpoint"] = values.get("init_checkpoint") or "<preflight: not read>"
-    if "distill" in values:
-        d = values["distill"]
-        d["teacher_checkpoint"] = d.get("teacher_checkpoint") or "<preflight: not read>"
     prepared = ml_collections.ConfigDict(values)
-    train.validate_config(prepared)
-    info = dataset_info(prepared)
-    return train.resolve_config(prepared, info), info
+    modes.validate(prepared, mesh, workdir=None)
+    info = data.planned_dataset_info(prepared.data)
+    modes.check_checkpoints(prepared, None, info.num_classes)
+    return modes.resolve_config(prepared, info), info
 
 
-def abstract_step(config: Any, mesh: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """(jitted step, its abstract arguments with shardings, notes) for config.mode: the same
-    model, optimizer and step constructors train.py / distill.py / evaluate.py use, called with
-    jax.eval_shape'd state instead of arrays. The one place that reaches into the training code."""
-    import jax
-    import jax.numpy as jnp
+def abstract_step(config: Any, mesh: Any, info: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """(jitted step, its abstract arguments with shardings, notes) of a prepared config: the
+    step and batch of its mode record, built by modes.train_program exactly as the trainer
+    builds them (mode eval: the eval step), with abstract state and extra inputs."""
+    from simclr_jax import modes
 
-    from simclr_jax import distill, evaluate, parallel, train, training
-    from simclr_jax.models import create_model
-    from simclr_jax.train_state import abstract_train_state
-
-    info = dataset_info(config)
-    size = config.data.image_size
-    batch_sharding = parallel.batch_sharding(mesh)
-    fsdp = config.mesh.fsdp_min_size
-    notes: dict[str, Any] = {}
-
-    def batch_spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-
-    def with_shardings(abstract: Any, shardings: Any) -> Any:
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-
-    def variables_of(model: Any) -> tuple[Any, Any]:
-        abstract = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-        )
-        abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-        return abstract, parallel.state_shardings(abstract, mesh, fsdp)
-
-    model = create_model(
-        config.model,
-        num_classes=config.model.num_classes,
-        mode=evaluate.model_mode(config.mode if config.mode != "eval" else "finetune"),
+    mode = modes.get(config.mode)
+    batch = modes.abstract_batch(mode, config, mesh)
+    if mode.loss is None:
+        step, variables = modes.eval_step_and_variables(config, mesh)
+        return step, (variables, batch), {}
+    program = modes.train_program(
+        config, mesh, info.num_examples[config.data.train_split], abstract=True
     )
-    if config.mode == "eval":
-        variables, _ = variables_of(model)
-        # restore_model keeps evaluation variables replicated.
-        abstract = with_shardings(
-            variables, jax.tree.map(lambda _: parallel.replicated(mesh), variables)
-        )
-        b = config.eval_batch_size
-        batch = {
-            "image": batch_spec((b, size, size, 3), jnp.float32),
-            "label": batch_spec((b,), jnp.int32),
-            "mask": batch_spec((b,), jnp.float32),
-        }
-        step = evaluate.make_eval_step(model, mesh, config.model.num_classes)
-        return step, (abstract, batch), notes
+    notes = {"total_steps": program.durations.total_steps, **program.extra.notes}
+    args = (program.abstract_state(config, mesh), batch, *program.extra.values)
+    return program.step, args, notes
 
-    durations = training.resolve_durations(config, info.num_examples[config.data.train_split])
-    notes["total_steps"] = durations.total_steps
-    tx, schedule = training.create_optimizer(config, durations)
-    b = config.train_batch_size
-    if config.mode == "pretrain":
-        batch = {
-            "image": batch_spec((b, 2, size, size, 3), jnp.float32),
-            "label": batch_spec((b,), jnp.int32),
-        }
-    else:
-        batch = {"image": batch_spec((b, size, size, 3), jnp.float32)}
-    if config.mode != "distill":
-        if config.mode != "pretrain":
-            batch["label"] = batch_spec((b,), jnp.int32)
-        step, abstract_state, shardings = train.abstract_step_and_state(
-            config, mesh, model, tx, schedule
-        )
-        return step, (with_shardings(abstract_state, shardings), batch), notes
-    abstract_state, shardings = abstract_train_state(
-        model, tx, mesh, image_size=size, fsdp_min_size=fsdp
-    )
-    # distill: the frozen teacher's variables are an argument of the step, as in run_distill.
-    step, teacher_variables, notes["teacher"] = distill.abstract_distill_step(
-        config, mesh, model, tx, schedule, shardings
-    )
-    if config.distill.alpha < 1.0:
-        batch["labeled_image"] = batch_spec((b, size, size, 3), jnp.float32)
-        batch["labeled_label"] = batch_spec((b,), jnp.int32)
-    return step, (with_shardings(abstract_state, shardings), teacher_variables, batch), notes
+
+# ------------------------------------------------------------------ analysis
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -254,18 +169,11 @@ def activation_bytes(config: Any, images_per_device: int) -> int:
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax import evaluate
-    from simclr_jax.models import create_model
+    from simclr_jax.models import abstract_variables, model_from_config
 
     size = config.data.image_size
-    model = create_model(
-        config.model,
-        num_classes=config.model.num_classes,
-        mode=evaluate.model_mode(config.mode),
-    )
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
+    model = model_from_config(config)
+    variables = abstract_variables(model, size)
     images = jax.ShapeDtypeStruct((images_per_device, size, size, 3), jnp.float32)
 
     def pullback(params: Any, batch_stats: Any, x: jax.Array) -> Any:
@@ -277,9 +185,7 @@ def activation_bytes(config: Any, images_per_device: int) -> int:
 
         return jax.vjp(forward, params)[1]
 
-    residuals = jax.eval_shape(
-        pullback, variables["params"], variables.get("batch_stats", {}), images
-    )
+    residuals = jax.eval_shape(pullback, variables["params"], variables["batch_stats"], images)
     return sum(
         leaf.size * leaf.dtype.itemsize
         for leaf in jax.tree.leaves(residuals)
@@ -296,14 +202,13 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
     """Builds and compiles config's step for the slice; never allocates a parameter."""
     from simclr_jax import parallel
 
-    config, _ = prepare_config(config)
     devices = list(devices if devices is not None else slice_devices(tpu))
     mesh = parallel.create_mesh(
         data=config.mesh.get("data", -1), model=config.mesh.get("model", 1), devices=devices
     )
+    config, info = prepare_config(config, mesh)
     batch_field = "eval_batch_size" if config.mode == "eval" else "train_batch_size"
-    check_divisible(config[batch_field], mesh, batch_field)
-    step, args, notes = abstract_step(config, mesh)
+    step, args, notes = abstract_step(config, mesh, info)
     base = {
         "tpu": tpu.accelerator_type,
         "topology": tpu.topology_name,
@@ -323,8 +228,9 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
     # compile. The residuals overestimate what the compiler keeps (it fuses and recomputes),
     # so only a clear excess is decided without it.
     if config.mode != "eval":
-        views = 2 if config.mode == "pretrain" else 1
-        per_device = config.train_batch_size // mesh.shape["data"] * views
+        # Every image of the batch (pretraining's two views each) goes through the model.
+        images = sum(math.prod(a.shape[:-3]) for a in args[1].values() if a.ndim >= 4)
+        per_device = images // mesh.shape["data"]
         base["activation_bytes_per_chip"] = activation_bytes(config, per_device)
         state, activations = base["state_bytes_per_chip"], base["activation_bytes_per_chip"]
         needed = state + activations
@@ -361,16 +267,6 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
         report["reason"] = reason
         return Result(False, reason, report)
     return Result(True, "fits", report)
-
-
-def check_divisible(batch_size: int, mesh: Any, field: str) -> None:
-    """ValueError in one line unless the global batch splits over the data axis."""
-    replicas = mesh.shape["data"]
-    if batch_size <= 0 or batch_size % replicas:
-        raise ValueError(
-            f"{field}={batch_size} is not divisible by the {replicas} devices on the 'data' "
-            f"mesh axis of this slice; use a multiple of {replicas}."
-        )
 
 
 def format_report(report: dict[str, Any]) -> str:
