@@ -49,55 +49,12 @@ def _trial_line(label: str, trial: Trial, hbm_bytes: float) -> str:
     return f"  [{label}] global batch {trial.batch}: {verdict}, {need}, {trial.seconds:.0f} s"
 
 
-def _linear_guess(trials: Sequence[Trial], unit: int, hbm_bytes: float) -> int | None:
-    """The multiple of unit at which memory per chip, as a line through two compiled trials,
-    reaches HBM (floored); None without two. The line goes through the largest trial that fits
-    and the smallest that does not when both were compiled (interpolation), else through the
-    two nearest the limit. Per-image buffers (activations, their gradients) grow linearly with
-    the batch; the state, the gradients and the code do not."""
-    known = [t for t in trials if t.total_bytes is not None]
-    fitting = [t for t in known if t.fits]
-    failing = [t for t in known if not t.fits]
-    if fitting and failing:
-        pair = [max(fitting, key=lambda t: t.batch), min(failing, key=lambda t: t.batch)]
-    else:
-        pair = sorted(known, key=lambda t: abs(t.total_bytes - hbm_bytes))[:2]
-    if len(pair) < 2 or pair[0].batch == pair[1].batch:
-        return None
-    a, b = pair
-    slope = (b.total_bytes - a.total_bytes) / (b.batch - a.batch)
-    if slope <= 0:
-        return None
-    # The small epsilon keeps a batch exactly at the limit from flooring one multiple below.
-    return math.floor((a.batch + (hbm_bytes - a.total_bytes) / slope) / unit + 1e-9)
-
-
-def _second_multiple(first: Trial, state_bytes: int, unit: int, hbm_bytes: float) -> int:
-    """Where to compile after the first trial: far enough from it for a useful slope (2x to
-    8x when it fits, half when not), near the one-point extrapolation that counts everything
-    beyond the state as per image."""
-    multiple = first.batch // unit
-    if not first.fits or first.total_bytes is None:
-        return multiple // 2
-    per_image = max(first.total_bytes - state_bytes, 1) / first.batch
-    guess = math.floor((hbm_bytes - state_bytes) / per_image / unit)
-    return min(max(guess, 2 * multiple), 8 * multiple)
-
-
-def _next_multiple(lo: int, hi: int | None, guess: int | None, same_side: bool) -> int:
-    """The next multiple to compile (lo fits, hi does not, None: nothing failed yet): the
-    linear guess, kept inside the bracket (and under 8x lo). When two guesses in a row fell on
-    the same side (memory is not quite linear in the batch): the middle of the bracket, or,
-    with nothing failed yet, twice as far beyond lo as the guess."""
-    if guess is not None and guess <= lo:  # the line ends at lo: check the next multiple
-        return lo + 1
-    if hi is None:  # extrapolating: at most 8x at a time, as compiles slow with the batch
-        if guess is None:
-            return 2 * lo
-        return min(lo + 2 * (guess - lo) if same_side else guess, 8 * lo)
-    if guess is None or (same_side and hi - lo > 2):
-        return (lo + hi) // 2
-    return min(guess, hi - 1)
+def _estimate(trial: Trial, state_bytes: int, unit: int, hbm_bytes: float) -> int:
+    """The multiple of unit where memory per chip reaches HBM, from one compile: everything
+    beyond the state counted as growing with the batch, so it errs low where the program has
+    other fixed buffers (less so the larger the batch compiled)."""
+    per_image = max((trial.total_bytes or 0) - state_bytes, 1) / trial.batch
+    return math.floor((hbm_bytes - state_bytes) / per_image / unit)
 
 
 def max_batch(
@@ -109,9 +66,11 @@ def max_batch(
     label: str = "",
     log: Any = None,
 ) -> BatchSearch:
-    """Largest global batch (a multiple of the data axis) whose step fits: a line through the
-    memory of the first compiles estimates it, then bisection closes the bracket of adjacent
-    multiples; at most max_compiles compiles, one progress line (log) each."""
+    """Largest global batch (a multiple of the data axis) whose step fits, by bisection from one
+    estimate: the config's own batch, then the estimate its memory gives; while nothing has
+    failed, steps of 1, 2, 4, ... multiples beyond the largest batch that fits; then bisection
+    of the bracket down to adjacent multiples. At most max_compiles compiles, one progress
+    line (log) each."""
     import ml_collections
 
     from simclr_jax import parallel
@@ -132,7 +91,7 @@ def max_batch(
         started = time.time()
         result = run_preflight(trial_config, tpu, devices=devices)
         if result.reason.startswith("does not compile"):  # not a matter of memory: no answer
-            raise ValueError(f"{field}={multiple * unit} {result.reason}")
+            raise RuntimeError(f"{field}={multiple * unit} {result.reason}")
         total = result.report.get("bytes_per_chip", {}).get("total")
         state_bytes = result.report.get("state_bytes_per_chip", state_bytes)
         trial = Trial(multiple * unit, result.ok, total, time.time() - started, result.reason)
@@ -144,18 +103,18 @@ def max_batch(
     first = max(1, config[field] // unit)
     trial = attempt(first)
     lo, hi = (first, None) if trial.fits else (0, first)
-    sides: list[bool] = []
     while (hi is None or hi - lo > 1) and len(trials) < max_compiles:
-        guess = _linear_guess(trials, unit, hbm)
-        if len(trials) == 1:
-            multiple = _second_multiple(trial, state_bytes, unit, hbm)
-        else:
-            same_side = len(sides) >= 2 and sides[-1] == sides[-2]
-            multiple = _next_multiple(lo, hi, guess, same_side)
-        multiple = min(max(multiple, lo + 1), hi - 1) if hi is not None else max(multiple, lo + 1)
-        trial = attempt(multiple)
-        sides.append(trial.fits)
-        lo, hi = (multiple, hi) if trial.fits else (lo, multiple)
+        guess = None if trial.total_bytes is None else _estimate(trial, state_bytes, unit, hbm)
+        if hi is None:  # all fit so far: the estimate from the largest, 2x to 8x further
+            # the first time (compiles slow with the batch), at least one multiple after
+            low = 2 * lo if len(trials) == 1 else lo + 1
+            nxt = min(max(guess or 0, low), 8 * lo)
+        elif guess is not None and len(trials) == 1:  # the first did not fit: its estimate
+            nxt = min(max(guess, hi // 8, 1), hi - 1)
+        else:  # a bracket: bisection
+            nxt = (lo + hi) // 2
+        trial = attempt(nxt)
+        lo, hi = (nxt, hi) if trial.fits else (lo, nxt)
     return BatchSearch(lo * unit, unit, trials, closed=hi is not None and hi - lo == 1)
 
 
