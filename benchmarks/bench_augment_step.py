@@ -4,7 +4,8 @@
 
 ResNet-50, 224 px, ImageNet augmentation (blur p=0.5) by default (`--work r18_32` for the CIFAR
 model). Three timings, all device-resident:
-- step: train.make_pretrain_step on ready float32 views (B, 2, 224, 224, 3);
+- step: the pretraining step (step.make_step, modes.pretrain's loss) on ready float32 views
+  (B, 2, 224, 224, 3);
 - augment: data.make_device_augment on float32 (B, 2, 224, 224, 3) host-cropped views (what
   the Grain loader ships): flip, colour jitter, grayscale, blur;
 - augment + step: both, as run_training chains them with data.backend='jax'.

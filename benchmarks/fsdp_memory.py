@@ -1,7 +1,8 @@
 """Per-device memory of the pretraining step, replicated vs FSDP, from XLA's compiled analysis.
 
 Nothing is allocated: the state and batch are jax.ShapeDtypeStructs carrying their shardings,
-and the real `train.make_pretrain_step` is lowered and compiled for an 8-device simulated mesh.
+and the real pretraining step (step.make_step with modes.pretrain's loss) is lowered and
+compiled for an 8-device simulated mesh.
 
     PYTHONPATH=. python benchmarks/fsdp_memory.py                      # R152-3x-SK, 2 img/device
     PYTHONPATH=. python benchmarks/fsdp_memory.py --model r50_1x --per_device_batch 4

@@ -107,6 +107,7 @@ def lowered_by_the_trainer(monkeypatch, config, workdir):
     return seen["text"], seen["step"]
 
 
+@pytest.mark.slow  # per mode: the trainer's set-up and first batch, two lowerings (10-40 s)
 @pytest.mark.parametrize("mode", ["pretrain", "linear_eval", "finetune", "distill", "eval"])
 def test_the_preflight_lowers_the_step_the_trainer_runs(tmp_path, monkeypatch, checkpoints, mode):
     config = smoke_config(mode, **mode_overrides(mode, checkpoints))
