@@ -4,7 +4,8 @@
 
 ResNet-50, 224 px, ImageNet augmentation (blur p=0.5) by default (`--work r18_32` for the CIFAR
 model). Three timings, all device-resident:
-- step: train.make_pretrain_step on ready float32 views (B, 2, 224, 224, 3);
+- step: the pretraining step (step.make_step, modes.pretrain's loss) on ready float32 views
+  (B, 2, 224, 224, 3);
 - augment: data.make_device_augment on float32 (B, 2, 224, 224, 3) host-cropped views (what
   the Grain loader ships): flip, colour jitter, grayscale, blur;
 - augment + step: both, as run_training chains them with data.backend='jax'.
@@ -30,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_step import BENCHMARKS, build_config, step_gflop  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
-from simclr_jax import data, parallel, train, train_state, training  # noqa: E402
+from simclr_jax import data, loop, modes, parallel, train_state  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
+from simclr_jax.step import make_step  # noqa: E402
 
 # Peak dense bf16 TFLOP/s per chip by jax device_kind prefix (first match wins), the vendors'
 # published figures as recalled, not re-checked: pass --peak_tflops where it matters.
@@ -70,11 +72,17 @@ class Bench:
         model = create_model(
             self.config.model, num_classes=self.config.model.num_classes, mode="pretrain"
         )
-        tx, schedule = training.create_optimizer(self.config, training.Durations(1000, 10, 1.0))
+        tx, schedule = loop.create_optimizer(self.config, loop.Durations(1000, 10, 1.0))
         self.state, shardings = train_state.create_train_state(
             model, tx, self.mesh, image_size=self.size, seed=0
         )
-        step = train.make_train_step(self.config, model, tx, schedule, self.mesh, shardings)
+        step = make_step(
+            modes.get(self.config.mode).loss(self.config, model, self.mesh),
+            tx,
+            schedule,
+            self.mesh,
+            shardings,
+        )
         self.compiled = step.lower(self.state, self.abstract_views()).compile()
 
     def abstract_views(self) -> dict:

@@ -1,6 +1,7 @@
-"""Times the project's own SimCLR pretraining step (train.make_pretrain_step): compile, step
-time, images/s, FLOPs, memory; with --input=pipeline each step also pulls its batch from the
-real tf.data pipeline (bundled sample, two augmented views), so the two can be compared.
+"""Times the project's own SimCLR pretraining step (step.make_step with modes.pretrain's loss):
+compile, step time, images/s, FLOPs, memory; with --input=pipeline each step also pulls its
+batch from the real tf.data pipeline (bundled sample, two augmented views), so the two can be
+compared.
 
     python benchmarks/bench_step.py --configs r18_32,r50_224 --steps 5 [--input pipeline]
 """
@@ -26,9 +27,10 @@ import numpy as np
 # Run as a script from anywhere: `configs` is a top-level folder, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simclr_jax import data, parallel, train, train_state, training
+from simclr_jax import data, loop, modes, parallel, train_state
 from simclr_jax.config import get_base_config
 from simclr_jax.models import conv, create_model
+from simclr_jax.step import make_step
 
 # name -> (resnet_depth, cifar_stem, image_size, batch, num_classes, temperature)
 BENCHMARKS = {
@@ -100,13 +102,15 @@ def pipeline_batches(config: ml_collections.ConfigDict, mesh: Any) -> Iterator[A
 
 
 def build_step(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Any, Any]:
-    """(initial train state, jitted train.py step) for the config."""
+    """(initial train state, jitted pretraining step) for the config."""
     model = create_model(config.model, num_classes=config.model.num_classes, mode="pretrain")
-    tx, schedule = training.create_optimizer(config, training.Durations(1000, 10, 1.0))
+    tx, schedule = loop.create_optimizer(config, loop.Durations(1000, 10, 1.0))
     state, shardings = train_state.create_train_state(
         model, tx, mesh, image_size=config.data.image_size, seed=0
     )
-    return state, train.make_train_step(config, model, tx, schedule, mesh, shardings)
+    return state, make_step(
+        modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
+    )
 
 
 def step_gflop(compiled: Any) -> float:
@@ -119,7 +123,7 @@ def step_gflop(compiled: Any) -> float:
 def run_benchmark(
     name: str, batch: int | None, steps: int, input_kind: str, conv_kernel_grad: str
 ) -> Result:
-    """Compiles and times train.py's pretraining step for one benchmark configuration."""
+    """Compiles and times the trainer's pretraining step for one benchmark configuration."""
     config = build_config(name, batch, conv_kernel_grad)
     batch_size = config.train_batch_size
     mesh = parallel.create_mesh()

@@ -6,7 +6,7 @@
 Step: identical work on both sides: a SimCLR pretraining step on one global batch of two views
 per image (ResNet-18 with the CIFAR stem at 32 px, batch 128; ResNet-50 at 224 px, batch 16),
 3-layer projection head with BN, online linear probe on the detached representation, NT-Xent,
-float32. `jax` is train.py's own step (benchmarks/bench_step.py builds it, LARS, the default
+float32. `jax` is the trainer's own step (benchmarks/bench_step.py builds it, LARS, the default
 `model.conv_kernel_grad`); `torch` is torchvision's ResNet with the same head, probe and loss and
 SGD with momentum, default (NCHW) layout; `torch_cl` the same in channels-last memory format.
 Every (round, work, implementation) runs in a fresh subprocess, the implementations alternate
@@ -57,7 +57,7 @@ PEERS_MISSING = "PyTorch is not installed: pip install -e '.[peers]', or pass --
 
 
 def jax_step(work: str, batch: int) -> Any:
-    """A closure running train.py's pretraining step once on a fixed synthetic batch."""
+    """A closure running the trainer's pretraining step once on a fixed synthetic batch."""
     import jax
     from bench_step import build_config, build_step, synthetic_batches
 

@@ -1,7 +1,8 @@
 """Per-device memory of the pretraining step, replicated vs FSDP, from XLA's compiled analysis.
 
 Nothing is allocated: the state and batch are jax.ShapeDtypeStructs carrying their shardings,
-and the real `train.make_pretrain_step` is lowered and compiled for an 8-device simulated mesh.
+and the real pretraining step (step.make_step with modes.pretrain's loss) is lowered and
+compiled for an 8-device simulated mesh.
 
     PYTHONPATH=. python benchmarks/fsdp_memory.py                      # R152-3x-SK, 2 img/device
     PYTHONPATH=. python benchmarks/fsdp_memory.py --model r50_1x --per_device_batch 4
@@ -28,8 +29,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import imagenet_pretrain  # noqa: E402
-from simclr_jax import parallel, train, training  # noqa: E402
+from simclr_jax import loop, modes, parallel  # noqa: E402
 from simclr_jax.models import create_model  # noqa: E402
+from simclr_jax.step import make_step  # noqa: E402
 from simclr_jax.train_state import TrainState  # noqa: E402
 
 GIB = 2**30
@@ -72,10 +74,12 @@ def analyse(config, fsdp_min_size: int) -> dict[str, float]:
     mesh = parallel.create_mesh()
     num_classes = int(config.model.num_classes)
     model = create_model(config.model, num_classes=num_classes, mode="pretrain")
-    tx, schedule = training.create_optimizer(config, training.Durations(1000, 10, 1.0))
+    tx, schedule = loop.create_optimizer(config, loop.Durations(1000, 10, 1.0))
     state = abstract_state(config, model, tx)
     shardings = parallel.state_shardings(state, mesh, fsdp_min_size)
-    step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
+    step = make_step(
+        modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
+    )
     size, batch = int(config.data.image_size), int(config.train_batch_size)
     data = parallel.batch_sharding(mesh)
     batch_spec = {

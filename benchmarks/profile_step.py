@@ -1,5 +1,5 @@
 """Where one warm SimCLR step spends its time, per kind of op: this project's step (jax.profiler
-trace of train.py's step) beside PyTorch's (torch.profiler, NCHW and channels-last).
+trace of the trainer's step) beside PyTorch's (torch.profiler, NCHW and channels-last).
 
     python benchmarks/profile_step.py [--works r18_32] [--batch 32] [--impls jax,torch,torch_cl]
 
@@ -258,7 +258,7 @@ def trace_step(compiled: Any, state: Any, batch_arrays: Any) -> tuple[float, str
 
 
 def jax_profile(work: str, batch: int) -> dict[str, Any]:
-    """Traces one warm step of train.py's step (built as compare_peers.jax_step builds it)."""
+    """Traces one warm step of the trainer's step (built as compare_peers.jax_step builds it)."""
     from bench_step import build_config, build_step, synthetic_batches
 
     from simclr_jax import parallel

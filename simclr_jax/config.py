@@ -23,7 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.mode = "pretrain"  # pretrain | linear_eval | finetune | distill | eval
     config.seed = 0
 
-    # Durations: give steps or epochs (steps win when > 0); converted in train.py only.
+    # Durations: give steps or epochs (steps win when > 0); converted in loop.py only.
     config.train_batch_size = 4096
     config.eval_batch_size = 1024
     config.train_epochs = 100

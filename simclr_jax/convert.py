@@ -35,9 +35,9 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from simclr_jax import checkpoint
+from simclr_jax import checkpoint, models
 from simclr_jax.config import get_base_config
-from simclr_jax.models import create_model, validate_model_config
+from simclr_jax.models import create_model, model_from_config, model_mode, validate_model_config
 from simclr_jax.models.heads import head_kernel_init
 from simclr_jax.models.resnet import MAX_WIDTH_MULTIPLIER, STAGE_SIZES
 
@@ -485,22 +485,14 @@ def make_config(arch: Architecture, overrides: Any = None) -> ml_collections.Con
 
 def build_model(config: ml_collections.ConfigDict, mode: str | None = None) -> Any:
     """The SimCLR module a converted config describes (classifier on hiddens[ft_proj_selector])."""
-    return create_model(
-        config.model, num_classes=config.model.num_classes, mode=mode or model_mode(config)
-    )
-
-
-def model_mode(config: ml_collections.ConfigDict) -> str:
-    """The model mode of a converted config: the probe head for pretraining, else finetune."""
-    return "pretrain" if config.mode == "pretrain" else "finetune"
+    if mode is None:
+        return model_from_config(config)
+    return create_model(config.model, num_classes=config.model.num_classes, mode=mode)
 
 
 def abstract_variables(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """'params/encoder/...' -> ShapeDtypeStruct of every model variable (nothing allocated)."""
-    model = build_model(config)
-    tree = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
-    )
+    tree = models.abstract_variables(build_model(config), 64)
     return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
@@ -662,7 +654,7 @@ def plan_conversion(
     config = make_config(infer_architecture(groups), overrides)
     try:
         validate_model_config(
-            config.model, num_classes=config.model.num_classes, mode=model_mode(config)
+            config.model, num_classes=config.model.num_classes, mode=model_mode(config.mode)
         )
     except ValueError as e:  # an override the model rejects, e.g. ft_proj_selector out of range
         raise ConversionError(str(e).splitlines()[0]) from None

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from simclr_jax import checkpoint, data, losses, parallel
-from simclr_jax.models import create_model
+from simclr_jax.models import model_from_config, variables_init
 
 Variables = dict[str, Any]
 
@@ -211,11 +211,6 @@ def split_features(
     return np.concatenate(features), np.concatenate(labels)
 
 
-def model_mode(train_mode: str) -> str:
-    """The model's mode for a training mode: the probe head for pretraining, else finetune."""
-    return "pretrain" if train_mode == "pretrain" else "finetune"
-
-
 def restore_model(
     manager: Any,
     step: int,
@@ -226,13 +221,9 @@ def restore_model(
 ) -> tuple[Any, Variables]:
     """Builds the model a checkpoint was trained with and loads its params and batch stats
     (or, with random_init, keeps the fresh initialization: seed config.seed)."""
-    model = create_model(
-        config.model, num_classes=config.model.num_classes, mode=model_mode(config.mode)
-    )
-    size = config.data.image_size
+    model = model_from_config(config)
     init = jax.jit(
-        lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), train=False),
-        out_shardings=parallel.replicated(mesh),
+        variables_init(model, config.data.image_size), out_shardings=parallel.replicated(mesh)
     )
     target = init(jax.random.key(config.seed))
     if random_init:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from simclr_jax import parallel, preemption, train
+from simclr_jax import dispatch, parallel, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
@@ -28,7 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    """Starts multi-host JAX when needed and runs train.train_and_evaluate."""
+    """Starts multi-host JAX when needed and runs dispatch.train_and_evaluate."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     parallel.initialize_distributed(
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
     config.lock()
     logging.info("Config:\n%s", config)
     try:
-        train.train_and_evaluate(config, _WORKDIR.value)
+        dispatch.train_and_evaluate(config, _WORKDIR.value)
     except preemption.Preempted as stop:
         # Exit status 0: the scheduler relaunches the job and it resumes from this checkpoint.
         logging.warning("%s", stop)

@@ -2,15 +2,16 @@
 adds the gradient, the optimizer update and the norms, and jits the whole step with explicit
 shardings (state as created, batch split on 'data', metrics replicated) and the state donated.
 
-    loss_fn(params, batch_stats, batch, **constants) -> (loss, (new batch_stats, metrics))
+    loss_fn(params, batch_stats, batch, *extra) -> (loss, (new batch_stats, metrics))
 
-`constants` are arrays the loss reads but never trains (distillation's teacher): arguments of
-the jitted step with their own shardings, never donated and never baked into the executable.
+`extra` are arrays the loss reads but never trains (distillation's frozen teacher): ordinary
+arguments of the jitted step with their own shardings, never donated and never baked into the
+executable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ from simclr_jax.train_state import TrainState
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, Metrics]]]
-StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+StepFn = Callable[..., tuple[TrainState, Metrics]]
 
 
 def apply_update(
@@ -47,33 +48,23 @@ def make_step(
     schedule: optax.Schedule,
     mesh: jax.sharding.Mesh,
     state_shardings: Any,
-    *,
-    constants: Mapping[str, Any] | None = None,
-    constants_shardings: Mapping[str, Any] | None = None,
+    extra_shardings: Sequence[Any] = (),
 ) -> StepFn:
-    """step(state, batch) -> (state, metrics): loss, gradients and the update of the state's
-    params in ONE jit; metrics are the loss's own plus loss, grad/param norms and the LR."""
+    """step(state, batch, *extra) -> (state, metrics): loss, gradients and the update of the
+    state's params in ONE jit; metrics are the loss's own plus loss, grad/param norms and the
+    LR. extra_shardings: one per extra input of loss_fn."""
 
-    def step_fn(state: TrainState, batch: Batch, consts: Mapping[str, Any]):
+    def step_fn(state: TrainState, batch: Batch, *extra: Any):
         def loss_of(params: Any):
-            return loss_fn(params, state.batch_stats, batch, **consts)
+            return loss_fn(params, state.batch_stats, batch, *extra)
 
         (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         new_state, norms = apply_update(state, tx, grads, batch_stats)
         return new_state, {"loss": loss, **aux, **norms, "learning_rate": schedule(state.step)}
 
-    out_shardings = (state_shardings, parallel.replicated(mesh))
-    if not constants:
-        return jax.jit(
-            lambda state, batch: step_fn(state, batch, {}),
-            in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-            out_shardings=out_shardings,
-            donate_argnums=(0,),
-        )
-    jitted = jax.jit(
+    return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh), constants_shardings),
-        out_shardings=out_shardings,
-        donate_argnums=(0,),  # the state only: constants are read, never written
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh), *extra_shardings),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),  # the state only: extra inputs are read, never written
     )
-    return lambda state, batch: jitted(state, batch, constants)

@@ -13,6 +13,7 @@ import optax
 from flax import struct
 
 from simclr_jax import parallel
+from simclr_jax.models import variables_init
 
 
 @struct.dataclass
@@ -52,15 +53,15 @@ def _state_init(
     model: Any, tx: optax.GradientTransformation, image_size: int
 ) -> Callable[[jax.Array], TrainState]:
     """rng -> the freshly initialized TrainState of `model` and `tx`."""
+    init_variables = variables_init(model, image_size)
 
     def init(rng: jax.Array) -> TrainState:
-        variables = model.init(rng, jnp.zeros((2, image_size, image_size, 3)), train=False)
-        params = variables["params"]
+        variables = init_variables(rng)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
         )
 
     return init

@@ -50,7 +50,7 @@ def tiny_pretrain_workdir(tmp_path_factory):
     one in-training eval so metrics.jsonl has eval/* lines too."""
     workdir = tmp_path_factory.mktemp("pretrain")
     from configs import smoke
-    from simclr_jax import train
+    from simclr_jax import dispatch
 
     config = smoke.get_config("pretrain")
     config.update_from_flattened_dict(
@@ -69,7 +69,7 @@ def tiny_pretrain_workdir(tmp_path_factory):
             "knn_eval": False,
         }
     )
-    train.train_and_evaluate(config, str(workdir))
+    dispatch.train_and_evaluate(config, str(workdir))
     return workdir
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, parallel, train, train_state, training
+from simclr_jax import checkpoint, dispatch, loop, parallel, train_state
 from simclr_jax.models import create_model
 
 SIZE = 16
@@ -36,7 +36,7 @@ def saved(tmp_path_factory):
     config.model.num_classes = 10
     mesh = parallel.create_mesh(devices=jax.devices()[:1])
     model = create_model(config.model, num_classes=10)
-    tx, _ = training.create_optimizer(config, training.Durations(10, 1, 1.0))
+    tx, _ = loop.create_optimizer(config, loop.Durations(10, 1, 1.0))
     state, _ = train_state.create_train_state(model, tx, mesh, image_size=SIZE, seed=0)
     (workdir / "notes.txt").write_text("not a checkpoint")
     manager = checkpoint.create_manager(workdir, keep=2)
@@ -114,7 +114,7 @@ def test_linear_eval_of_other_architecture_fails_before_compile(saved, tmp_path)
     config.init_checkpoint = str(workdir)
     config.model.width_multiplier = 2
     with pytest.raises(ValueError, match=r"stem/conv1/conv/kernel: model \(7, 7, 3, 128\)"):
-        train.train_and_evaluate(config, str(tmp_path / "lin"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "lin"))
     assert not (tmp_path / "lin" / "checkpoints").exists()
 
 
@@ -129,7 +129,7 @@ def test_missing_and_empty_checkpoint_dirs_say_so(tmp_path):
     config = smoke.get_config("linear_eval")
     config.init_checkpoint = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.train_and_evaluate(config, str(tmp_path / "lin"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "lin"))
 
 
 def test_unknown_step_lists_available(saved):

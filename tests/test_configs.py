@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from simclr_jax import optim, train, training
+from simclr_jax import dispatch, loop, modes, optim
 
 CONFIG_ARGS = {
     "smoke": ["pretrain", "linear_eval", "finetune", "distill", "eval", None],
@@ -42,7 +42,7 @@ def test_config_loads_and_validates(name, arg):
         config.init_checkpoint = "/some/pretraining/workdir"
     if config.mode == "distill":
         config.distill.teacher_checkpoint = "/some/finetuning/workdir"
-    train.validate_config(config)
+    modes.validate_config(config)
     if arg and "runlocal" in arg:
         assert config.data.source == "bundled"
         assert config.train_steps > 0 and config.train_batch_size <= 64
@@ -167,9 +167,9 @@ def test_runlocal_follows_the_cifar_stem_rule():
     for name, arg in (("cifar10_pretrain", "runlocal"), ("imagenet_pretrain", "runlocal")):
         config = load(name, arg)
         assert config.model.cifar_stem == "auto" and config.data.image_size == 32
-        assert train.resolve_config(config, _info()).model.cifar_stem is True
+        assert modes.resolve_config(config, _info()).model.cifar_stem is True
     big = load("imagenet_pretrain", None)
-    assert train.resolve_config(big, _info()).model.cifar_stem is False
+    assert modes.resolve_config(big, _info()).model.cifar_stem is False
 
 
 def _info():
@@ -198,13 +198,13 @@ def test_cifar_stem_auto_needs_an_integer_image_size():
     values = load("cifar10_pretrain", None).to_dict()
     values["data"]["image_size"] = 32.5  # e.g. a config built from JSON or a dict
     with pytest.raises(ValueError, match="needs a positive integer data.image_size, got 32.5"):
-        train.validate_config(ml_collections.ConfigDict(values))
+        modes.validate_config(ml_collections.ConfigDict(values))
     config = load("cifar10_pretrain", None)
     config.model.cifar_stem = "yes"
     with pytest.raises(ValueError, match="model.cifar_stem='yes'.*True, False, 'auto'"):
-        train.validate_config(config)
+        modes.validate_config(config)
     config.model.cifar_stem = True  # overrides the 'auto' default
-    train.validate_config(config)
+    modes.validate_config(config)
 
 
 def test_unknown_arg_names_the_token():
@@ -216,11 +216,11 @@ def test_unknown_arg_names_the_token():
 
 def test_epochs_convert_to_steps():
     config = load("cifar10_pretrain", None)
-    durations = training.resolve_durations(config, 45_000)
+    durations = loop.resolve_durations(config, 45_000)
     assert durations.total_steps == math.ceil(1000 * 45_000 / 512)
     assert durations.warmup_steps == round(10 * 45_000 / 512)
     config.train_steps, config.warmup_steps = 123, 7
-    durations = training.resolve_durations(config, 45_000)
+    durations = loop.resolve_durations(config, 45_000)
     assert (durations.total_steps, durations.warmup_steps) == (123, 7)
 
 
@@ -228,7 +228,7 @@ def test_warmup_longer_than_training_is_rejected():
     config = load("smoke", "pretrain")
     config.train_steps, config.warmup_steps = 10, 20
     with pytest.raises(ValueError, match="warmup"):
-        training.resolve_durations(config, 3000)
+        loop.resolve_durations(config, 3000)
 
 
 @pytest.mark.parametrize(
@@ -244,22 +244,22 @@ def test_bad_values_name_the_field(field, value, match):
     config = load("smoke", "pretrain")
     config[field] = value
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config)
+        modes.validate_config(config)
 
 
 def test_linear_eval_needs_init_checkpoint_and_frozen_encoder():
     config = load("smoke", "linear_eval")
     with pytest.raises(ValueError, match="init_checkpoint"):
-        train.validate_config(config)
+        modes.validate_config(config)
     config.init_checkpoint = "/x"
     config.model.fine_tune_after_block = 2
     with pytest.raises(ValueError, match="fine_tune_after_block"):
-        train.validate_config(config)
+        modes.validate_config(config)
 
 
 def test_batch_not_divisible_by_devices_fails_before_compile(tmp_path):
     config = load("smoke", "pretrain")
     config.train_batch_size = 12  # 8 simulated devices
     with pytest.raises(ValueError, match="train_batch_size=12"):
-        train.train_and_evaluate(config, str(tmp_path))
+        dispatch.train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()

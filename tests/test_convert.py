@@ -473,7 +473,7 @@ def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     import ml_collections
 
     from configs import smoke
-    from simclr_jax import checkpoint, data, evaluate, parallel, train
+    from simclr_jax import checkpoint, data, dispatch, evaluate, parallel
 
     prefix, original = smoke_checkpoint
     out = tmp_path / "converted"
@@ -506,7 +506,7 @@ def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     cfg.data.image_size = 16
     cfg.data.eval_split = "test[:10]"
     cfg.knn_eval = False
-    results = train.train_and_evaluate(cfg, str(tmp_path / "eval"))
+    results = dispatch.train_and_evaluate(cfg, str(tmp_path / "eval"))
     hits = count = 0
     for batch in data.make_eval_iterator(cfg.data, split="test[:10]", batch_size=200):
         logits = convert.build_model(config).apply(original, jnp.asarray(batch["image"]))["logits"]
@@ -533,7 +533,7 @@ def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
             }
         )
         workdir = tmp_path / mode
-        results = train.train_and_evaluate(cfg, str(workdir))
+        results = dispatch.train_and_evaluate(cfg, str(workdir))
         assert results["step"] == 2 and np.isfinite(results["top1"])
         manager, step = checkpoint.open_for_restore(str(workdir))
         saved_cfg = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])

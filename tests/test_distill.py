@@ -15,16 +15,18 @@ import pytest
 from configs import smoke
 from simclr_jax import (
     checkpoint,
-    distill,
+    dispatch,
     evaluate,
+    loop,
     losses,
+    modes,
     parallel,
     preemption,
-    train,
+    step,
     train_state,
-    training,
 )
 from simclr_jax.models import create_model
+from simclr_jax.modes import distill
 
 IMAGE_SIZE = 16
 
@@ -209,25 +211,16 @@ def distill_steps(devices, batches, alpha):
     student, teacher = models()
     t_vars = jax.device_put(init_variables(teacher, 1), parallel.replicated(mesh))
     before = jax.device_get(t_vars)
-    tx, schedule = training.create_optimizer(config, training.Durations(10, 0, 1.0))
+    tx, schedule = loop.create_optimizer(config, loop.Durations(10, 0, 1.0))
     state, shardings = train_state.create_train_state(
         student, tx, mesh, image_size=IMAGE_SIZE, seed=0
     )
     t_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), t_vars)
-    step = distill.make_distill_step(
-        student,
-        teacher,
-        t_vars,
-        t_shardings,
-        tx,
-        schedule,
-        mesh,
-        shardings,
-        temperature=0.5,
-        alpha=alpha,
-    )
+    config.distill.temperature, config.distill.alpha = 0.5, alpha
+    loss_fn = distill.loss(config, student, mesh, teacher=teacher)
+    train_step = step.make_step(loss_fn, tx, schedule, mesh, shardings, (t_shardings,))
     for batch in batches:
-        state, metrics = step(state, parallel.host_batch_to_global(batch, mesh))
+        state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh), t_vars)
     return (
         jax.device_get((state.params, state.batch_stats, metrics)),
         before,
@@ -271,12 +264,12 @@ def save_random_checkpoint(workdir, mode, num_classes=10, depth=18, seed=1):
     config.model.zero_init_logits_layer = False
     model_mode = "pretrain" if mode == "pretrain" else "finetune"
     model = create_model(config.model, num_classes=num_classes, mode=model_mode)
-    tx, _ = training.create_optimizer(config, training.Durations(10, 0, 1.0))
+    tx, _ = loop.create_optimizer(config, loop.Durations(10, 0, 1.0))
     state, _ = train_state.create_train_state(
         model, tx, parallel.create_mesh(), image_size=IMAGE_SIZE, seed=seed
     )
     manager = checkpoint.create_manager(workdir, keep=1)
-    checkpoint.save(manager, 0, state.to_tree(), training.checkpoint_meta(config, 0))
+    checkpoint.save(manager, 0, state.to_tree(), loop.checkpoint_meta(config, 0))
     manager.wait_until_finished()
     manager.close()
     return str(workdir)
@@ -314,39 +307,39 @@ def test_resume_after_preemption_is_exact_and_eval_reads_the_student(
         "data.backend": backend,
     }
     teacher_before = tree_digest(teacher_workdir)
-    straight = train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "straight"))
+    straight = dispatch.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "straight"))
     assert straight["mode"] == "distill" and straight["step"] == 4
     assert np.isfinite(straight["loss"]) and 0 <= straight["teacher_top1"] <= 1
 
-    real_make = distill.make_distill_step
+    real_make = step.make_step
 
     def make_then_sigterm(*args, **kwargs):
-        step = real_make(*args, **kwargs)
+        jitted = real_make(*args, **kwargs)
 
-        def stepped(state, batch):
-            new_state, metrics = step(state, batch)
+        def stepped(state, batch, *extra):
+            new_state, metrics = jitted(state, batch, *extra)
             if int(jax.device_get(new_state.step)) == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
             return new_state, metrics
 
         return stepped
 
-    monkeypatch.setattr(distill, "make_distill_step", make_then_sigterm)
+    monkeypatch.setattr(step, "make_step", make_then_sigterm)
     resumed_dir = str(tmp_path / "resumed")
     with pytest.raises(preemption.Preempted):
-        train.train_and_evaluate(tiny_config(**overrides), resumed_dir)
-    monkeypatch.setattr(distill, "make_distill_step", real_make)
-    manager, step = checkpoint.open_for_restore(resumed_dir)
-    data_state = checkpoint.read_meta(manager, step)["data_state"]
-    assert step == 2 and data_state["next_step"] == data_state["labeled"]["next_step"] == 2
+        dispatch.train_and_evaluate(tiny_config(**overrides), resumed_dir)
+    monkeypatch.setattr(step, "make_step", real_make)
+    manager, saved_step = checkpoint.open_for_restore(resumed_dir)
+    data_state = checkpoint.read_meta(manager, saved_step)["data_state"]
+    assert saved_step == 2 and data_state["next_step"] == data_state["labeled"]["next_step"] == 2
     if backend == "jax":  # Grain's own iterator state, for the unlabeled and labelled streams
         assert data_state["host"] and data_state["labeled"]["host"], data_state
-    resumed = train.train_and_evaluate(tiny_config(**overrides), resumed_dir)
+    resumed = dispatch.train_and_evaluate(tiny_config(**overrides), resumed_dir)
     assert resumed["step"] == 4
     np.testing.assert_allclose(resumed["top1"], straight["top1"], atol=0)
     assert_trees_equal(read_variables(tmp_path / "straight"), read_variables(resumed_dir))
 
-    evaluated = train.train_and_evaluate(
+    evaluated = dispatch.train_and_evaluate(
         tiny_config("eval", init_checkpoint=resumed_dir), str(tmp_path / "eval")
     )
     assert evaluated["checkpoint_mode"] == "distill"
@@ -356,9 +349,9 @@ def test_resume_after_preemption_is_exact_and_eval_reads_the_student(
 
 def read_variables(workdir):
     """Params and batch stats of a workdir's latest checkpoint as NumPy trees."""
-    manager, step = checkpoint.open_for_restore(str(workdir))
-    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
-    _, variables = evaluate.restore_model(manager, step, saved, parallel.create_mesh())
+    manager, saved_step = checkpoint.open_for_restore(str(workdir))
+    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, saved_step)["config"])
+    _, variables = evaluate.restore_model(manager, saved_step, saved, parallel.create_mesh())
     manager.close()
     return jax.device_get(variables)
 
@@ -370,14 +363,14 @@ def no_compile(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compiled before the bad input was reported")
 
-    monkeypatch.setattr(training, "create_train_state", refuse)
+    monkeypatch.setattr(loop, "create_train_state", refuse)
     monkeypatch.setattr(distill, "restore_teacher", refuse)
 
 
 def test_pretraining_workdir_as_teacher_is_rejected(tmp_path, tiny_pretrain_workdir, no_compile):
     config = tiny_config(**{"distill.teacher_checkpoint": str(tiny_pretrain_workdir)})
     with pytest.raises(ValueError, match="mode='pretrain', not a fine-tuned classifier"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -386,21 +379,21 @@ def test_missing_teacher_names_the_teacher_field(tmp_path, teacher_workdir, no_c
     with pytest.raises(
         FileNotFoundError, match="does not exist; config.distill.teacher_checkpoint"
     ):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "run"))
     config = tiny_config(
         **{"distill.teacher_checkpoint": teacher_workdir, "distill.teacher_checkpoint_step": 7}
     )
     with pytest.raises(FileNotFoundError, match=r"config.distill.teacher_checkpoint_step=7 is not"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_teacher_with_other_classes_is_rejected(tmp_path, monkeypatch):
     teacher = save_random_checkpoint(tmp_path / "teacher5", "finetune", num_classes=5)
-    monkeypatch.setattr(training, "create_train_state", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(loop, "create_train_state", lambda *a, **k: pytest.fail("compiled"))
     config = tiny_config(**{"distill.teacher_checkpoint": teacher})
     with pytest.raises(ValueError, match="predicts 5 classes but data bundled:train.* has 10"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_student_that_cannot_restore_init_checkpoint_is_rejected(
@@ -414,7 +407,7 @@ def test_student_that_cannot_restore_init_checkpoint_is_rejected(
         }
     )
     with pytest.raises(ValueError, match="does not match the model architecture"):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        dispatch.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(
@@ -430,4 +423,4 @@ def test_student_that_cannot_restore_init_checkpoint_is_rejected(
 def test_bad_distill_fields_name_the_field(overrides, match):
     config = tiny_config(**{"distill.teacher_checkpoint": "/some/finetune", **overrides})
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config)
+        modes.validate_config(config)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, evaluate, parallel, train, train_state, training
+from simclr_jax import checkpoint, dispatch, evaluate, loop, parallel, train_state
 from simclr_jax.models import create_model
 
 
@@ -19,7 +19,7 @@ def run(mode, workdir, **overrides):
     """One phase of launch/run_local.sh's chain (configs/smoke.py) in workdir."""
     config = smoke.get_config(mode)
     config.update_from_flattened_dict(overrides)
-    results = train.train_and_evaluate(config, str(workdir))
+    results = dispatch.train_and_evaluate(config, str(workdir))
     on_disk = json.loads((workdir / "results.json").read_text())
     assert on_disk["mode"] == mode and on_disk["step"] == results["step"]
     return results
@@ -30,12 +30,12 @@ def save_random_encoder(workdir):
     config = smoke.get_config("pretrain")
     config.model.num_classes = 10
     model = create_model(config.model, num_classes=10)
-    tx, _ = training.create_optimizer(config, training.Durations(10, 1, 1.0))
+    tx, _ = loop.create_optimizer(config, loop.Durations(10, 1, 1.0))
     state, _ = train_state.create_train_state(
         model, tx, parallel.create_mesh(), image_size=config.data.image_size, seed=1
     )
     manager = checkpoint.create_manager(workdir, keep=1)
-    checkpoint.save(manager, 0, state.to_tree(), training.checkpoint_meta(config, 0))
+    checkpoint.save(manager, 0, state.to_tree(), loop.checkpoint_meta(config, 0))
     manager.wait_until_finished()
     manager.close()
 

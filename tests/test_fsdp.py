@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import imagenet_pretrain, smoke
-from simclr_jax import parallel, train, train_state, training
+from simclr_jax import loop, modes, parallel, step, train_state
 from simclr_jax.models import create_model
 
 IMAGE_SIZE, FSDP_MIN_SIZE = 16, 1024
@@ -19,17 +19,17 @@ def two_steps(fsdp_min_size, batch):
     config = smoke.get_config("pretrain")
     config.model.num_classes = 10
     mesh = parallel.create_mesh()
-    durations = training.Durations(total_steps=10, warmup_steps=1, steps_per_epoch=1.0)
+    durations = loop.Durations(total_steps=10, warmup_steps=1, steps_per_epoch=1.0)
     model = create_model(config.model, num_classes=10)
-    tx, schedule = training.create_optimizer(config, durations)
+    tx, schedule = loop.create_optimizer(config, durations)
     state, shardings = train_state.create_train_state(
         model, tx, mesh, image_size=IMAGE_SIZE, seed=0, fsdp_min_size=fsdp_min_size
     )
-    step = train.make_pretrain_step(
-        model, tx, schedule, mesh, shardings, num_classes=10, temperature=0.2
-    )
+    config.loss.temperature = 0.2
+    loss_fn = modes.pretrain.loss(config, model, mesh)
+    train_step = step.make_step(loss_fn, tx, schedule, mesh, shardings)
     for _ in range(2):
-        state, metrics = step(state, parallel.host_batch_to_global(batch, mesh))
+        state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh))
     return state, metrics
 
 

@@ -1,5 +1,6 @@
 """The package's import graph (read with ast, nothing imported): no module imports one that
-imports it, directly or through others, and only the command line imports the mode dispatcher."""
+imports it, directly or through others; only the command line imports the dispatcher; the
+loop, the step factory and the state know no mode, and no mode knows another."""
 
 import ast
 import pathlib
@@ -58,10 +59,23 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module start imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "simclr_jax.training" in graph["simclr_jax.train"]
-    assert "simclr_jax.step" in graph["simclr_jax.distill"]
+    assert "simclr_jax.loop" in graph["simclr_jax.dispatch"]
+    assert "simclr_jax.step" in graph["simclr_jax.modes"]
+    assert "simclr_jax.modes.base" in graph["simclr_jax.modes.distill"]
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
 
 
 def test_package_imports_have_no_cycle():
@@ -76,9 +90,21 @@ def test_cycle_finder_finds_one():
 
 def test_nothing_imports_upward_into_the_entry_points():
     graph = import_graph()
-    importers = {name for name, targets in graph.items() if "simclr_jax.train" in targets}
-    # The command lines that build a run: main trains it, preflight compiles it for a TPU.
-    entry_points = {"simclr_jax.main", "simclr_jax.preflight"}
-    assert importers == entry_points
-    for entry_point in entry_points:
-        assert not any(entry_point in targets for targets in graph.values())
+    importers = {name for name, targets in graph.items() if "simclr_jax.dispatch" in targets}
+    assert importers == {"simclr_jax.main"}  # the command line runs the dispatcher
+    assert not any("simclr_jax.main" in targets for targets in graph.values())
+    # The preflight package is imported only from inside itself.
+    for name, targets in graph.items():
+        if not name.startswith("simclr_jax.preflight"):
+            assert not any(t.startswith("simclr_jax.preflight") for t in targets), name
+
+
+def test_the_loop_step_and_state_know_no_mode_and_no_mode_knows_another():
+    graph = import_graph()
+    for name in ("simclr_jax.loop", "simclr_jax.step", "simclr_jax.train_state"):
+        assert not any(t.startswith("simclr_jax.modes") for t in reachable(graph, name)), name
+    records = [name for name in graph if name.startswith("simclr_jax.modes.")]
+    assert {"simclr_jax.modes.pretrain", "simclr_jax.modes.distill"} <= set(records)
+    for name in records:
+        others = {t for t in graph[name] if t.startswith("simclr_jax.modes")}
+        assert others <= {"simclr_jax.modes.base"}, (name, others)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import optim, training
+from simclr_jax import loop, optim
 from simclr_jax.config import get_base_config
 
 
@@ -95,7 +95,7 @@ def _model_params():
 
 @pytest.mark.parametrize("mode", ["distill", "finetune", "linear_eval"])
 def test_student_classifier_gets_the_trust_ratio_only_when_distilling(mode):
-    """One LARS update of training.create_optimizer against NumPy: in distill mode the classifier
+    """One LARS update of loop.create_optimizer against NumPy: in distill mode the classifier
     kernel's step is lr * eta * ||w|| / ||g + wd*w|| * (g + wd*w) like any kernel; in
     linear_eval and finetune it is lr * (g + wd*w) (trust 1)."""
     lr, wd = 0.5, 1e-3
@@ -105,7 +105,7 @@ def test_student_classifier_gets_the_trust_ratio_only_when_distilling(mode):
     config.optim.update(optimizer="lars", learning_rate=lr, lr_scaling="none", weight_decay=wd)
     params = _model_params()
     grads = jax.tree.map(lambda p: np.full_like(p, 0.3) + 0.05 * p, params)
-    tx, _ = training.create_optimizer(config, training.Durations(10, 0, 1.0))
+    tx, _ = loop.create_optimizer(config, loop.Durations(10, 0, 1.0))
     updates, _ = tx.update(grads, tx.init(params), params)
     new_params = optax.apply_updates(params, updates)
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclr_jax import training
+from simclr_jax import loop
 
 WD = 1e-3  # large enough that a missing or doubled decay term shows
 
@@ -38,7 +38,7 @@ def _two_steps(config):
         jax.tree.map(lambda p, s=s: jnp.full_like(p, 0.3) * s + 0.05 * p, params)
         for s in (1.0, -2.0)
     ]
-    tx, schedule = training.create_optimizer(config, training.Durations(100, 0, 1.0))
+    tx, schedule = loop.create_optimizer(config, loop.Durations(100, 0, 1.0))
     state = tx.init(params)
     history = [params]
     for g in grads:
@@ -145,8 +145,8 @@ def test_zero_initialised_classifier_under_finetune_recipe_matches_plain_momentu
     config = load("imagenet_finetune", "1pct")
     assert config.model.zero_init_logits_layer and config.optim.optimizer == "lars"
     config.train_batch_size = 256  # lr 0.005 * sqrt(256) = 0.08
-    durations = training.Durations(300, 0, 1.0)
-    tx, schedule = training.create_optimizer(config, durations)
+    durations = loop.Durations(300, 0, 1.0)
+    tx, schedule = loop.create_optimizer(config, durations)
     recipe_loss = _train_classifier(tx)
     plain = optax.chain(optax.scale_by_learning_rate(schedule), optax.trace(decay=0.9))
     plain_loss = _train_classifier(plain)

@@ -13,7 +13,7 @@ import pytest
 from clu import metric_writers
 from pod_worker import run_pod, tiny_flags
 
-from simclr_jax import checkpoint, preemption, training
+from simclr_jax import checkpoint, loop, preemption
 from simclr_jax.train_state import TrainState
 
 
@@ -46,12 +46,12 @@ def run_loop(workdir, sigterm_at=None, total=10):
     manager = checkpoint.create_manager(workdir, keep=10)
     try:
         with preemption.PreemptionWatcher() as watcher:
-            return training.train_loop(
+            return loop.train_loop(
                 state,
                 step,
                 iter(lambda: {}, None),
                 config=config,
-                durations=training.Durations(total, 0, 1.0),
+                durations=loop.Durations(total, 0, 1.0),
                 manager=manager,
                 writer=metric_writers.LoggingWriter(),
                 watcher=watcher,

@@ -491,7 +491,7 @@ def test_grain_workers_die_with_a_sigkilled_trainer(array_dir, tmp_path):
 @pytest.mark.slow  # two short training runs: about 2.5 minutes on 2 busy cores
 def test_input_failure_mid_run_keeps_the_checkpoints_and_resume_finishes(tmp_path, monkeypatch):
     from configs import smoke
-    from simclr_jax import checkpoint, train
+    from simclr_jax import checkpoint, dispatch
 
     config = smoke.get_config("pretrain")
     config.data.update(backend="jax", image_size=16, eval_split="test[:2]")
@@ -509,8 +509,8 @@ def test_input_failure_mid_run_keeps_the_checkpoints_and_resume_finishes(tmp_pat
     monkeypatch.setattr(grain_pipeline.HostViews, "__call__", failing)
     workdir = str(tmp_path / "run")
     with pytest.raises(RuntimeError, match="Grain input pipeline failed.*resume"):
-        train.train_and_evaluate(config, workdir)
+        dispatch.train_and_evaluate(config, workdir)
     manager, latest = checkpoint.open_for_restore(workdir)
     assert latest == 2 and checkpoint.read_meta(manager, 2)["data_state"]["next_step"] == 2
     monkeypatch.setattr(grain_pipeline.HostViews, "__call__", real_call)
-    assert train.train_and_evaluate(config, workdir)["step"] == 5
+    assert dispatch.train_and_evaluate(config, workdir)["step"] == 5

@@ -26,7 +26,7 @@ from shared_data import IMAGENET_SUBSETS as SUBSETS
 from shared_data import require
 
 from configs import imagenet_linear_eval, imagenet_pretrain
-from simclr_jax import data, train
+from simclr_jax import data, dispatch
 from simclr_jax.data import pipeline, sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +267,7 @@ def test_grain_reads_tfds_where_tensorflow_is_not_installed(imagenet):
 
 
 def _run(config, workdir):
-    return train.train_and_evaluate(config, str(workdir))
+    return dispatch.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.slow

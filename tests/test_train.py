@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from simclr_jax import checkpoint, evaluate, parallel, train, train_state, training
+from simclr_jax import checkpoint, dispatch, evaluate, loop, modes, parallel, step, train_state
 from simclr_jax.models import create_model
 
 IMAGE_SIZE = 16
@@ -50,18 +50,18 @@ def one_pretrain_step(devices, batch):
     config = tiny_config()
     config.model.num_classes = 10
     mesh = parallel.create_mesh(devices=devices)
-    durations = training.Durations(total_steps=10, warmup_steps=2, steps_per_epoch=1.0)
+    durations = loop.Durations(total_steps=10, warmup_steps=2, steps_per_epoch=1.0)
     model = create_model(config.model, num_classes=10)
-    tx, schedule = training.create_optimizer(config, durations)
+    tx, schedule = loop.create_optimizer(config, durations)
     state, shardings = train_state.create_train_state(
         model, tx, mesh, image_size=IMAGE_SIZE, seed=0
     )
     # Step 0 has LR 0 during warmup; take two steps so the update is not trivially zero.
-    step = train.make_pretrain_step(
-        model, tx, schedule, mesh, shardings, num_classes=10, temperature=0.2
-    )
+    config.loss.temperature = 0.2
+    loss_fn = modes.pretrain.loss(config, model, mesh)
+    train_step = step.make_step(loss_fn, tx, schedule, mesh, shardings)
     for _ in range(2):
-        state, metrics = step(state, parallel.host_batch_to_global(batch, mesh))
+        state, metrics = train_step(state, parallel.host_batch_to_global(batch, mesh))
     return jax.device_get((state.params, state.batch_stats, metrics))
 
 
@@ -87,7 +87,7 @@ def test_one_step_on_8_devices_equals_1_device(devices):
 def test_resume_is_exact(tmp_path, monkeypatch):
     """4 steps straight == 2 steps, interrupted, then resumed for 2 (deterministic data)."""
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(tiny_config(), straight)
+    dispatch.train_and_evaluate(tiny_config(), straight)
 
     real_save = checkpoint.save
 
@@ -99,28 +99,28 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(tiny_config(), resumed)
+        dispatch.train_and_evaluate(tiny_config(), resumed)
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert checkpoint.open_for_restore(resumed)[1] == 2
-    results = train.train_and_evaluate(tiny_config(), resumed)
+    results = dispatch.train_and_evaluate(tiny_config(), resumed)
     assert results["step"] == 4
     a, b = read_variables(straight), read_variables(resumed)
     assert_trees_close(a, b, rtol=0, atol=0)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_batches = train.data.make_train_batches
+    real_batches = modes.pretrain.data.make_train_batches
 
     def poisoned(*args, **kwargs):
-        for step, batch in enumerate(real_batches(*args, **kwargs), start=1):
-            if step == 3:
+        for index, batch in enumerate(real_batches(*args, **kwargs), start=1):
+            if index == 3:
                 batch = dict(batch, image=batch["image"] * np.float32(np.nan))
             yield batch
 
-    monkeypatch.setattr(train.data, "make_train_batches", poisoned)
+    monkeypatch.setattr(modes.pretrain.data, "make_train_batches", poisoned)
     workdir = str(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match="step 3"):
-        train.train_and_evaluate(tiny_config(train_steps=6), workdir)
+        dispatch.train_and_evaluate(tiny_config(train_steps=6), workdir)
     manager, latest = checkpoint.open_for_restore(workdir)
     assert latest == 2 and manager.all_steps() == [2]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(read_variables(workdir)))
@@ -174,7 +174,7 @@ def test_frozen_parameters_follow_fine_tune_after_block():
     params = jax.eval_shape(
         lambda: model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
     )["params"]
-    labels = training.param_labels(params, config)
+    labels = loop.param_labels(params, config)
     enc = labels["encoder"]
     assert {
         enc["stem"]["conv1"]["conv"]["kernel"],

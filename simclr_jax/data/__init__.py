@@ -10,7 +10,7 @@ from simclr_jax.data.backends import (
     make_train_batches,
     make_train_iterator,
 )
-from simclr_jax.data.common import DatasetInfo, get_dataset_info
+from simclr_jax.data.common import DatasetInfo, get_dataset_info, planned_dataset_info
 from simclr_jax.data.spec import AugmentParams, augment_params
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "make_eval_iterator",
     "make_train_batches",
     "make_train_iterator",
+    "planned_dataset_info",
 ]

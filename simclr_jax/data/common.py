@@ -153,3 +153,28 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
         num_classes = max(num_classes, source.num_classes)
         class_names = class_names or getattr(source, "class_names", ())
     return DatasetInfo(num_classes=num_classes, num_examples=counts, class_names=class_names)
+
+
+# Classes and training-split sizes of well-known datasets: a run planned on a machine that does
+# not hold them (the preflight) takes its sizes from here.
+KNOWN_DATASETS = {
+    "imagenet2012": (1000, {"train": 1_281_167, "validation": 50_000}),
+    "cifar10": (10, {"train": 50_000, "test": 10_000}),
+    "cifar100": (100, {"train": 50_000, "test": 10_000}),
+}
+LABEL_SUBSET_FRACTION = {"1pct": 0.01, "10pct": 0.1}
+
+
+def planned_dataset_info(data_config: Any) -> DatasetInfo:
+    """num_classes and split sizes for planning a run: the bundled sample's own, else the
+    published sizes of a well-known dataset (KNOWN_DATASETS), else get_dataset_info (the data
+    on this machine: a folder or prepared TFDS dataset)."""
+    name = str(data_config.get("name", ""))
+    if data_config.source == "bundled" or name not in KNOWN_DATASETS:
+        return get_dataset_info(data_config)
+    classes, counts = KNOWN_DATASETS[name]
+    counts = dict(counts)
+    fraction = LABEL_SUBSET_FRACTION.get(str(data_config.get("label_subset", "")), 1.0)
+    split = str(data_config.train_split)
+    counts[split] = int(counts.get(split.split("[")[0], counts["train"]) * fraction)
+    return DatasetInfo(num_classes=classes, num_examples=counts, class_names=())

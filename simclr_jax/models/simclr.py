@@ -130,7 +130,7 @@ def validate_model_config(model_config: Any, *, num_classes: int, mode: str = "p
 
 def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain") -> SimCLR:
     """Builds SimCLR from model_config (a ConfigDict or mapping of model.* fields), checked
-    beforehand by validate_model_config (train.validate_config runs it before anything is built).
+    beforehand by validate_model_config (modes.validate_config runs it before anything is built).
 
     model.fine_tune_after_block only acts in mode 'finetune'; pretraining never freezes layers.
     """
@@ -163,3 +163,30 @@ def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain")
         ft_proj_selector=int(c["ft_proj_selector"]),
         zero_init_logits_layer=bool(c["zero_init_logits_layer"]),
     )
+
+
+def model_mode(train_mode: str) -> str:
+    """The model's mode for a run's mode: the probe head for pretraining, else 'finetune'."""
+    return "pretrain" if train_mode == "pretrain" else "finetune"
+
+
+def model_from_config(config: Any) -> SimCLR:
+    """The model a run's config (or a checkpoint's saved config) trains or evaluates."""
+    return create_model(
+        config.model, num_classes=int(config.model.num_classes), mode=model_mode(config.mode)
+    )
+
+
+def variables_init(model: SimCLR, image_size: int) -> Any:
+    """rng -> the model's fresh {'params', 'batch_stats'} (the values depend on rng only)."""
+
+    def init(rng: jax.Array) -> dict[str, Any]:
+        variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    return init
+
+
+def abstract_variables(model: SimCLR, image_size: int) -> dict[str, Any]:
+    """The model's {'params', 'batch_stats'} as ShapeDtypeStructs; nothing is allocated."""
+    return jax.eval_shape(variables_init(model, image_size), jax.random.key(0))

@@ -1,7 +1,8 @@
-"""The training skeleton every mode shares: durations (steps or epochs, converted here and
-nowhere else), the optimizer over the trainable parameters, restore or init (this workdir, else
-init_checkpoint), and the loop (input, checkpoints with their metadata, preemption, periodic
-eval) that `fit` runs with a mode's step. The modes (train.py, distill.py) import this module.
+"""The one training loop every mode runs, and what it needs to know of a run: durations (steps
+or epochs, converted here and nowhere else), the optimizer over the trainable parameters,
+restore or init (this workdir, else init_checkpoint), and the loop itself (input, checkpoints
+with their metadata, preemption, periodic eval) that `fit` runs with a mode's step
+(modes.train_program). This module knows no mode's loss.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from clu import metric_writers, periodic_actions
 from etils import epath
 
 from simclr_jax import checkpoint, evaluate, metrics, optim, preemption
-from simclr_jax.models import create_model, num_head_outputs
+from simclr_jax.models import abstract_variables, model_from_config, num_head_outputs
 from simclr_jax.train_state import TrainState, create_train_state
 
 TRAINABLE, FROZEN = "trainable", "frozen"
@@ -140,28 +140,22 @@ def restore_or_initialize(
     return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
 
 
-def check_init_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_init_checkpoint(config: ml_collections.ConfigDict, workdir: str | None) -> None:
     """Fails before anything compiles when linear_eval / finetune / eval would read
     config.init_checkpoint and it holds no checkpoint (FileNotFoundError saying what to pass)
-    or one of another architecture (ValueError naming each parameter and both shapes)."""
+    or one of another architecture (ValueError naming each parameter and both shapes).
+    workdir None: a run planned without one (the preflight), never a resumed one."""
     if not reads_init_checkpoint(config):
         return  # nothing to read: a distillation student may start from scratch
-    own = checkpoint.checkpoint_dir(workdir)
-    if config.mode != "eval" and own.exists() and any(p.name.isdigit() for p in own.iterdir()):
-        return  # resuming this workdir's own run
+    if workdir is not None and config.mode != "eval":
+        own = checkpoint.checkpoint_dir(workdir)
+        if own.exists() and any(p.name.isdigit() for p in own.iterdir()):
+            return  # resuming this workdir's own run
     manager, step = checkpoint.open_for_restore(
         config.init_checkpoint or workdir, config.init_checkpoint_step
     )
     if config.mode != "eval":
-        model = create_model(
-            config.model,
-            num_classes=config.model.num_classes,
-            mode=evaluate.model_mode(config.mode),
-        )
-        size = config.data.image_size
-        abstract = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-        )
+        abstract = abstract_variables(model_from_config(config), config.data.image_size)
         checkpoint.check_compatible(manager, step, abstract, init_checkpoint_prefixes(config))
     manager.close()
 
@@ -174,6 +168,7 @@ def train_loop(
     train_step: Callable,
     batches: Iterator[dict[str, jax.Array]],
     *,
+    extra: tuple[Any, ...] = (),
     config: ml_collections.ConfigDict,
     durations: Durations,
     manager: Any,
@@ -181,8 +176,9 @@ def train_loop(
     on_eval: Callable[[TrainState], dict[str, float]] | None = None,
     watcher: preemption.PreemptionWatcher | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
-    """Runs steps up to total_steps: logs, checks losses are finite before every save, saves
-    every checkpoint_every_steps and at the end. Returns the state and the last train metrics.
+    """Runs train_step(state, batch, *extra) up to total_steps: logs, checks losses are finite
+    before every save, saves every checkpoint_every_steps and at the end. Returns the state and
+    the last train metrics.
 
     On a preemption notice (`watcher`) it saves at the step all processes agree on and raises
     preemption.Preempted; the caller waits for that save to finish."""
@@ -196,7 +192,7 @@ def train_loop(
     if watcher is not None and start < total and watcher.reached_sync_point(start):
         raise preemption.Preempted(start, saved=False)
     for step in range(start + 1, total + 1):
-        state, step_metrics = train_step(state, next(batches))
+        state, step_metrics = train_step(state, next(batches), *extra)
         buffer.add(step, step_metrics)
         ticked_steps += 1
         report(step)
@@ -248,24 +244,20 @@ def fit(
     config: ml_collections.ConfigDict,
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
-    durations: Durations,
-    model: Any,
-    tx: optax.GradientTransformation,
+    program: Any,
     writer: metric_writers.MetricWriter,
-    *,
-    make_step: Callable[[Any], Callable],
-    make_batches: Callable[[int, dict[str, Any] | None], Any],
 ) -> tuple[TrainState, dict[str, Any]]:
     """What every training mode shares: the state created on the mesh, restored from this
-    workdir (or initialized, from init_checkpoint), then trained to durations.total_steps with
-    periodic checkpoints, evaluation and preemption handling.
+    workdir (or initialized, from init_checkpoint), then trained to the program's total steps
+    with periodic checkpoints, evaluation and preemption handling.
 
-    make_step(state shardings) -> step(state, batch). make_batches(start step, data_state saved
-    with the restored checkpoint or None) -> the input; it is closed however training ends, so
-    the input's worker processes (Grain) stop too."""
-    state, shardings = create_train_state(
-        model,
-        tx,
+    program: a modes.TrainProgram, whose step runs as step(state, batch, *extra inputs) on the
+    batches of its mode record (from the start step, with the data_state saved with the
+    restored checkpoint); the input is closed however training ends, so its worker processes
+    (Grain) stop too."""
+    state, _ = create_train_state(
+        program.model,
+        program.tx,
         mesh,
         image_size=config.data.image_size,
         seed=config.seed,
@@ -276,20 +268,22 @@ def fit(
     manager = checkpoint.create_manager(workdir, keep=config.keep_checkpoints)
     try:
         state = restore_or_initialize(state, manager, config)
-        train_step = make_step(shardings)
         start_step = int(jax.device_get(state.step))
-        batches = make_batches(start_step, saved_data_state(manager, start_step))
+        batches = program.mode.batches(
+            config, mesh, start_step, saved_data_state(manager, start_step)
+        )
         with watcher, contextlib.closing(batches):
             return train_loop(
                 state,
-                train_step,
+                program.step,
                 batches,
+                extra=program.extra.values,
                 config=config,
-                durations=durations,
+                durations=program.durations,
                 manager=manager,
                 writer=writer,
                 on_eval=lambda s: evaluate.evaluate_model(
-                    model, s.variables(), config, mesh, knn=False
+                    program.model, s.variables(), config, mesh, knn=False
                 ),
                 watcher=watcher,
             )

@@ -13,25 +13,22 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
-from clu import metric_writers
-from etils import epath
 
-from simclr_jax import checkpoint, data, evaluate, losses, parallel, step, training
-from simclr_jax.models import create_model
+from simclr_jax import checkpoint, data, evaluate, losses, parallel
+from simclr_jax.models import abstract_variables, model_from_config, variables_init
+from simclr_jax.modes.base import BatchSpec, ExtraInputs, Mode
 
 # Checkpoint modes whose model is a classifier trained end to end (a distilled student can
 # teach the next round).
 TEACHER_MODES = ("finetune", "distill")
 
 
-def validate_distill_config(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad distill.* / data.* field of a distill config."""
     d = config.get("distill")
     if d is None:
@@ -106,31 +103,17 @@ def check_teacher(config: ml_collections.ConfigDict, num_classes: int) -> None:
         )
 
 
-def teacher_variables_and_shardings(
-    model: Any, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-) -> tuple[Callable[[jax.Array], dict[str, Any]], dict[str, Any], Any]:
-    """(init, abstract variables, their shardings) of a teacher model: params and batch stats,
-    sharded like a train state (config.mesh.fsdp_min_size)."""
-    size = config.data.image_size
-
-    def init(rng: jax.Array) -> dict[str, Any]:
-        variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
-        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    return init, abstract, parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-
-
 def restore_teacher(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
 ) -> tuple[Any, dict[str, Any], Any]:
     """(teacher model, its variables sharded like a train state, their shardings)."""
     manager, step, saved = open_teacher(config)
-    model = create_model(
-        saved.model, num_classes=int(saved.model.num_classes), mode=evaluate.model_mode(saved.mode)
+    model = model_from_config(saved)
+    size = config.data.image_size
+    shardings = parallel.state_shardings(
+        abstract_variables(model, size), mesh, config.mesh.fsdp_min_size
     )
-    init, _, shardings = teacher_variables_and_shardings(model, config, mesh)
-    target = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    target = jax.jit(variables_init(model, size), out_shardings=shardings)(jax.random.key(0))
     variables, _ = checkpoint.restore_variables(
         manager, step, target, prefixes=("encoder", "projection_head", "classifier")
     )
@@ -138,6 +121,53 @@ def restore_teacher(
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     logging.info("Teacher: %s step %d (%s).", config.distill.teacher_checkpoint, step, saved.model)
     return model, variables, shardings
+
+
+def unreachable_errors() -> tuple[type[Exception], ...]:
+    """The errors of opening a checkpoint that mean this host has nothing there to read: no
+    checkpoint at the path (checkpoint.open_for_restore's FileNotFoundError) or storage it
+    cannot reach (OSError; TensorFlow's OpError, through which epath reads gs:// paths)."""
+    tensorflow = sys.modules.get("tensorflow")  # not imported: none of its errors was raised
+    return (OSError, tensorflow.errors.OpError) if tensorflow else (OSError,)
+
+
+def abstract_teacher(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> tuple[Any, dict[str, Any], Any, str]:
+    """(teacher model, its abstract variables with shardings, their shardings, where its
+    architecture came from), reading no parameter: distill.teacher_checkpoint's architecture
+    when a checkpoint is there, else (nothing at the path, or storage this host cannot reach)
+    the student's (self-distillation). One that is not a readable fine-tuned classifier is a
+    ValueError, as when training."""
+    teacher_config, source = config, "the student's architecture"
+    try:
+        manager, _, saved = open_teacher(config)
+    except unreachable_errors():  # nothing to read here: self-distillation's shapes
+        pass
+    else:
+        manager.close()
+        teacher_config, source = saved, str(config.distill.teacher_checkpoint)
+    model = model_from_config(teacher_config)
+    abstract = abstract_variables(model, config.data.image_size)
+    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    variables = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return model, variables, shardings, source
+
+
+def extra_inputs(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, abstract: bool
+) -> ExtraInputs:
+    """The frozen teacher: its variables are the step's one extra input (read, never donated
+    or trained), its module what the loss applies them with."""
+    if abstract:
+        model, variables, shardings, source = abstract_teacher(config, mesh)
+        notes = {"teacher": source}
+    else:
+        model, variables, shardings = restore_teacher(config, mesh)
+        notes = {"teacher": str(config.distill.teacher_checkpoint)}
+    return ExtraInputs((variables,), (shardings,), {"teacher": model}, notes)
 
 
 def distill_loss_fn(
@@ -179,25 +209,17 @@ def distill_loss_fn(
     return loss, (updated["batch_stats"], metrics)
 
 
-def make_distill_step(
-    student: Any,
-    teacher: Any,
-    teacher_variables: dict[str, Any],
-    teacher_shardings: Any,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    mesh: jax.sharding.Mesh,
-    state_shardings: Any,
-    *,
-    temperature: float,
-    alpha: float,
-) -> step.StepFn:
-    """step(state, batch) -> (state, metrics): one jit (explicit shardings, state donated)
-    holding the teacher's and the student's forward passes and the student's update."""
+def loss(
+    config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh, *, teacher: Any
+) -> Any:
+    """loss_fn(params, batch_stats, batch, teacher_variables): distill_loss_fn with
+    config.distill's temperature and alpha."""
+    del mesh  # a per-example loss: nothing crosses devices but BN's statistics
+    temperature, alpha = config.distill.temperature, config.distill.alpha
 
-    def loss_fn(params: Any, batch_stats: Any, batch: step.Batch, teacher_variables: Any):
+    def loss_fn(params: Any, batch_stats: Any, batch: Any, teacher_variables: Any):
         return distill_loss_fn(
-            student,
+            model,
             teacher,
             params,
             batch_stats,
@@ -207,96 +229,17 @@ def make_distill_step(
             alpha=alpha,
         )
 
-    # The teacher is an argument of the step (read, never donated or trained), not a constant.
-    return step.make_step(
-        loss_fn,
-        tx,
-        schedule,
-        mesh,
-        state_shardings,
-        constants={"teacher_variables": teacher_variables},
-        constants_shardings={"teacher_variables": teacher_shardings},
-    )
+    return loss_fn
 
 
-def distill_step_factory(
-    config: ml_collections.ConfigDict,
-    student: Any,
-    teacher: Any,
-    teacher_shardings: Any,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    mesh: jax.sharding.Mesh,
-) -> Callable[[Any, Any], step.StepFn]:
-    """make(state_shardings, teacher_variables) -> step(state, batch): make_distill_step with
-    config.distill's temperature and alpha, the one place its arguments are assembled (for
-    run_distill's restored teacher and the preflight's abstract one)."""
-
-    def make(state_shardings: Any, teacher_variables: Any) -> step.StepFn:
-        return make_distill_step(
-            student,
-            teacher,
-            teacher_variables,
-            teacher_shardings,
-            tx,
-            schedule,
-            mesh,
-            state_shardings,
-            temperature=config.distill.temperature,
-            alpha=config.distill.alpha,
-        )
-
-    return make
-
-
-def unreachable_errors() -> tuple[type[Exception], ...]:
-    """The errors of opening a checkpoint that mean this host has nothing there to read: no
-    checkpoint at the path (checkpoint.open_for_restore's FileNotFoundError) or storage it
-    cannot reach (OSError; TensorFlow's OpError, through which epath reads gs:// paths)."""
-    tensorflow = sys.modules.get("tensorflow")  # not imported: none of its errors was raised
-    return (OSError, tensorflow.errors.OpError) if tensorflow else (OSError,)
-
-
-def abstract_distill_step(
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    student: Any,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    state_shardings: Any,
-) -> tuple[Callable[..., Any], dict[str, Any], str]:
-    """(jitted step(state, teacher_variables, batch), the teacher's abstract variables with
-    their shardings, where its architecture came from): run_distill's step to lower and compile
-    ahead of time, reading no parameter. The teacher is distill.teacher_checkpoint's
-    architecture when a checkpoint is there, else (nothing at the path, or storage this host
-    cannot reach) the student's (self-distillation); one that is not a readable fine-tuned
-    classifier is a ValueError, as in run_distill."""
-    teacher_config, mode, source = config.model, "finetune", "the student's architecture"
-    try:
-        manager, _, saved = open_teacher(config)
-    except unreachable_errors():  # nothing to read here: self-distillation's shapes
-        pass
-    else:
-        manager.close()
-        teacher_config, mode = saved.model, evaluate.model_mode(saved.mode)
-        source = str(config.distill.teacher_checkpoint)
-    teacher = create_model(teacher_config, num_classes=int(config.model.num_classes), mode=mode)
-    _, abstract, teacher_shardings = teacher_variables_and_shardings(teacher, config, mesh)
-    make = distill_step_factory(config, student, teacher, teacher_shardings, tx, schedule, mesh)
-
-    def distill_step(state: Any, teacher_variables: Any, batch: Any) -> Any:
-        return make(state_shardings, teacher_variables)(state, batch)
-
-    jitted = jax.jit(
-        distill_step,
-        in_shardings=(state_shardings, teacher_shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    teacher_variables = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, teacher_shardings
-    )
-    return jitted, teacher_variables, source
+def batch_spec(config: ml_collections.ConfigDict) -> BatchSpec:
+    """Unlabeled images; with alpha < 1 labelled images and their labels too."""
+    b, size = config.train_batch_size, config.data.image_size
+    spec = {"image": ((b, size, size, 3), jnp.float32)}
+    if config.distill.alpha < 1.0:
+        spec |= {"labeled_image": ((b, size, size, 3), jnp.float32),
+                 "labeled_label": ((b,), jnp.int32)}  # fmt: skip
+    return spec
 
 
 class DistillBatches:
@@ -329,13 +272,13 @@ class DistillBatches:
                 stream.close()
 
 
-def distill_batches(
+def batches(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     start_step: int,
     data_state: dict[str, Any] | None = None,
 ) -> DistillBatches:
-    """The input of run_distill from batch start_step; batch k depends only on (seed, k) with
+    """The distillation input from batch start_step; batch k depends only on (seed, k) with
     deterministic data. data_state: a DistillBatches.state() saved with the checkpoint."""
     common = {"num_views": 1, "augmentation": "crop_flip", "start_step": start_step}
     unlabeled = data.make_train_batches(
@@ -363,50 +306,23 @@ def distill_batches(
     return DistillBatches(unlabeled, labeled)
 
 
-def run_distill(
-    config: ml_collections.ConfigDict,
-    workdir: epath.Path,
-    mesh: jax.sharding.Mesh,
-    info: data.DatasetInfo,
-    writer: metric_writers.MetricWriter,
-) -> dict[str, Any]:
-    """mode distill: restore the teacher, build / restore the student, train, evaluate both."""
-    durations = training.resolve_durations(config, info.num_examples[config.data.train_split])
-    teacher, teacher_variables, teacher_shardings = restore_teacher(config, mesh)
-    student = create_model(config.model, num_classes=config.model.num_classes, mode="finetune")
-    tx, schedule = training.create_optimizer(config, durations)
-
-    make = distill_step_factory(config, student, teacher, teacher_shardings, tx, schedule, mesh)
-
-    logging.info(
-        "mode=distill: %d steps (%.1f steps/epoch), tau %g, alpha %g, batch %d on %d devices.",
-        durations.total_steps,
-        durations.steps_per_epoch,
-        config.distill.temperature,
-        config.distill.alpha,
-        config.train_batch_size,
-        mesh.size,
+def teacher_results(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, extra: ExtraInputs
+) -> dict[str, float]:
+    """The teacher's own top-1 / top-5 / loss on the eval split, beside the student's."""
+    taught = evaluate.evaluate_model(
+        extra.modules["teacher"], extra.values[0], config, mesh, knn=False
     )
-    state, last = training.fit(
-        config,
-        workdir,
-        mesh,
-        durations,
-        student,
-        tx,
-        writer,
-        make_step=lambda shardings: make(shardings, teacher_variables),
-        make_batches=lambda start_step, data_state: distill_batches(
-            config, mesh, start_step, data_state
-        ),
-    )
-    results = evaluate.evaluate_model(student, state.variables(), config, mesh, knn=config.knn_eval)
-    taught = evaluate.evaluate_model(teacher, teacher_variables, config, mesh, knn=False)
-    teacher_results = {f"teacher_{k}": taught[k] for k in ("top1", "top5", "eval_loss")}
-    return {
-        "mode": "distill",
-        "step": int(jax.device_get(state.step)),
-        **last,
-        **results,
-        **teacher_results,
-    }
+    return {f"teacher_{k}": taught[k] for k in ("top1", "top5", "eval_loss")}
+
+
+MODE = Mode(
+    name="distill",
+    validate=validate,
+    batch_spec=batch_spec,
+    batches=batches,
+    loss=loss,
+    extra_inputs=extra_inputs,
+    metrics=("distill_loss", "teacher_agreement", "labeled_loss"),
+    extra_results=teacher_results,
+)
