@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import metric_writers
 from etils import epath
 
 from simclr_jax import checkpoint, data, evaluate, losses, parallel, step, training
+from simclr_jax.metrics import MetricWriter
 from simclr_jax.models import create_model
 
 # Checkpoint modes whose model is a classifier trained end to end (a distilled student can
@@ -368,7 +368,7 @@ def run_distill(
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     info: data.DatasetInfo,
-    writer: metric_writers.MetricWriter,
+    writer: MetricWriter,
 ) -> dict[str, Any]:
     """mode distill: restore the teacher, build / restore the student, train, evaluate both."""
     durations = training.resolve_durations(config, info.num_examples[config.data.train_split])

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import metric_writers
 from etils import epath
 
 from simclr_jax import (
@@ -243,7 +242,7 @@ def run_training(
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     info: data.DatasetInfo,
-    writer: metric_writers.MetricWriter,
+    writer: metrics.MetricWriter,
 ) -> dict[str, Any]:
     """pretrain / linear_eval / finetune: build, restore or init, train, evaluate."""
     durations = training.resolve_durations(config, info.num_examples[config.data.train_split])
@@ -337,5 +336,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     writer.flush()
     metrics.write_json(workdir / "results.json", results)
-    logging.info("Results: %s", results)
+    logging.info("Results in %s.", workdir / "results.json")
     return results

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from simclr_jax import checkpoint, evaluate, metrics, optim, preemption
@@ -177,7 +176,7 @@ def train_loop(
     config: ml_collections.ConfigDict,
     durations: Durations,
     manager: Any,
-    writer: metric_writers.MetricWriter,
+    writer: metrics.MetricWriter,
     on_eval: Callable[[TrainState], dict[str, float]] | None = None,
     watcher: preemption.PreemptionWatcher | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
@@ -188,7 +187,6 @@ def train_loop(
     preemption.Preempted; the caller waits for that save to finish."""
     total = durations.total_steps
     start = int(jax.device_get(state.step))
-    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=30)
     buffer, last, tick, ticked_steps = metrics.MetricBuffer(), {}, time.time(), 0
     log_every = config.log_every_steps or total
     # A notice during set-up or restore: stop before the first step (the state equals the
@@ -199,7 +197,6 @@ def train_loop(
         state, step_metrics = train_step(state, next(batches))
         buffer.add(step, step_metrics)
         ticked_steps += 1
-        report(step)
         # Asked at every step on every process: the sync protocol needs each step id.
         preempted = watcher is not None and watcher.reached_sync_point(step)
         save_now = (
@@ -251,7 +248,7 @@ def fit(
     durations: Durations,
     model: Any,
     tx: optax.GradientTransformation,
-    writer: metric_writers.MetricWriter,
+    writer: metrics.MetricWriter,
     *,
     make_step: Callable[[Any], Callable],
     make_batches: Callable[[int, dict[str, Any] | None], Any],
