@@ -2,7 +2,8 @@
 
 One uninterrupted 1-process x 8-device run is the reference for everything here:
 - pod: 2 processes x 4 devices (gloo, loopback coordinator) resume the reference's step-2
-  checkpoint, one host gets SIGTERM, both save at the agreed step and exit 0, the relaunch
+  checkpoint, one host gets SIGTERM, both save at the agreed step and exit with the preemption
+  status (42, which schedulers restart), the relaunch
   finishes; parameters and metrics equal the reference's, its eval counts every example once.
 - killed: 1 process, SIGKILL at a random step, then SIGKILL while the last checkpoint is being
   committed, then a relaunch: parameters bit-identical to the reference (deterministic data).
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 from pod_worker import complete_steps, run_pod, tiny_flags
 
-from simclr_jax import checkpoint, evaluate, parallel
+from simclr_jax import checkpoint, evaluate, parallel, preemption
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +115,8 @@ def killed(tmp_path_factory, reference):
 
 def test_sigterm_on_one_host_saves_at_the_agreed_step_on_both(pod):
     codes, logs = pod.first
-    check_ran(codes, logs, [0, 0])  # a preempted run exits cleanly
+    # Preempted, checkpoint saved: the status a scheduler restarts, on every host.
+    check_ran(codes, logs, [preemption.EXIT_PREEMPTED] * 2)
     agreed = [re.findall(r"checkpoint saved at step (\d+)", log) for log in logs]
     assert agreed[0] == agreed[1] and len(agreed[0]) == 1, agreed
     step = int(agreed[0][0])
