@@ -466,7 +466,7 @@ def test_cli_writes_nothing_on_bad_input(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     smoke_checkpoint, tmp_path, capsys
 ):

@@ -26,7 +26,7 @@ from pod_worker import complete_steps, run_pod, tiny_flags
 
 from simclr_jax import checkpoint, evaluate, parallel, preemption
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 TOTAL_STEPS = 6
 EVAL_EXAMPLES, EVAL_BATCH = 100, 48  # tiny_flags: test[:10] is 10 images per class

@@ -270,7 +270,7 @@ def _run(config, workdir):
     return train.train_and_evaluate(config, str(workdir))
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_runlocal_pretrain_linear_eval_and_eval(imagenet, tmp_path, monkeypatch):
     data_dir, _, names, _ = imagenet
     monkeypatch.setattr(socket.socket, "connect", _no_network)
