@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shared_data import CIFAR_TARBALL
+from helpers import CIFAR_TARBALL
 
 from benchmarks import bench_augment_step, profile_step
 

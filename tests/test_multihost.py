@@ -18,38 +18,23 @@ import shutil
 import signal
 from types import SimpleNamespace
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
+from helpers import assert_trees_close
+from helpers import read_variables as restore_variables
 from pod_worker import complete_steps, run_pod, tiny_flags
 
-from simclr_jax import checkpoint, evaluate, parallel, preemption
+from simclr_jax import preemption
 
 pytestmark = pytest.mark.multiprocess
 
 TOTAL_STEPS = 6
+# each restore costs tens of seconds on 2 busy cores; tests share them
+read_variables = functools.cache(restore_variables)
 EVAL_EXAMPLES, EVAL_BATCH = 100, 48  # tiny_flags: test[:10] is 10 images per class
 SAME_BATCH = {"same_global_batch": 1}
 METRICS = ("loss", "contrast_loss", "contrast_acc", "probe_loss", "grad_norm", "param_norm")
 EVAL_METRICS = ("eval_loss", "top1", "top5", "num_eval_examples")
-
-
-@functools.cache  # each restore costs tens of seconds on 2 busy cores; tests share them
-def read_variables(workdir, step):
-    """Params and batch stats of a checkpoint, restored in THIS (1-process) pytest process."""
-    manager, step = checkpoint.open_for_restore(workdir, step)
-    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
-    _, variables = evaluate.restore_model(manager, step, saved, parallel.create_mesh())
-    return jax.device_get(variables)
-
-
-def assert_trees_close(a, b, rtol, atol):
-    flat_a, tree_a = jax.tree.flatten(a)
-    flat_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(flat_a, flat_b, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def results(workdir):

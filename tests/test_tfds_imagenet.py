@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import IMAGENET_SUBSETS as SUBSETS
+from helpers import require
 from PIL import Image
-from shared_data import IMAGENET_SUBSETS as SUBSETS
-from shared_data import require
 
 from configs import imagenet_linear_eval, imagenet_pretrain
 from simclr_jax import data, train
