@@ -14,10 +14,9 @@ Args: pretrain (default) | linear_eval | finetune | distill | eval (eval needs
 --config.init_checkpoint). finetune sees the labels of LABELED_SPLIT only (SimCLRv2's
 semi-supervised fine-tuning); distill trains a student of the same architecture (self-
 distillation) on all 3000 training images labelled by the fine-tuned teacher's predictions.
-ResNet-18 width 1 at 16 px with the standard (strided) stem: on 2 CPU cores a 32 px CIFAR-stem
-step took ~30x longer in our measurements, and only this size lets ~150
-pretraining steps fit in about three minutes. Use configs/cifar10_pretrain.py:runlocal or the
-full CIFAR-10 recipe for 32 px.
+ResNet-18 width 1 at 16 px with the standard (strided) stem, so that ~150 pretraining steps
+take minutes on a CPU (a 32 px CIFAR-stem step costs over an order of magnitude more). Use
+configs/cifar10_pretrain.py:runlocal or the full CIFAR-10 recipe for 32 px.
 """
 
 from __future__ import annotations
@@ -68,10 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.learning_rate = 1.0
         config.optim.weight_decay = 1e-4
         # The online probe runs outside LARS, as the reference, i.e. at the full LR (0.25 at
-        # this batch); on the unnormalised h of this tiny run that makes it oscillate (probe
-        # loss 4-11). Eval top-1 of the probe at 1 / 0.4 / 0.2 / 0.1 x that LR: 0.220 / 0.235
-        # / 0.285 / 0.307, against 0.346 for a frozen linear eval of the same encoder (the
-        # probe does not touch the encoder). Not a reference knob: recipes keep 1.0.
+        # this batch), which is too high for the unnormalised h of this tiny model; the probe
+        # does not touch the encoder. Not a reference knob: the recipes keep 1.0.
         config.optim.classifier_lr_scale = 0.1
     else:
         config.train_batch_size = 256
@@ -80,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every_steps = 50
         config.optim.optimizer = "momentum"
         config.optim.nesterov = True
-        # h is not normalized: 0.05 x B/256 keeps the first steps stable (0.4 diverged).
+        # h is not normalized: a small LR (0.05 x B/256) keeps the first steps stable.
         config.optim.learning_rate = 0.05
         config.optim.weight_decay = 0.0
         config.model.fine_tune_after_block = 4 if mode == "linear_eval" else 2
@@ -90,11 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data.train_split = LABELED_SPLIT
     if mode == "distill":
         # Self-distillation on the whole unlabeled split: student = the smoke architecture,
-        # init_checkpoint = the pretraining workdir, teacher = the fine-tuned workdir.
-        # Measured under load on the bundled sample (README): distillation alone (alpha 1) at
-        # tau 1 reached 0.299-0.303 top-1 against the teacher's 0.318 (tau 0.1, with the loss's
-        # tau^2 weight: 0.298 against 0.287 in the README's run); half distillation, half
-        # labelled loss (paper eq. 3) reached 0.326.
+        # init_checkpoint = the pretraining workdir, teacher = the fine-tuned workdir. Half
+        # distillation, half labelled loss (alpha 0.5: the SimCLRv2 paper's eq. 3) at tau 1.
         config.train_batch_size = 128
         config.train_steps = 60
         config.checkpoint_every_steps = 30

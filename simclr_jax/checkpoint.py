@@ -290,7 +290,8 @@ def log_restore_report(report: Mapping[str, list[str]], source: str) -> None:
     """Logs which parameters came from the checkpoint, which were initialized, which skipped."""
 
     def summary(keys: list[str]) -> str:
-        groups = sorted({"/".join(k.split("/")[:3]) for k in keys})
+        # Two levels (params/encoder, batch_stats/encoder) keep the line short on a console.
+        groups = sorted({"/".join(k.split("/")[:2]) for k in keys})
         return ", ".join(groups) if groups else "none"
 
     logging.info(

@@ -35,11 +35,12 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from simclr_jax import checkpoint, models
+from simclr_jax import checkpoint, cli, models
 from simclr_jax.config import get_base_config
 from simclr_jax.models import create_model, model_from_config, model_mode, validate_model_config
 from simclr_jax.models.heads import head_kernel_init
 from simclr_jax.models.resnet import MAX_WIDTH_MULTIPLIER, STAGE_SIZES
+from simclr_jax.preemption import EXIT_CONFIG_ERROR
 
 SK_RATIO = 0.0625  # the published SimCLRv2 selective-kernel ratio
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -782,13 +783,13 @@ def named_outputs(
 
 def run_cli(checkpoint_path: str, workdir: str, overrides: Any = None) -> int:
     """Converts, writes the workdir and prints the table; a ConversionError is one stderr line
-    and exit status 1 (nothing written)."""
+    and exit status 2 (nothing written)."""
     try:
         result = convert(checkpoint_path, overrides)
         write_workdir(result, workdir)
     except ConversionError as e:
         print(f"simclr_jax.convert: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG_ERROR
     sys.stdout.write(result.table())
     if "finetuned" in str(checkpoint_path) and not result.config.model.ft_proj_selector:
         print(
@@ -805,13 +806,13 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     if len(argv) > 1:
-        raise SystemExit(f"simclr_jax.convert: error: unexpected arguments {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
     f = flags.FLAGS
     raise SystemExit(run_cli(f.checkpoint, f.workdir, f.config))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     flags.DEFINE_string("checkpoint", None, "TF1 prefix/dir or TF2 SavedModel, local or gs://.")
@@ -820,7 +821,7 @@ if __name__ == "__main__":
         "config", default_config(), "Overrides, e.g. --config.model.ft_proj_selector=1."
     )
     flags.mark_flags_as_required(["checkpoint", "workdir"])
-    app.run(main)
+    cli.run(main, prog="simclr_jax.convert")
 
 
 __all__ = [

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import ml_collections
-from clu import metric_writers
 from etils import epath
 
 from simclr_jax import checkpoint, data, evaluate, loop, metrics, modes, parallel
@@ -23,7 +22,7 @@ def run_training(
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     info: data.DatasetInfo,
-    writer: metric_writers.MetricWriter,
+    writer: metrics.MetricWriter,
 ) -> dict[str, Any]:
     """pretrain / linear_eval / finetune / distill: build, restore or init, train, evaluate."""
     program = modes.train_program(config, mesh, info.num_examples[config.data.train_split])
@@ -87,5 +86,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     writer.flush()
     metrics.write_json(workdir / "results.json", results)
-    logging.info("Results: %s", results)
+    logging.info("Results in %s.", workdir / "results.json")
     return results

@@ -9,10 +9,10 @@ split of that data source. Labels go to <out>_labels.npy next to the embeddings.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
-from simclr_jax import evaluate
+from simclr_jax import cli, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or its checkpoints/).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the checkpoint's data source.")
@@ -30,7 +30,8 @@ def embed_split(workdir: str, split: str, *, step: int = -1, batch_size: int = 2
 
 def main(argv: list[str]) -> None:
     """Embeds the split and writes the .npy files."""
-    del argv
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
     features, labels = embed_split(
         _WORKDIR.value, _SPLIT.value, step=_STEP.value, batch_size=_BATCH.value
     )
@@ -44,4 +45,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, prog="simclr_jax.embed")

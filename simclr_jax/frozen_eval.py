@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
-from simclr_jax import evaluate, metrics
+from simclr_jax import cli, evaluate, metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (or its checkpoints/).")
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Fresh weights, checkpoint architecture.")
@@ -133,7 +133,8 @@ def frozen_eval(
 
 def main(argv: list[str]) -> None:
     """Evaluates and writes the results JSON."""
-    del argv
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
     results = frozen_eval(
         _WORKDIR.value,
         random_init=_RANDOM_INIT.value,
@@ -144,9 +145,9 @@ def main(argv: list[str]) -> None:
     name = "frozen_eval_random.json" if _RANDOM_INIT.value else "frozen_eval.json"
     out = _OUT.value or str(epath.Path(_WORKDIR.value) / name)
     metrics.write_json(out, results)
-    logging.info("Frozen eval of %s: %s -> %s", _WORKDIR.value, results, out)
+    logging.info("Frozen eval of %s -> %s", _WORKDIR.value, out)
     print(results)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, prog="simclr_jax.frozen_eval")

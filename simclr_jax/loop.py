@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import ml_collections
 import optax
-from clu import metric_writers, periodic_actions
 from etils import epath
 
 from simclr_jax import checkpoint, evaluate, metrics, optim, preemption
@@ -172,7 +171,7 @@ def train_loop(
     config: ml_collections.ConfigDict,
     durations: Durations,
     manager: Any,
-    writer: metric_writers.MetricWriter,
+    writer: metrics.MetricWriter,
     on_eval: Callable[[TrainState], dict[str, float]] | None = None,
     watcher: preemption.PreemptionWatcher | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
@@ -184,7 +183,6 @@ def train_loop(
     preemption.Preempted; the caller waits for that save to finish."""
     total = durations.total_steps
     start = int(jax.device_get(state.step))
-    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=30)
     buffer, last, tick, ticked_steps = metrics.MetricBuffer(), {}, time.time(), 0
     log_every = config.log_every_steps or total
     # A notice during set-up or restore: stop before the first step (the state equals the
@@ -195,7 +193,6 @@ def train_loop(
         state, step_metrics = train_step(state, next(batches), *extra)
         buffer.add(step, step_metrics)
         ticked_steps += 1
-        report(step)
         # Asked at every step on every process: the sync protocol needs each step id.
         preempted = watcher is not None and watcher.reached_sync_point(step)
         save_now = (
@@ -245,7 +242,7 @@ def fit(
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     program: Any,
-    writer: metric_writers.MetricWriter,
+    writer: metrics.MetricWriter,
 ) -> tuple[TrainState, dict[str, Any]]:
     """What every training mode shares: the state created on the mesh, restored from this
     workdir (or initialized, from init_checkpoint), then trained to the program's total steps

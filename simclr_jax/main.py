@@ -1,15 +1,22 @@
 """Command line: python -m simclr_jax.main --config=configs/<name>.py[:arg] --workdir=DIR.
 
 Any config field can be overridden with --config.<field>=<value> (e.g. --config.mode=eval,
---config.init_checkpoint=/tmp/pretrain). The workdir may be local or gs://.
+--config.init_checkpoint=/tmp/pretrain). The workdir may be local or gs://. `-v 1` also shows
+the full config and other libraries' INFO lines (config.json in the workdir has the config).
+
+Exit status (simclr_jax.preemption): 0 finished, or stopped on purpose (SIGTERM with
+<workdir>/stop_requested present); 42 preempted by SIGTERM, checkpoint saved (restart it);
+2 a config, argument or data error (one line on stderr).
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+import sys
+
+from absl import flags, logging
 from ml_collections import config_flags
 
-from simclr_jax import dispatch, parallel, preemption
+from simclr_jax import cli, dispatch, parallel, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
@@ -30,7 +37,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     """Starts multi-host JAX when needed and runs dispatch.train_and_evaluate."""
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value.")
     parallel.initialize_distributed(
         _COORDINATOR.value,
         _NUM_PROCESSES.value,
@@ -38,15 +45,29 @@ def main(argv: list[str]) -> None:
         timeout_seconds=_DISTRIBUTED_TIMEOUT.value,
         heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
     )
-    config = _CONFIG.value
+    config, workdir = _CONFIG.value, _WORKDIR.value
     config.lock()
-    logging.info("Config:\n%s", config)
+    logging.info(
+        "%s: mode %s, workdir %s.",
+        config_flags.get_config_filename(flags.FLAGS["config"]),
+        config.mode,
+        workdir,
+    )
+    logging.debug("Config:\n%s", config)
+    preemption.remove_stale_stop_marker(workdir)
     try:
-        dispatch.train_and_evaluate(config, _WORKDIR.value)
+        dispatch.train_and_evaluate(config, workdir)
     except preemption.Preempted as stop:
-        # Exit status 0: the scheduler relaunches the job and it resumes from this checkpoint.
-        logging.warning("%s", stop)
+        status = preemption.exit_status_after_stop(workdir)
+        why = " (stop requested)" if status == preemption.EXIT_FINISHED else ""
+        logging.warning("%s; exit status %d%s.", stop, status, why)
+        sys.exit(status)
+
+
+def run() -> None:
+    """The command line (also what tests/pod_worker.py runs after installing its hooks)."""
+    cli.run(main, prog="simclr_jax.main")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,16 +1,22 @@
-"""Metric bookkeeping at the edges: per-step metric buffers, finiteness checks, writers, JSON."""
+"""Metric bookkeeping at the edges: per-step metric buffers, finiteness checks, writers, JSON.
+
+The writers share clu's MetricWriter methods (write_scalars, write_hparams, flush, close), so
+clu's TensorBoard writer joins them when wanted; clu.metric_writers itself is imported only
+then, because importing it imports TensorFlow, which the TF-free path (data.backend='jax')
+must not need.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 
@@ -43,22 +49,104 @@ def log_progress(step: int, total: int, images_per_sec: float, steps_per_sec: fl
         logging.info("%s", progress_line(step, total, images_per_sec, steps_per_sec))
 
 
-def create_writer(
-    workdir: str | epath.Path, *, tensorboard: bool = True
-) -> metric_writers.MetricWriter:
-    """Logging everywhere; on process 0 also workdir/metrics.jsonl and, when `tensorboard`,
-    TensorBoard event files (those need TensorFlow, so the TF-free path turns them off)."""
-    writers: list[metric_writers.MetricWriter] = [metric_writers.LoggingWriter()]
+class MetricWriter:
+    """What the loop writes to: scalars per step, hyperparameters, flush and close (the part
+    of clu's MetricWriter interface this project uses). The base class writes nothing."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Scalars of one step."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Hyperparameters, once."""
+
+    def flush(self) -> None:
+        """Writes out anything buffered."""
+
+    def close(self) -> None:
+        """Flushes and releases what the writer holds."""
+        self.flush()
+
+
+class MultiWriter(MetricWriter):
+    """Writes to each of several writers (clu's writers included) in turn."""
+
+    def __init__(self, writers: Sequence[Any]) -> None:
+        self._writers = list(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """To every writer."""
+        for writer in self._writers:
+            writer.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """To every writer."""
+        for writer in self._writers:
+            writer.write_hparams(hparams)
+
+    def flush(self) -> None:
+        """Flushes every writer."""
+        for writer in self._writers:
+            writer.flush()
+
+    def close(self) -> None:
+        """Closes every writer."""
+        for writer in self._writers:
+            writer.close()
+
+
+# Rates that the progress line already shows; clu-style step timers add "uptime".
+_NOT_ON_CONSOLE = frozenset({"images_per_sec", "steps_per_sec", "uptime"})
+CONSOLE_WIDTH = 200  # characters of scalars per console line, before the log prefix
+
+
+def console_lines(step: int, scalars: Mapping[str, Any], width: int = CONSOLE_WIDTH) -> list[str]:
+    """'step 20: loss 1.234, top1 0.5' wrapped into lines of at most `width` characters; the
+    'final/' prefix every result carries becomes a 'results at step N:' heading."""
+    items = {k: v for k, v in sorted(scalars.items()) if k not in _NOT_ON_CONSOLE}
+    if not items:
+        return []
+    final = all(k.startswith("final/") for k in items)
+    head = f"results at step {step}:" if final else f"step {step}:"
+    lines, line = [], head
+    for key, value in items.items():
+        name = key.removeprefix("final/") if final else key
+        number = float(np.asarray(value))
+        text = f"{number:.6g}" if not number.is_integer() or abs(number) > 1e15 else f"{number:.0f}"
+        item = f" {name} {text}"
+        if len(line) + len(item) + 1 > width and line != head:
+            lines.append(line + ",")
+            line = " "
+        elif line != head:
+            item = "," + item
+        line += item
+    lines.append(line)
+    return lines
+
+
+class ConsoleWriter(MetricWriter):
+    """Scalars as short log lines (console_lines): each interval's metrics and the results."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Logs the scalars, wrapped."""
+        for line in console_lines(step, scalars):
+            logging.info("%s", line)
+
+
+def create_writer(workdir: str | epath.Path, *, tensorboard: bool = True) -> MetricWriter:
+    """The console everywhere; on process 0 also workdir/metrics.jsonl and, when `tensorboard`,
+    TensorBoard event files (clu's writer; TensorFlow, imported here only, so the TF-free path
+    turns them off)."""
+    writers: list[Any] = [ConsoleWriter()]
     if is_writer_process():
         writers.append(JsonLinesWriter(epath.Path(workdir) / METRICS_FILE))
         if tensorboard:
             from clu.metric_writers.tf.summary_writer import SummaryWriter
 
             writers.append(SummaryWriter(str(workdir)))
-    return metric_writers.AsyncMultiWriter(writers)
+    return MultiWriter(writers)
 
 
-class JsonLinesWriter(metric_writers.MetricWriter):
+class JsonLinesWriter(MetricWriter):
     """Scalars (and hparams) as one JSON object per line: {"step": s, "name": value, ...}.
 
     Needs no TensorFlow. A local file is appended to line by line. Object stores (gs://) cannot

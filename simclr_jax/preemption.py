@@ -5,6 +5,10 @@ Multi-process runs use JAX's preemption sync manager: `jax.distributed.initializ
 SIGTERM listener, tells every process when any one of them is notified, and
 `reached_preemption_sync_point(step)` turns True on all of them at the same step. A single
 process needs no agreement: a Python SIGTERM handler sets a flag the loop checks every step.
+
+The exit status tells a scheduler what happened (JobSet / xpk and `launch/tpu.py supervise`
+restart on EXIT_PREEMPTED and never on EXIT_CONFIG_ERROR); the launchers repeat these numbers
+and the marker name, since they cannot import JAX.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ import threading
 from typing import Any
 
 import jax
+from etils import epath
 from jax.experimental import multihost_utils
+
+EXIT_FINISHED = 0  # results.json written, or stopped on purpose (the stop marker was there)
+EXIT_CONFIG_ERROR = 2  # a config, argument or data error: one line on stderr; never restart
+EXIT_PREEMPTED = 42  # SIGTERM without the stop marker, checkpoint saved: restart to resume
+# `launch/tpu.py stop` writes <workdir>/STOP_MARKER before it sends SIGTERM: the run then saves
+# and exits EXIT_FINISHED, so a scheduler does not bring it back.
+STOP_MARKER = "stop_requested"
 
 
 class Preempted(Exception):
@@ -81,3 +93,23 @@ class PreemptionWatcher:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def stop_marker(workdir: str | epath.Path) -> epath.Path:
+    """The file whose presence turns a SIGTERM into a deliberate stop."""
+    return epath.Path(workdir) / STOP_MARKER
+
+
+def remove_stale_stop_marker(workdir: str | epath.Path) -> bool:
+    """Removes a marker left by an earlier stop (process 0 only); True if one was there."""
+    marker = stop_marker(workdir)
+    if jax.process_index() != 0 or not marker.exists():
+        return False
+    marker.unlink()
+    logging.warning("Removed %s left by an earlier stop.", marker)
+    return True
+
+
+def exit_status_after_stop(workdir: str | epath.Path) -> int:
+    """EXIT_FINISHED when the stop marker is there (a deliberate stop), else EXIT_PREEMPTED."""
+    return EXIT_FINISHED if stop_marker(workdir).exists() else EXIT_PREEMPTED

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from simclr_jax import cli
+
 GRID_PAD = 2  # pixels of white between tiles
 OUTLINE = 3  # pixels of the green / red frame of a retrieval neighbour
 GREEN, RED = (0, 170, 0), (220, 0, 0)
@@ -336,10 +338,21 @@ def apply_override(config: Any, item: str) -> None:
     except (ValueError, SyntaxError):
         value = raw
     *parents, leaf = key.split(".")
+    if not _has_field(config, key):
+        raise ValueError(f"--set {item!r}: the config has no field {key!r}.")
     node = config
     for part in parents:
         node = node[part]
     node[leaf] = value
+
+
+def _has_field(config: Any, key: str) -> bool:
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def write_png(grid: np.ndarray, out: str | pathlib.Path) -> None:
@@ -380,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m simclr_jax.visualize")
+    parser = cli.ArgumentParser(prog="simclr_jax.visualize")
     commands = parser.add_subparsers(dest="command", required=True)
     preview = commands.add_parser("preview", help="original images and two augmented views")
     preview.add_argument("--config", required=True, help="configs/X.py[:arg]")
@@ -413,4 +426,5 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main()
+    cli.select_platforms()
+    cli.call(main, prog="simclr_jax.visualize")

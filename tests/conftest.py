@@ -73,6 +73,16 @@ def tiny_pretrain_workdir(tmp_path_factory):
     return workdir
 
 
+# Markers that say why a test is slow; each implies `slow`, so `-m "not slow"` leaves them out.
+SLOW_REASONS = ("tpu_compile", "multiprocess", "end_to_end")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_REASONS):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -5,6 +5,8 @@ that kill or preempt it at a chosen step; also the helpers the tests launch it w
 
 Hooks (environment variables, all optional):
   SIMCLR_TEST_SIGTERM_AT=k      this process sends itself SIGTERM when step k has run
+  SIMCLR_TEST_STOP_REQUESTED=1  with SIGTERM_AT: first write <workdir>/stop_requested, as a
+                                deliberate stop (`launch/tpu.py stop`) does
   SIMCLR_TEST_KILL_AT=k         SIGKILL when step k has run (no clean-up of any kind)
   SIMCLR_TEST_KILL_AFTER_COMMIT=1  with KILL_AT: first wait until a checkpoint has committed
                                 (async saves can lag the steps on a loaded machine)
@@ -164,9 +166,15 @@ def complete_steps(workdir: str | Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+def _workdir() -> str:
+    """This worker's --workdir flag."""
+    (workdir,) = [arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir=")]
+    return workdir
+
+
 def _wait_for_a_committed_checkpoint(timeout: float = 300) -> None:
     """Blocks until this worker's workdir (its --workdir flag) holds a committed checkpoint."""
-    (workdir,) = [arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir=")]
+    workdir = _workdir()
     deadline = time.monotonic() + timeout
     while not complete_steps(workdir):
         if time.monotonic() > deadline:
@@ -188,6 +196,11 @@ def install_hooks() -> None:
                 _wait_for_a_committed_checkpoint()
             os.kill(os.getpid(), signal.SIGKILL)
         if step == sigterm_at:
+            if _hook("STOP_REQUESTED"):
+                from simclr_jax import preemption
+
+                preemption.stop_marker(_workdir()).write_text("")
+                print("test hook: stop marker written", flush=True)
             print(f"test hook: SIGTERM at step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -244,16 +257,14 @@ def main() -> None:
     )
     sys.path.insert(0, str(REPO))
     install_hooks()
-    from absl import app
-
     from launch import loopback
 
     if _hook("SOCKET_BUFFER_BYTES"):
         loopback.start_loopback_socket_tuner(_hook("SOCKET_BUFFER_BYTES"))
 
-    from simclr_jax import main as cli
+    from simclr_jax import main as entry_point
 
-    app.run(cli.main)
+    entry_point.run()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shared_data import CIFAR_TARBALL
+from helpers import CIFAR_TARBALL
 
 from benchmarks import bench_augment_step, profile_step
 
@@ -26,7 +26,7 @@ def run_on_one_device(command: list[str], env: dict[str, str], timeout: float):
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_accelerator_script_writes_both_tables(tmp_path):
     env = {"TINY": "1", "PYTHON": sys.executable}
     run_on_one_device(["bash", "benchmarks/accelerator.sh", str(tmp_path)], env, timeout=900)
@@ -83,7 +83,7 @@ def test_profile_step_categories_cover_the_traced_step(devices):
     assert seconds.get("other", 0) < 0.05 * busy, seconds
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_profile_step_command_prints_the_table():
     """The README's command, jax side only (torch is an optional extra), at batch 2: a fresh
     subprocess traces the step and the table has the step and the convolution rows."""

@@ -1,6 +1,7 @@
 """Checkpoints: round trips, partial restore, architecture mismatch errors, missing dirs,
 keep limit, and that an interrupted save never becomes the latest checkpoint."""
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,18 +15,13 @@ SIZE = 16
 
 
 def model_config(**overrides):
-    config = smoke.get_config("pretrain").model
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return helpers.model_config(smoke.get_config("pretrain").model, **overrides)
 
 
 def abstract_variables(mode="pretrain", **overrides):
     """ShapeDtypeStructs of a model's variables (nothing compiled)."""
     model = create_model(model_config(**overrides), num_classes=10, mode=mode)
-    return jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    )
+    return helpers.abstract_variables(model, SIZE, train=False)
 
 
 @pytest.fixture(scope="module")

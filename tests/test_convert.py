@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from shared_data import OFFICIAL_CHECKPOINTS as FIXTURES
-from shared_data import require
+from helpers import OFFICIAL_CHECKPOINTS as FIXTURES
+from helpers import require
 
 from simclr_jax import convert
 
@@ -466,7 +466,7 @@ def test_cli_writes_nothing_on_bad_input(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_converted_workdir_serves_eval_linear_eval_finetune_and_embedder(
     smoke_checkpoint, tmp_path, capsys
 ):

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import CIFAR_TARBALL, require
 from PIL import Image
-from shared_data import CIFAR_TARBALL, require
 
 from simclr_jax import visualize
 from simclr_jax.config import get_base_config

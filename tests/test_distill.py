@@ -7,12 +7,12 @@ import hashlib
 import os
 import signal
 
+import helpers
 import jax
-import ml_collections
 import numpy as np
 import pytest
+from helpers import IMAGE_SIZE, np_softmax, read_variables
 
-from configs import smoke
 from simclr_jax import (
     checkpoint,
     dispatch,
@@ -27,9 +27,6 @@ from simclr_jax import (
 )
 from simclr_jax.models import create_model
 from simclr_jax.modes import distill
-
-IMAGE_SIZE = 16
-
 
 # ------------------------------------------------------------------ the loss
 
@@ -77,10 +74,6 @@ def test_loss_matches_numpy(tau, alpha):
         assert abs(expected - np_distillation_loss(student, teacher, tau)) > 1e-3
 
 
-def np_softmax(x):
-    return np.exp(np_log_softmax(x))
-
-
 @pytest.mark.parametrize("tau", [0.1, 1.0])
 def test_loss_and_student_gradient_carry_the_tau_squared_weight(tau):
     """The reference's add_kd_loss is softmax_cross_entropy(softmax(teacher / tau),
@@ -124,26 +117,15 @@ def test_loss_is_minimal_when_student_equals_teacher():
 
 
 def tiny_config(mode="distill", **overrides):
-    """Smoke config at 16 px, batch 16, a few steps, deterministic data, small splits."""
-    config = smoke.get_config(mode)
-    config.update_from_flattened_dict(
-        {
-            "data.image_size": IMAGE_SIZE,
-            "data.train_split": "train[:50]",
-            "data.eval_split": "test[:10]",
-            "data.shuffle_buffer": 500,
-            "train_batch_size": 16,
-            "eval_batch_size": 200,
-            "train_steps": 4,
-            "warmup_steps": 0,
-            "log_every_steps": 2,
-            "checkpoint_every_steps": 2,
-            "knn_eval": False,
-            "distill.labeled_split": "train[:5]",
-        }
-    )
-    config.update_from_flattened_dict(overrides)
-    return config
+    """helpers.tiny_config with small splits, no warmup and a labelled split for distill."""
+    small = {
+        "data.train_split": "train[:50]",
+        "data.eval_split": "test[:10]",
+        "data.shuffle_buffer": 500,
+        "warmup_steps": 0,
+        "distill.labeled_split": "train[:5]",
+    }
+    return helpers.tiny_config(mode, **{**small, **overrides})
 
 
 def models():
@@ -345,15 +327,6 @@ def test_resume_after_preemption_is_exact_and_eval_reads_the_student(
     assert evaluated["checkpoint_mode"] == "distill"
     np.testing.assert_allclose(evaluated["top1"], resumed["top1"], atol=1e-6)
     assert tree_digest(teacher_workdir) == teacher_before
-
-
-def read_variables(workdir):
-    """Params and batch stats of a workdir's latest checkpoint as NumPy trees."""
-    manager, saved_step = checkpoint.open_for_restore(str(workdir))
-    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, saved_step)["config"])
-    _, variables = evaluate.restore_model(manager, saved_step, saved, parallel.create_mesh())
-    manager.close()
-    return jax.device_get(variables)
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def pretrained(tmp_path_factory):
     return workdir, run("pretrain", workdir)
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_pretrain_then_linear_eval_beats_a_random_encoder(pretrained, tmp_path):
     """Smoke pretrain -> embed -> linear eval, plus the random-encoder baseline.
 
@@ -81,7 +81,7 @@ def test_pretrain_then_linear_eval_beats_a_random_encoder(pretrained, tmp_path):
     assert pre["top1"] >= 0.75 * lin["top1"]
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_finetune_eval_and_distill_chain(pretrained, tmp_path):
     """The README's v2 chain: smoke pretrain -> fine-tune on 10% of the labels (the teacher;
     eval-only restore of it gives the same top-1) -> distill on all 3000 training images. The

@@ -16,7 +16,7 @@ from pod_worker import run_pod, tiny_flags
 
 from simclr_jax import checkpoint, evaluate, parallel
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 
 def _variables(workdir, step):

@@ -373,7 +373,7 @@ def wait_for_training(workers: list[Path], timeout: float) -> None:
         raise AssertionError("\n".join([str(timed_out), *logs])) from None
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_worker_pod_end_to_end_through_fake_gcloud(tmp_path):
     """A real 2-process CPU training through every launcher subcommand."""
     root, image, wheels = tmp_path / "gcloud", tmp_path / "image", tmp_path / "wheels"

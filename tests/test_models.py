@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import INIT_KEY, abstract_variables, model_config, np_softmax
 
 from simclr_jax.config import get_base_config
 from simclr_jax.models import (
@@ -34,19 +35,6 @@ from simclr_jax.models.resnet import (
 
 NUM_CLASSES = 10
 BATCH = 4
-# rbg keys: the threefry initializers take several times longer to compile on CPU.
-INIT_KEY = jax.random.key(0, impl="rbg")
-
-
-def model_config(**overrides):
-    """Base model config, shrunk to ResNet-18 with the CIFAR stem, plus overrides."""
-    config = get_base_config().model
-    config.resnet_depth = 18
-    config.cifar_stem = True
-    config.num_proj_layers = 2
-    config.proj_out_dim = 16
-    config.update(overrides)
-    return config
 
 
 def count_params(tree):
@@ -57,12 +45,6 @@ def count_params(tree):
 def flat(tree):
     """{'a/b/c': leaf} view of a nested dict."""
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
-
-
-def abstract_variables(model, image_size, **init_kwargs):
-    """Variable shapes of model on a (2, image_size, image_size, 3) batch, without computing."""
-    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(functools.partial(model.init, **init_kwargs), INIT_KEY, images)
 
 
 @pytest.fixture(scope="module")
@@ -394,11 +376,6 @@ def np_bn_train(x, scale, bias, eps=1e-5):
     mean, var = x.mean(axes), x.var(axes)
     out = (x - mean) / np.sqrt(var + eps) * scale
     return out + bias if bias is not None else out
-
-
-def np_softmax(x, axis):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def random_variables(module, *args, seed, **kwargs):

@@ -2,7 +2,8 @@
 
 One uninterrupted 1-process x 8-device run is the reference for everything here:
 - pod: 2 processes x 4 devices (gloo, loopback coordinator) resume the reference's step-2
-  checkpoint, one host gets SIGTERM, both save at the agreed step and exit 0, the relaunch
+  checkpoint, one host gets SIGTERM, both save at the agreed step and exit with the preemption
+  status (42, which schedulers restart), the relaunch
   finishes; parameters and metrics equal the reference's, its eval counts every example once.
 - killed: 1 process, SIGKILL at a random step, then SIGKILL while the last checkpoint is being
   committed, then a relaunch: parameters bit-identical to the reference (deterministic data).
@@ -17,38 +18,23 @@ import shutil
 import signal
 from types import SimpleNamespace
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
+from helpers import assert_trees_close
+from helpers import read_variables as restore_variables
 from pod_worker import complete_steps, run_pod, tiny_flags
 
-from simclr_jax import checkpoint, evaluate, parallel
+from simclr_jax import preemption
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 TOTAL_STEPS = 6
+# each restore costs tens of seconds on 2 busy cores; tests share them
+read_variables = functools.cache(restore_variables)
 EVAL_EXAMPLES, EVAL_BATCH = 100, 48  # tiny_flags: test[:10] is 10 images per class
 SAME_BATCH = {"same_global_batch": 1}
 METRICS = ("loss", "contrast_loss", "contrast_acc", "probe_loss", "grad_norm", "param_norm")
 EVAL_METRICS = ("eval_loss", "top1", "top5", "num_eval_examples")
-
-
-@functools.cache  # each restore costs tens of seconds on 2 busy cores; tests share them
-def read_variables(workdir, step):
-    """Params and batch stats of a checkpoint, restored in THIS (1-process) pytest process."""
-    manager, step = checkpoint.open_for_restore(workdir, step)
-    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
-    _, variables = evaluate.restore_model(manager, step, saved, parallel.create_mesh())
-    return jax.device_get(variables)
-
-
-def assert_trees_close(a, b, rtol, atol):
-    flat_a, tree_a = jax.tree.flatten(a)
-    flat_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(flat_a, flat_b, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def results(workdir):
@@ -114,7 +100,8 @@ def killed(tmp_path_factory, reference):
 
 def test_sigterm_on_one_host_saves_at_the_agreed_step_on_both(pod):
     codes, logs = pod.first
-    check_ran(codes, logs, [0, 0])  # a preempted run exits cleanly
+    # Preempted, checkpoint saved: the status a scheduler restarts, on every host.
+    check_ran(codes, logs, [preemption.EXIT_PREEMPTED] * 2)
     agreed = [re.findall(r"checkpoint saved at step (\d+)", log) for log in logs]
     assert agreed[0] == agreed[1] and len(agreed[0]) == 1, agreed
     step = int(agreed[0][0])

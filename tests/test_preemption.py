@@ -1,7 +1,7 @@
 """SIGTERM in one process: the training loop saves at the step it lands on, waits for nothing
 else, raises Preempted, and the handler it replaced comes back. No model is compiled: the loop
 runs a stand-in step (the real step and multi-process agreement are in test_multihost.py),
-except in the SIGTERM-during-restore case, which runs main.py in a subprocess."""
+except in the tests of main.py's exit status, which run it in a subprocess."""
 
 import json
 import os
@@ -10,10 +10,9 @@ import signal
 import jax.numpy as jnp
 import ml_collections
 import pytest
-from clu import metric_writers
-from pod_worker import run_pod, tiny_flags
+from pod_worker import complete_steps, run_pod, tiny_flags
 
-from simclr_jax import checkpoint, loop, preemption
+from simclr_jax import checkpoint, loop, metrics, preemption
 from simclr_jax.train_state import TrainState
 
 
@@ -53,7 +52,7 @@ def run_loop(workdir, sigterm_at=None, total=10):
                 config=config,
                 durations=loop.Durations(total, 0, 1.0),
                 manager=manager,
-                writer=metric_writers.LoggingWriter(),
+                writer=metrics.ConsoleWriter(),
                 watcher=watcher,
             )
     finally:
@@ -96,7 +95,44 @@ def test_preemption_uses_only_public_jax_api():
     assert preemption._distributed_mode() == "single"  # this pytest process
 
 
-@pytest.mark.slow  # two tiny runs of main.py: about a minute on 2 busy cores
+def test_exit_statuses_are_the_documented_ones():
+    """The launchers and docs repeat these numbers (they cannot import JAX)."""
+    assert preemption.EXIT_FINISHED == 0
+    assert preemption.EXIT_CONFIG_ERROR == 2
+    assert preemption.EXIT_PREEMPTED == 42  # xpk's default restart rules: 42 and 127-255
+    assert preemption.STOP_MARKER == "stop_requested"
+
+
+@pytest.mark.multiprocess  # a tiny run of main.py: about a minute on 2 busy cores
+def test_sigterm_saves_and_exits_with_the_preemption_status(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    stale = preemption.stop_marker(workdir)
+    stale.write_text("")  # left by an earlier stop: the run removes it when it starts
+    flags = tiny_flags(workdir, train_steps=4)
+    codes, logs = run_pod(1, 1, flags, tmp_path / "logs", hooks_for={0: {"sigterm_at": 2}})
+    assert codes == [preemption.EXIT_PREEMPTED], logs[0][-3000:]
+    assert "checkpoint saved at step 2" in logs[0] and "exit status 42" in logs[0]
+    assert not stale.exists()
+    assert complete_steps(workdir) == [2]
+    assert not (workdir / "results.json").exists()  # the run did not finish
+
+
+@pytest.mark.multiprocess  # a tiny run of main.py: about a minute on 2 busy cores
+def test_sigterm_with_the_stop_marker_saves_and_exits_finished(tmp_path):
+    workdir = tmp_path / "run"
+    hooks = {0: {"sigterm_at": 2, "stop_requested": 1}}
+    codes, logs = run_pod(
+        1, 1, tiny_flags(workdir, train_steps=4), tmp_path / "logs", hooks_for=hooks
+    )
+    assert codes == [preemption.EXIT_FINISHED], logs[0][-3000:]
+    assert "test hook: stop marker written" in logs[0]
+    assert "checkpoint saved at step 2" in logs[0] and "(stop requested)" in logs[0]
+    assert complete_steps(workdir) == [2]
+    assert preemption.stop_marker(workdir).exists()  # removed by the next run's start
+
+
+@pytest.mark.multiprocess  # two tiny runs of main.py: about a minute on 2 busy cores
 def test_sigterm_during_restore_exits_cleanly_and_keeps_the_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     codes, logs = run_pod(1, 1, tiny_flags(workdir, train_steps=2), tmp_path / "first")
@@ -109,7 +145,7 @@ def test_sigterm_during_restore_exits_cleanly_and_keeps_the_checkpoint(tmp_path)
         tmp_path / "second",
         hooks_for={0: {"sigterm_in_restore": 1}},
     )
-    assert codes == [0], logs[0][-3000:]  # a clean stop, as the scheduler expects
+    assert codes == [preemption.EXIT_PREEMPTED], logs[0][-3000:]  # to be restarted
     assert "test hook: SIGTERM while restoring" in logs[0]
     assert "stopped before training, nothing written (resumes from step 2)" in logs[0]
     # The last complete checkpoint is intact and nothing half-written sits next to it.

@@ -390,7 +390,7 @@ def test_bad_max_batch_arguments_are_one_line():
         assert message in line, line
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize("mode", ["linear_eval", "finetune", "distill", "eval"])
 def test_every_mode_compiles(tmp_path, mode):
     require_libtpu()
@@ -410,7 +410,7 @@ def test_every_mode_compiles(tmp_path, mode):
         assert report["bytes_per_chip"]["arguments"] > report["state_bytes_per_chip"]
 
 
-@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_resnet50_arguments_are_parameters_and_optimizer_state(tmp_path):
     """ResNet-50/224 on v4-8, replicated: what each chip holds as arguments is the parameter
     tree twice (weights, LARS momentum), the BN statistics and its shard of the batch."""

@@ -61,7 +61,7 @@ def test_imports_do_not_load_tensorflow():
     # TensorFlow is installed here: importing the library must still not load it.
     code = textwrap.dedent("""
         import sys
-        import simclr_jax, simclr_jax.train, simclr_jax.main, simclr_jax.data
+        import simclr_jax, simclr_jax.dispatch, simclr_jax.main, simclr_jax.data
         from simclr_jax.data import numpy_pipeline, jax_augment, backends, grain_pipeline
         import grain
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow",
@@ -400,7 +400,7 @@ def test_views_agree_in_distribution_with_tf_data():
 # ------------------------------------------------------------------ end to end without TF
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_smoke_pretraining_runs_where_tensorflow_cannot_be_imported(tmp_path):
     workdir = tmp_path / "run"
     code = BLOCK_TF + textwrap.dedent(f"""
@@ -488,7 +488,7 @@ def test_grain_workers_die_with_a_sigkilled_trainer(array_dir, tmp_path):
     assert not alive, [p.pid for p in alive]
 
 
-@pytest.mark.slow  # two short training runs: about 2.5 minutes on 2 busy cores
+@pytest.mark.end_to_end  # two short training runs: about 2.5 minutes on 2 busy cores
 def test_input_failure_mid_run_keeps_the_checkpoints_and_resume_finishes(tmp_path, monkeypatch):
     from configs import smoke
     from simclr_jax import checkpoint, dispatch

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import IMAGENET_SUBSETS as SUBSETS
+from helpers import require
 from PIL import Image
-from shared_data import IMAGENET_SUBSETS as SUBSETS
-from shared_data import require
 
 from configs import imagenet_linear_eval, imagenet_pretrain
 from simclr_jax import data, dispatch
@@ -270,7 +270,7 @@ def _run(config, workdir):
     return dispatch.train_and_evaluate(config, str(workdir))
 
 
-@pytest.mark.slow
+@pytest.mark.end_to_end
 def test_runlocal_pretrain_linear_eval_and_eval(imagenet, tmp_path, monkeypatch):
     data_dir, _, names, _ = imagenet
     monkeypatch.setattr(socket.socket, "connect", _no_network)

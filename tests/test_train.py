@@ -3,46 +3,10 @@
 import jax
 import numpy as np
 import pytest
+from helpers import IMAGE_SIZE, assert_trees_close, read_variables, tiny_config
 
-from configs import smoke
 from simclr_jax import checkpoint, dispatch, evaluate, loop, modes, parallel, step, train_state
 from simclr_jax.models import create_model
-
-IMAGE_SIZE = 16
-
-
-def tiny_config(mode="pretrain", **overrides):
-    """Smoke config shrunk for tests: 16 px, batch 16, a few steps, deterministic data."""
-    config = smoke.get_config(mode)
-    config.data.image_size = IMAGE_SIZE
-    config.train_batch_size = 16
-    config.eval_batch_size = 200
-    config.train_steps = 4
-    config.warmup_steps = 1
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.knn_eval = False
-    config.knn_k = 20
-    config.update_from_flattened_dict(overrides)
-    return config
-
-
-def read_variables(workdir, step=-1):
-    """Params and batch stats of a workdir's checkpoint as NumPy trees."""
-    manager, step = checkpoint.open_for_restore(workdir, step)
-    import ml_collections
-
-    saved = ml_collections.ConfigDict(checkpoint.read_meta(manager, step)["config"])
-    _, variables = evaluate.restore_model(manager, step, saved, parallel.create_mesh())
-    return jax.device_get(variables)
-
-
-def assert_trees_close(a, b, rtol, atol=0.0):
-    flat_a, tree_a = jax.tree.flatten(a)
-    flat_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(flat_a, flat_b, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 def one_pretrain_step(devices, batch):

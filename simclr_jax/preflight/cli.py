@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from simclr_jax import cli
 from simclr_jax.preflight.core import format_report, run_preflight, write_json
 from simclr_jax.preflight.hardware import (
     GIB,
@@ -58,7 +59,7 @@ def _absl_main(argv: list[str]) -> int:
         flag_values=flag_values,
     )  # fmt: skip
     try:
-        flag_values(argv)
+        cli.parse_flags(argv, flag_values, prog="preflight")
         if not config_flag.value or not tpu_flag.value:
             raise ValueError("--config and --tpu are required, e.g. --config=configs/smoke.py "
                              "--tpu=v4-8.")  # fmt: skip
