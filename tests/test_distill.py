@@ -16,7 +16,6 @@ from helpers import IMAGE_SIZE, np_softmax, read_variables
 from simclr_jax import (
     checkpoint,
     dispatch,
-    evaluate,
     loop,
     losses,
     modes,
