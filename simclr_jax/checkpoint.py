@@ -290,18 +290,14 @@ def log_restore_report(report: Mapping[str, list[str]], source: str) -> None:
     """Logs which parameters came from the checkpoint, which were initialized, which skipped."""
 
     def summary(keys: list[str]) -> str:
-        # Two levels (params/encoder, batch_stats/encoder) keep the line short on a console.
-        groups = sorted({"/".join(k.split("/")[:2]) for k in keys})
-        return ", ".join(groups) if groups else "none"
+        # The modules (encoder, projection_head, ...) keep the line short on a console.
+        groups = sorted({k.split("/")[1] if "/" in k else k for k in keys})
+        return f"{len(keys)} ({', '.join(groups)})" if groups else "0"
 
     logging.info(
-        "Restored from %s: loaded %d arrays (%s); initialized %d (%s); skipped %d from the "
-        "checkpoint (%s).",
+        "Restored from %s: loaded %s; initialized %s; skipped %s from the checkpoint.",
         source,
-        len(report["loaded"]),
         summary(report["loaded"]),
-        len(report["initialized"]),
         summary(report["initialized"]),
-        len(report["skipped"]),
         summary(report["skipped"]),
     )
