@@ -115,7 +115,8 @@ def test_run_puts_env_before_python_and_detaches():
         remote = remote_command(start)
         assert "setsid nohup bash -c" in remote and "< /dev/null &" in remote
         inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
-        words = shlex.split(inner.split("; ")[2])
+        [train] = [part for part in inner.split("; ") if "simclr_jax.main" in part]
+        words = shlex.split(train)
         assert words[:2] == ["env", "TFDS_DATA_DIR=gs://bucket/tfds"]
         assert words[2].endswith("simclr_jax_venv/bin/python") and words[3:5] == [
             "-m",
@@ -229,8 +230,8 @@ def test_a_run_slow_to_detach_survives_the_end_of_the_ssh_session(tmp_path):
     (home / "simclr_jax_venv" / "simclr_jax_installed").write_text("abc123\n")
 
     started = launch(
-        "run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), "--skip_preflight",
-        env=env,
+        "run", *POD, "--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+        "--skip_preflight", env=env,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     log = home / "simclr_jax_run.log"
@@ -324,7 +325,7 @@ def fake_env(root: Path, worker_env: dict | None = None) -> dict[str, str]:
 def test_local_workdir_on_a_multi_host_slice_is_refused(tmp_path):
     env = fake_env(tmp_path)
     assert launch("create", *POD, "--accelerator", "v4-16", env=env).returncode == 0
-    result = launch("run", *POD, "--config", "c.py", "--workdir", "/tmp/x", env=env)
+    result = launch("run", *POD, "--config", "configs/smoke.py", "--workdir", "/tmp/x", env=env)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "2-worker slice needs a shared gs:// workdir" in result.stderr
     assert "[worker" not in result.stdout  # nothing ran on any worker
@@ -632,9 +633,12 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
     workdir.mkdir()
     (workdir / "notes.txt").write_text("kept\n")
     log = tmp_path / "supervise.log"
-    command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "c.py",
-               "--skip_preflight", "--workdir", str(workdir), "--poll_s", "0.3",
-               "--max_restarts", "2", "--log_copy_s", "1", *STANDIN_INSTALL,
+    # The zone is out of capacity when the slice is recreated: three creates are refused.
+    # Waiting for capacity is not a restart: one restart (the preemption) is all it may take.
+    command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "configs/smoke.py",
+               "--skip_preflight", "--workdir", str(workdir), "--allow_local_workdir",
+               "--poll_s", "0.3", "--max_restarts", "1", "--log_copy_s", "1",
+               "--capacity_retry_s", "0.1", "--capacity_retry_max_s", "0.2", *STANDIN_INSTALL,
                "--config.train_steps=40"]  # fmt: skip
     with open(log, "w") as out:
         supervisor = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -644,6 +648,8 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
         wait_for(lambda: any("step 4/40" in p.read_text()
                              for p in (workdir / "logs").glob("worker0-*.log")),
                  60, "the log copy at step 4")  # fmt: skip
+        (root / "faults").mkdir()
+        (root / "faults" / "stockout").write_text("3")
         preempt(env)
         assert supervisor.wait(timeout=300) == 0, log.read_text()
     finally:
@@ -657,7 +663,12 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
         if queued
         else ("node pod is PREEMPTED")
     )
-    assert re.search(f"restart 1/2: {gone}; recreating it and resuming the run", out), out
+    assert re.search(f"restart 1/1: {gone}; recreating it and resuming the run", out), out
+    assert "restart 2/" not in out and "gave up" not in out, out
+    tries = re.findall(r"no capacity for v4-8 in us-central2-b \(try (\d): .*RESOURCE_EXHAUSTED"
+                       r".*\); trying again in ([\d.]+) s", out)  # fmt: skip
+    assert tries == [("1", "0.1"), ("2", "0.2"), ("3", "0.2")], out  # doubling, capped
+    assert (root / "faults" / "stockout").read_text() == "0"
     assert out.count("started run ") == 2 and out.count("installing on pod") == 2, out
     assert "finished: " in lines[-1]
     # The second run resumed from a checkpoint of the first one and finished.
@@ -687,24 +698,42 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
 def test_supervise_stops_when_the_run_fails_twice_from_the_same_checkpoint(tmp_path):
     _, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_FAIL_AT": "3"}})
     workdir = tmp_path / "workdir"
-    result = launch("supervise", *pod, "--config", "c.py", "--workdir", str(workdir),
-                    "--skip_preflight", "--poll_s", "0.3", *STANDIN_INSTALL, env=env)  # fmt: skip
+    result = launch("supervise", *pod, "--config", "configs/smoke.py", "--workdir", str(workdir),
+                    "--allow_local_workdir", "--skip_preflight", "--poll_s", "0.3",
+                    "--log_copy_s", "1", *STANDIN_INSTALL, env=env)  # fmt: skip
     line = one_line(result)
     assert "the run failed twice from the same checkpoint (2)" in line
     assert "worker 0 exited with status 1" in line and line.endswith("loss is nan at step 3")
     assert "restart 1/10: worker 0 exited with status 1 (last checkpoint: 2)" in result.stdout
     assert (workdir / "checkpoints" / "2").is_dir()
+    # Each run's log copy holds that run alone (the worker's log holds both).
+    first, second = sorted((workdir / "logs").glob("worker0-*.log"))
+    wait_for(lambda: "=== exited" in second.read_text(), 30, "the second run's last log copy")
+    assert first.read_text().count("=== worker 0: start") == 1
+    assert second.read_text().count("=== worker 0: start") == 1
+    assert first.stem.split("-", 1)[1] not in second.read_text()
 
 
 def test_supervise_with_a_gs_workdir_copies_logs_and_sees_the_end_through_gsutil(tmp_path):
     # Two workers share gs://bucket/run (tests/fake_gcloud/gsutil: a local directory).
     _, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"STANDIN_STEP_S": "0.3"}})
     env["FAKE_GCS_ROOT"] = str(tmp_path / "gcs")
-    result = launch("supervise", *pod, "--config", "c.py", "--workdir", "gs://bucket/run",
-                    "--skip_preflight", "--poll_s", "0.3", "--log_copy_s", "1",
-                    *STANDIN_INSTALL, "--config.train_steps=6", env=env)  # fmt: skip
+    # This machine's gsutil is refused (the workers' works): the error is shown, once, and
+    # worker 0 judges the end; --delete_when_done then deletes the slice.
+    denied = "AccessDeniedException: 401 Anonymous caller does not have storage.objects.get access"
+    result = launch("supervise", *pod, "--config", "configs/smoke.py", "--workdir",
+                    "gs://bucket/run", "--skip_preflight", "--poll_s", "0.3", "--log_copy_s", "1",
+                    "--delete_when_done", *STANDIN_INSTALL, "--config.train_steps=6",
+                    env={**env, "FAKE_GCLOUD_GSUTIL_FAIL": denied})  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "finished: " in result.stdout.splitlines()[-1]  # results.json seen by `gsutil stat`
+    out = result.stdout
+    assert out.count(f"failed here (exit 1): {denied}; supervise goes on") == 1, out
+    assert not re.search(r"restart \d", out) and out.count("started run ") == 1, out
+    assert re.search(r"finished: run \S+ wrote gs://bucket/run/results.json", out), out
+    assert "deleting pod (--delete_when_done)" in out
+    assert not (tmp_path / "gcloud" / "nodes" / "pod.json").exists()
+    assert not (tmp_path / "gcloud" / "launcher_state" / "pod.json").exists()
+    pod = [*pod, "--zone", "us-central2-b"]  # forgotten with the slice
     run = tmp_path / "gcs" / "bucket" / "run"
     assert json.loads((run / "results.json").read_text())["step"] == 6
     # Each worker's log is copied by `gsutil cp`, the last time after the run's end.
@@ -736,19 +765,20 @@ def test_ssh_failing_once_is_retried_and_logged(tmp_path):
     root, env, pod = standin_pod(tmp_path)
     (root / "faults").mkdir()
     (root / "faults" / "ssh_255").write_text("1")
-    result = launch("status", *pod, "--internal_ip", "--tunnel_through_iap", *QUICK, env=env)
+    result = launch("status", *pod, "--tunnel_through_iap", *QUICK, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\[worker 0\] ssh failed \(exit 255: .*Connection timed out\); retry 1/3",
                      result.stdout)  # fmt: skip
     assert "[worker 0] not running" in result.stdout
     assert (root / "faults" / "ssh_255").read_text() == "0"
     [ssh_line] = [line for line in result.stdout.splitlines() if " ssh pod " in line]
-    assert "--internal-ip" in ssh_line and "--tunnel-through-iap" in ssh_line
+    assert "$ gcloud alpha compute tpus tpu-vm ssh pod" in ssh_line  # IAP: the alpha track
+    assert "--tunnel-through-iap" in ssh_line
 
 
 def run_standin(pod: list[str], workdir: Path, env: dict, *extra: str):
     """`run` of the stand-in training (a long one unless told otherwise)."""
-    return launch("run", *pod, "--config", "c.py", "--workdir", str(workdir),
+    return launch("run", *pod, "--config", "configs/smoke.py", "--workdir", str(workdir),
                   "--allow_local_workdir", "--skip_preflight", *QUICK, *extra, env=env)  # fmt: skip
 
 
@@ -768,7 +798,8 @@ def test_a_start_failing_on_worker_1_stops_worker_0(tmp_path):
     assert line.startswith("error: worker 1: starting the run failed (exit 5)")
     assert "setsid exited with status 1" in line and line.endswith("; stopped worker(s) [0]")
     log0 = (root / "nodes" / "pod" / "worker0" / "simclr_jax_run.log").read_text()
-    assert log0.rstrip().splitlines()[-1].startswith("=== exited with status 0"), log0
+    # stopped without the stop marker: the trainer's "preempted" status
+    assert log0.rstrip().splitlines()[-1].startswith("=== exited with status 42"), log0
     status = launch("status", *pod, env=env)
     assert "[worker 0] not running" in status.stdout and "[worker 1] not running" in status.stdout
 
@@ -810,7 +841,8 @@ def test_run_works_after_the_slice_is_recreated_with_new_host_keys(tmp_path):
     # The worker's log was copied into the workdir, the last time after the run's end.
     [copy] = (tmp_path / "w" / "logs").glob("worker0-*.log")
     wait_for(lambda: "=== exited with status 0" in copy.read_text(), 30, "the final log copy")
-    assert "Preempted: saved step" in copy.read_text()
+    assert "Stopped on request: saved step" in copy.read_text()  # `stop` set the marker
+    assert (tmp_path / "w" / "stop_requested").read_text() == "stop\n"  # written before SIGTERM
 
 
 def test_the_pid_check_ignores_another_process_with_the_recorded_pid(tmp_path):
@@ -824,7 +856,7 @@ def test_the_pid_check_ignores_another_process_with_the_recorded_pid(tmp_path):
         env = {**os.environ, "HOME": str(home)}
         out = subprocess.run(["bash", "-c", tpu.status_remote(1)], env=env, capture_output=True,
                              text=True).stdout  # fmt: skip
-        assert out.splitlines()[0] == "not running"
+        assert out.splitlines()[0].startswith("not running; last run")
     finally:
         other.kill()
 
@@ -838,9 +870,14 @@ def test_bad_input_is_one_line_and_removes_nothing(tmp_path):
     assert "unknown --name 'nosuch': no state file" in unknown and "--zone" in unknown
     absent = one_line(launch("status", "--name", "nosuch", "--zone", "us-central2-b", env=env))
     assert "'nosuch' does not exist in us-central2-b (NOT_FOUND)" in absent
-    supervise = ["supervise", "--name", "pod", "--config", "c.py", "--workdir", str(workdir)]
+    supervise = ["supervise", "--name", "pod", "--config", "configs/smoke.py",
+                 "--workdir", str(workdir)]  # fmt: skip
     local = one_line(launch(*supervise, env=env))
-    assert "a 2-worker slice needs a shared gs:// workdir" in local
+    assert "a host-local workdir goes with its disk" in local
+    relative = supervise[:-1] + ["run_rel"]
+    assert "a relative workdir lands in the workers' ~/simclr_jax" in one_line(
+        launch(*relative, "--allow_local_workdir", env=env)
+    )
     negative = one_line(launch(*supervise, "--max_restarts", "-1", env=env))
     assert "--max_restarts=-1: must be >= 0" in negative
     assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
