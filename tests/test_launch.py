@@ -881,3 +881,232 @@ def test_bad_input_is_one_line_and_removes_nothing(tmp_path):
     negative = one_line(launch(*supervise, "--max_restarts", "-1", env=env))
     assert "--max_restarts=-1: must be >= 0" in negative
     assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ exit statuses, one run
+
+
+def test_the_launcher_repeats_the_trainers_exit_statuses_and_stop_marker():
+    """launch/tpu.py cannot import jax, so it repeats these; they must not drift apart."""
+    from simclr_jax import preemption
+
+    assert tpu.EXIT_FINISHED == preemption.EXIT_FINISHED == 0
+    assert tpu.EXIT_CONFIG_ERROR == preemption.EXIT_CONFIG_ERROR
+    assert tpu.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+    assert tpu.STOP_MARKER == preemption.STOP_MARKER
+
+
+def test_supervise_judges_the_end_on_worker_0_and_a_leftover_results_json_starts_nothing_early(
+    tmp_path,
+):
+    """A local workdir on a shared file system: supervise never looks for results.json here,
+    so a finished run is exit 0 without a restart; then a new config (more steps) in the same
+    workdir, with the first run's results.json left there, is started, resumes and finishes."""
+    _, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_STEP_S": "0.1"}})
+    workdir = tmp_path / "shared" / "run"
+    supervise = ["supervise", *pod, "--config", "configs/smoke.py", "--workdir", str(workdir),
+                 "--allow_local_workdir", "--skip_preflight", "--poll_s", "0.3",
+                 "--max_restarts", "1", *STANDIN_INSTALL]  # fmt: skip
+    first = launch(*supervise, "--config.train_steps=6", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert not re.search(r"restart \d", first.stdout), first.stdout
+    assert re.search(rf"finished: run \S+ wrote {re.escape(str(workdir))}/results.json$",
+                     first.stdout.splitlines()[-1])  # fmt: skip
+    assert json.loads((workdir / "results.json").read_text())["step"] == 6
+
+    second = launch(*supervise, "--config.train_steps=10", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "starting the run of" in second.stdout and second.stdout.count("started run ") == 1
+    assert json.loads((workdir / "results.json").read_text())["step"] == 10
+    log = (tmp_path / "gcloud" / "nodes" / "pod" / "worker0" / "simclr_jax_run.log").read_text()
+    assert f"Resuming from {workdir / 'checkpoints'} step 6." in log
+    assert "(results.json: this)" in log.rstrip().splitlines()[-1]
+
+
+def test_two_concurrent_runs_start_one_and_supervise_stops_at_a_config_error(tmp_path):
+    root, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"STANDIN_STEP_S": "0.5"}})
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    workdir = tmp_path / "w"
+    command = [sys.executable, str(LAUNCHER), "run", *pod, "--config", "configs/smoke.py",
+               "--workdir", str(workdir), "--allow_local_workdir", "--skip_preflight", *QUICK,
+               "--config.train_steps=1000"]  # fmt: skip
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]  # fmt: skip
+    results = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    [(_, _, refused)] = [r for r in results if r[0] == 1]
+    [line] = refused.splitlines()
+    assert line.startswith("error: worker 0: claiming the slice failed (exit 6)"), line
+    assert re.search(r"refused: (another start \(run \S+\) is under way|run \S+ is going)", line)
+    # One run id on both workers, one live run each.
+    homes = [root / "nodes" / "pod" / f"worker{w}" for w in (0, 1)]
+    ids = {(home / "simclr_jax_run.id").read_text() for home in homes}
+    assert len(ids) == 1
+    for home in homes:
+        assert (home / "simclr_jax_run.log").read_text().count("start at") == 1
+    stopped = launch("stop", *pod, env=env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "[worker 0] stop marker written: " in stopped.stdout
+    for w in (0, 1):
+        assert f"[worker {w}] stopped: === exited with status 0" in stopped.stdout
+    status = launch("status", *pod, env=env)
+    assert "[worker 1] not running; last run" in status.stdout
+    assert "exit status: 0 (finished, or stopped on purpose)" in status.stdout
+
+    # A configuration error (exit 2) ends supervision with its line: no restart.
+    result = launch("supervise", *pod, "--config", "configs/smoke.py", "--workdir",
+                    str(workdir), "--allow_local_workdir", "--skip_preflight", "--poll_s", "0.3",
+                    *STANDIN_INSTALL, "--config.train_steps=ten", env=env)  # fmt: skip
+    line = one_line(result)
+    assert "exited with status 2 (configuration error), which a restart cannot fix" in line
+    assert line.endswith("error: --config.train_steps=ten: not a number"), line
+    assert not re.search(r"restart \d", result.stdout), result.stdout
+
+
+def test_misspelled_launcher_flags_are_refused_not_sent_to_training(tmp_path):
+    run = ["run", *POD, "--config", "configs/smoke.py", "--workdir", "gs://b/w"]
+    line = one_line(launch(*run, "--poll-s", "5", "--envv", "A=1", "--config.x=1", "--dry_run"))
+    assert "run: unrecognized arguments: --poll-s 5 --envv A=1 " in line
+    assert "training takes only --config.FIELD=VALUE" in line
+    # argparse's prefix matching is off: --work is not --workdir
+    assert "unrecognized arguments: --work" in one_line(
+        launch(*run, "--work", "gs://b/x", "--dry_run")
+    )
+    [*_, start] = dry_run("run", *POD, "--config", "configs/smoke.py", "--workdir", "gs://b/w",
+                          "--config.a", "3", "--config.b=4")  # fmt: skip
+    assert "--process_id" not in remote_command(start)  # one worker
+    assert "--config.a 3 --config.b=4" in remote_command(start)
+    # create takes overrides for its gate, and only with --config
+    assert "overrides --config, which is not given" in one_line(
+        launch("create", *POD, "--accelerator", "v4-8", "--config.x=1", "--dry_run")
+    )
+
+
+def test_iap_goes_through_gcloud_alpha_and_excludes_internal_ip(tmp_path):
+    commands = dry_run("install", *POD, "--tunnel_through_iap")
+    gcloud = [c for c in commands if c[0] == "gcloud"]
+    assert gcloud and all(c[:6] == ["gcloud", "alpha", "compute", "tpus", "tpu-vm", c[5]]
+                          and c[5] in ("scp", "ssh") for c in gcloud)  # fmt: skip
+    plain = [c for c in dry_run("install", *POD, "--internal_ip") if c[0] == "gcloud"]
+    assert all(c[1] == "compute" and "--internal-ip" in c for c in plain)
+    both = one_line(launch("status", *POD, "--internal_ip", "--tunnel_through_iap", "--dry_run"))
+    assert "--internal_ip and --tunnel_through_iap exclude each other" in both
+    # The fake, like the real gcloud, refuses IAP on the GA track and both flags together.
+    env = fake_env(tmp_path)
+    ssh = ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z", "--quiet", "--command=true"]
+    for argv, said in (
+        ([*ssh, "--tunnel-through-iap"], "unrecognized arguments: --tunnel-through-iap"),
+        (["alpha", *ssh, "--tunnel-through-iap", "--internal-ip"], "At most one of"),
+    ):
+        result = subprocess.run([str(FAKE_GCLOUD / "gcloud"), *argv], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "content,said",
+    [
+        ("[1, 2]", "holds a list, not the object `create` writes"),
+        ('"us-central2-b"', "holds a str, not the object `create` writes"),
+        ('{"zone": "z", "queued": "false"}', "'queued' is 'false', not a bool"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_a_corrupt_state_file_is_one_line_naming_it(tmp_path, content, said):
+    env = fake_env(tmp_path)
+    state = tmp_path / "launcher_state" / "pod.json"
+    state.parent.mkdir()
+    state.write_text(content)
+    line = one_line(launch("status", "--name", "pod", env=env))
+    assert f"state file {state}: {said}" in line and "move it away" in line
+    assert state.read_text() == content  # nothing deleted
+
+
+def test_create_checks_the_accelerator_and_waits_for_capacity_only_when_asked(tmp_path):
+    v5e = one_line(launch("create", *POD, "--accelerator", "v5e-16", "--dry_run"))
+    assert "use --accelerator v5litepod-16" in v5e
+    odd = one_line(launch("create", *POD, "--accelerator", "v4-33", "--dry_run"))
+    assert "no such v4 slice" in odd and "a multiple of 8" in odd
+    assert dry_run("create", *POD, "--accelerator", "v5litepod-4")  # a valid small slice
+    env = fake_env(tmp_path)
+    (tmp_path / "faults").mkdir()
+    (tmp_path / "faults" / "stockout").write_text("2")
+    refused = one_line(launch("create", *POD, "--accelerator", "v4-8", env=env))
+    assert (
+        "no capacity for v4-8 in us-central2-b: ERROR: (gcloud.fake) RESOURCE_EXHAUSTED" in refused
+    )
+    assert refused.endswith("; `supervise` waits for capacity (--capacity_wait_h)")
+    waited = launch("create", *POD, "--accelerator", "v4-8", "--capacity_wait_h", "1",
+                    "--capacity_retry_s", "0.05", env=env)  # fmt: skip
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "(try 1: ERROR: (gcloud.fake) RESOURCE_EXHAUSTED" in waited.stdout
+    assert "Created TPU VM simclr-v4" in waited.stdout
+
+
+def test_delete_of_a_slice_already_gone_forgets_it(tmp_path):
+    env = fake_env(tmp_path)
+    assert launch("create", *POD, "--accelerator", "v4-8", env=env).returncode == 0
+    gone = ["compute", "tpus", "tpu-vm", "delete", "simclr-v4", "--zone=us-central2-b", "--quiet"]
+    subprocess.run([str(FAKE_GCLOUD / "gcloud"), *gone], env=env, check=True)
+    deleted = launch("delete", "--name", "simclr-v4", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "simclr-v4 was already gone" in deleted.stdout
+    assert not (tmp_path / "launcher_state" / "simclr-v4.json").exists()
+    supervise = ["supervise", "--name", "gone", "--zone", "us-central2-b", "--workdir", "gs://b/w"]
+    absent = one_line(launch(*supervise, "--config", "configs/smoke.py", env=env))
+    assert "supervise does not know how to make it" in absent and "recreates" not in absent
+
+
+def test_a_config_file_the_workers_do_not_get_is_refused(tmp_path):
+    env = fake_env(tmp_path)
+    line = one_line(launch("run", *POD, "--config", "configs/not_committed_here.py:x",
+                           "--workdir", "gs://b/w", env=env))  # fmt: skip
+    assert "configs/not_committed_here.py is not committed" in line and "`install`" in line
+    outside = one_line(launch("run", *POD, "--config", "/etc/hosts", "--workdir", "gs://b/w",
+                              env=env))  # fmt: skip
+    assert "is outside the checkout" in outside
+
+
+def fake_project_venv(path: Path, record: Path) -> Path:
+    """A 'virtual environment' whose python has JAX and libtpu (it says so) and whose preflight
+    refuses the run, recording its arguments."""
+    python = path / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = -c ]; then exit 0; fi\n'
+        f'printf "%s\\n" "$@" > {shlex.quote(str(record))}\n'
+        "echo 'preflight: does not fit: needs 40.0 GiB per chip, over the 32.0 GiB HBM' >&2\n"
+        "exit 1\n"
+    )
+    python.chmod(0o755)
+    return path
+
+
+def test_the_gate_uses_the_projects_python_when_the_launchers_has_no_jax(tmp_path):
+    """`python3 launch/tpu.py` with a system Python (here: no site-packages, so no JAX) uses
+    $SIMCLR_JAX_VENV for the preflight, says so, and passes it the overrides."""
+    record = tmp_path / "argv.txt"
+    venv = fake_project_venv(tmp_path / "venv", record)
+    create = ["create", *POD, "--accelerator", "v4-8", "--config", "configs/smoke.py:pretrain",
+              "--config.train_batch_size=4096", "--dry_run"]  # fmt: skip
+    env = {**os.environ, STATE_DIR_ENV: str(tmp_path / "state")}
+    bare = [sys.executable, "-S", str(LAUNCHER)]
+    result = subprocess.run([*bare, *create], env={**env, "SIMCLR_JAX_VENV": str(venv)},
+                            capture_output=True, text=True)  # fmt: skip
+    line = one_line(result)
+    assert "does not fit: needs 40.0 GiB per chip" in line and "refused before launching" in line
+    assert f"has no JAX; using the project's {venv / 'bin' / 'python'} (from $SIMCLR_JAX_VENV)" in (
+        result.stdout
+    )
+    assert record.read_text().split() == [
+        "-m", "simclr_jax.preflight", "--config=configs/smoke.py:pretrain", "--tpu=v4-8",
+        "--config.train_batch_size=4096",
+    ]  # fmt: skip
+    env.pop("SIMCLR_JAX_VENV", None)
+    skipped = subprocess.run([*bare, *create], env=env, capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stderr
+    assert (
+        "preflight skipped: this Python" in skipped.stderr and "SIMCLR_JAX_VENV" in skipped.stderr
+    )
