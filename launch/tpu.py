@@ -10,7 +10,7 @@ delete.
   python3 launch/tpu.py supervise --name simclr --config ... --workdir ...  # run, recreate on
                                                                             # preemption, resume
   python3 launch/tpu.py status  --name simclr     # node state, then per worker; 1 if not READY
-  python3 launch/tpu.py stop    --name simclr     # SIGTERM: save, exit 0
+  python3 launch/tpu.py stop    --name simclr     # stop marker, SIGTERM: save, exit 0
   python3 launch/tpu.py logs    --name simclr     # follows process 0
   python3 launch/tpu.py delete  --name simclr
 
@@ -19,8 +19,11 @@ in $SIMCLR_TPU_STATE_DIR/<name>.json (default ~/.config/simclr_jax/tpu), so the 
 subcommands need only --name. Every subcommand prints the exact commands it runs; --dry_run
 prints them only. On the workers: ~/simclr_jax (this commit's source), ~/simclr_jax_venv
 (Python >= 3.11 with requirements/lock.txt + tpu.txt), ~/simclr_jax_run.log (one log per
-worker, appended by each run, copied to <workdir>/logs/ while the run goes and at its end),
-~/simclr_jax_run.pid and ~/simclr_jax_run.id (the run's token, checked in its command line).
+worker, appended by each run, whose part is copied to <workdir>/logs/ while it goes and at its
+end), ~/simclr_jax_run.pid, ~/simclr_jax_run.id (the run's token, checked in its command line),
+~/simclr_jax_run.exit (its exit status) and, on worker 0, ~/simclr_jax_run.claim (one start at a
+time). Training's exit statuses: 0 finished or stopped on purpose, 2 configuration error, 42
+preempted (checkpoint saved); `supervise` acts on them.
 """
 
 from __future__ import annotations
