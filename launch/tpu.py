@@ -582,6 +582,16 @@ def stop_remote(wait_s: int, run_id: str = "") -> str:
     )
 
 
+def abort_remote(run_id: str, detach_wait_s: int = DETACH_WAIT_S) -> str:
+    """Stops run_id on this worker, first waiting (up to detach_wait_s) for a start of it that
+    is still under way (its id written, its pid not yet) to detach, so that it cannot slip by."""
+    return (
+        f'for _ in $(seq {detach_wait_s * 10}); do [ "$(cat {RUN_ID} 2>/dev/null)" = '
+        f"{shlex.quote(run_id)} ] && [ ! -s {PID} ] || break; sleep 0.1; done; "
+        f"{stop_remote(60, run_id)}"
+    )
+
+
 def logs_remote(lines: int, follow: bool) -> str:
     """Process 0's log; following it ends when the run does."""
     if not follow:
@@ -659,8 +669,11 @@ def on_workers_results(
     workers: list[int],
     remote: Callable[[int], str],
     quiet: bool = False,
+    settle: bool = False,
 ) -> dict[int, tuple[int, str, list[str]]]:
-    """Runs remote(w) on every worker in parallel; {worker: (exit status, output, command)}."""
+    """Runs remote(w) on every worker in parallel; {worker: (exit status, output, command)}.
+    With `settle`, Ctrl-C first lets the commands under way return (a start must not detach
+    after the launcher has stopped looking)."""
     commands = {w: ssh(args, remote(w), worker=w) for w in workers}
     if not quiet:
         for w, command in commands.items():
@@ -676,9 +689,17 @@ def on_workers_results(
     threads = [threading.Thread(target=one, args=(w,), daemon=True) for w in workers]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        while thread.is_alive():  # a timed join keeps Ctrl-C working
-            thread.join(0.5)
+    try:
+        for thread in threads:
+            while thread.is_alive():  # a timed join keeps Ctrl-C working
+                thread.join(0.5)
+    except KeyboardInterrupt:
+        if settle:
+            OUT.say("interrupted: letting the commands under way on the workers return",
+                    sys.stderr)  # fmt: skip
+            for thread in threads:
+                thread.join(DETACH_WAIT_S + 30)
+        raise
     return results
 
 
@@ -953,12 +974,15 @@ def start_run(args: argparse.Namespace, ips: list[str], replaces: str = "") -> s
     try:
         on_workers(args, workers, lambda w: preflight_remote(), "the pre-start check")
         results = on_workers_results(
-            args, workers, lambda w: run_remote(args, w, len(ips), coordinator, run_id=run_id)
+            args,
+            workers,
+            lambda w: run_remote(args, w, len(ips), coordinator, run_id=run_id),
+            settle=True,
         )
     except KeyboardInterrupt:
         OUT.say(f"interrupted while starting run {run_id}: stopping it on every worker",
                 sys.stderr)  # fmt: skip
-        on_workers_results(args, workers, lambda w: stop_remote(60, run_id), quiet=True)
+        on_workers_results(args, workers, lambda w: abort_remote(run_id), quiet=True)
         on_workers_results(args, [0], lambda w: release_remote(run_id), quiet=True)
         raise
     except LaunchError:

@@ -1110,3 +1110,38 @@ def test_the_gate_uses_the_projects_python_when_the_launchers_has_no_jax(tmp_pat
     assert (
         "preflight skipped: this Python" in skipped.stderr and "SIMCLR_JAX_VENV" in skipped.stderr
     )
+
+
+def test_ctrl_c_while_run_is_starting_stops_what_it_started(tmp_path):
+    """A start slowed by 3 s (setsid, as on a loaded host) is interrupted once worker 0 has
+    begun it: the launcher waits for it to detach, stops it on every worker, gives the slice
+    back and ends with one line; nothing is left running."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "setsid").write_text(f'#!/bin/bash\nsleep 3\nexec {shutil.which("setsid")} "$@"\n')
+    (slow / "setsid").chmod(0o755)
+    path = f"{slow}:{tmp_path / 'image'}:{os.environ['PATH']}"
+    root, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"PATH": path}})
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    homes = [root / "nodes" / "pod" / f"worker{w}" for w in (0, 1)]
+    command = [sys.executable, str(LAUNCHER), "run", *pod, "--config", "configs/smoke.py",
+               "--workdir", str(tmp_path / "w"), "--allow_local_workdir", "--skip_preflight",
+               *QUICK, "--config.train_steps=1000"]  # fmt: skip
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    log0 = homes[0] / "simclr_jax_run.log"
+    deadline = time.monotonic() + 60
+    while not (log0.exists() and "start at" in log0.read_text()):
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "interrupted while starting run " in err, err
+    assert err.splitlines()[-1].startswith("interrupted: run stopped here"), err
+    time.sleep(1)
+    status = launch("status", *pod, env=env)
+    assert "[worker 0] not running" in status.stdout and "[worker 1] not running" in status.stdout
+    assert not (homes[0] / "simclr_jax_run.claim").exists()  # the slice is free again
+    again = run_standin(pod, tmp_path / "w", env, "--config.train_steps=2")
+    assert again.returncode == 0, again.stdout + again.stderr
