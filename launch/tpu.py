@@ -793,9 +793,9 @@ def check_config_sent(args: argparse.Namespace) -> None:
     changed since HEAD is there, unchanged)."""
     if args.dry_run:
         return
-    config = Path(args.config.split(":", 1)[0])
+    config = Path(args.config.split(":", 1)[0])  # relative: to the checkout, as on the workers
     try:
-        relative = (Path.cwd() / config).resolve().relative_to(REPO)
+        relative = (REPO / config).resolve().relative_to(REPO)
     except ValueError:
         raise LaunchError(
             f"--config={args.config}: {config} is outside the checkout {REPO}, so the workers "
