@@ -1145,3 +1145,33 @@ def test_ctrl_c_while_run_is_starting_stops_what_it_started(tmp_path):
     assert not (homes[0] / "simclr_jax_run.claim").exists()  # the slice is free again
     again = run_standin(pod, tmp_path / "w", env, "--config.train_steps=2")
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_the_stop_marker_goes_to_a_gs_workdir_through_the_workers_gsutil(tmp_path):
+    """`stop` writes <workdir>/stop_requested from worker 0 before any SIGTERM; a gs:// workdir
+    through the worker's gsutil, whose failure is an error that names it."""
+    home = tmp_path / "home"
+    (home / "simclr_jax").mkdir(parents=True)
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                            "SIMCLR_JAX_RUN_ID=r1"])  # fmt: skip
+    try:
+        (home / "simclr_jax_run.pid").write_text(f"{run.pid}\n")
+        (home / "simclr_jax_run.id").write_text("r1\n")
+        (home / "simclr_jax_run.workdir").write_text("gs://bucket/run\n")
+        env = {**os.environ, "HOME": str(home), "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
+               "FAKE_GCS_ROOT": str(tmp_path / "gcs")}  # fmt: skip
+        wrote = subprocess.run(["bash", "-c", tpu.marker_remote()], env=env, capture_output=True,
+                               text=True)  # fmt: skip
+        assert wrote.returncode == 0, wrote.stderr
+        assert wrote.stdout.strip() == "stop marker written: gs://bucket/run/stop_requested"
+        assert (tmp_path / "gcs" / "bucket" / "run" / "stop_requested").read_text() == "stop\n"
+        denied = {**env, "FAKE_GCLOUD_GSUTIL_FAIL": "AccessDeniedException: 403 no write"}
+        failed = subprocess.run(["bash", "-c", tpu.marker_remote()], env=denied,
+                                capture_output=True, text=True)  # fmt: skip
+        assert failed.returncode == 7 and failed.stderr.strip() == (
+            "could not write the stop marker gs://bucket/run/stop_requested: "
+            "AccessDeniedException: 403 no write"
+        )
+        assert run.poll() is None  # writing the marker signals nothing
+    finally:
+        run.kill()
