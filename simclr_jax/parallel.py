@@ -59,7 +59,7 @@ def create_mesh(
             ici_shape,
             (len(slices), 1),
             devices,
-            process_is_granule=not _has_slice_index(devices),
+            process_is_granule=slice_key(devices, num_slices) == "process_index",
             allow_split_physical_axes=True,
         )
     # Auto axes: jit propagates shardings (GSPMD) and BatchNorm statistics over the
@@ -71,28 +71,37 @@ def _has_slice_index(devices: Sequence[jax.Device]) -> bool:
     return all(getattr(d, "slice_index", None) is not None for d in devices)
 
 
-def slice_groups(devices: Sequence[jax.Device], num_slices: int = 0) -> list[list[jax.Device]]:
-    """The devices of each slice, in slice order: by `slice_index` where the devices carry it
-    (TPU), else by process when `num_slices` > 1 (a simulated multislice), else one slice.
-    ValueError naming mesh.num_slices when the request and the devices disagree."""
+def slice_key(devices: Sequence[jax.Device], num_slices: int = 0) -> str | None:
+    """The device attribute that tells the slices apart: `slice_index` on a TPU multislice;
+    `process_index` where the devices are not TPUs and carry no such distinction (CPU and GPU
+    give every device slice 0) but `num_slices` > 1 asks for a simulated multislice; None for
+    one slice. ValueError naming mesh.num_slices for a value that is not a count."""
     if not isinstance(num_slices, (int, np.integer)) or num_slices < 0:
         raise ValueError(
             f"mesh.num_slices={num_slices!r} must be 0 (the slices the devices carry) or a "
             "positive number of slices."
         )
-    key = "slice_index" if _has_slice_index(devices) else "process_index"
-    if key == "process_index" and num_slices in (0, 1):
-        return [list(devices)]
+    if _has_slice_index(devices) and len({d.slice_index for d in devices}) > 1:
+        return "slice_index"
+    if num_slices <= 1 or any(d.platform == "tpu" for d in devices):
+        return None
+    return "process_index"
+
+
+def slice_groups(devices: Sequence[jax.Device], num_slices: int = 0) -> list[list[jax.Device]]:
+    """The devices of each slice, in slice order (see slice_key). ValueError naming
+    mesh.num_slices when the request and the devices disagree."""
+    key = slice_key(devices, num_slices)
     groups: dict[int, list[jax.Device]] = {}
     for device in devices:
-        groups.setdefault(getattr(device, key), []).append(device)
+        groups.setdefault(getattr(device, key) if key else 0, []).append(device)
     slices = [groups[index] for index in sorted(groups)]
     if num_slices and num_slices != len(slices):
         found = (
-            f"the devices belong to {len(slices)} slices (slice_index)"
-            if key == "slice_index"
-            else f"its devices belong to {len(slices)} processes, and without a TPU slice_index "
-            "each process stands for one slice"
+            f"its devices belong to {len(slices)} processes, and off TPU each process stands "
+            "for one slice"
+            if key == "process_index" or (key is None and devices[0].platform != "tpu")
+            else f"the devices belong to {len(slices)} TPU slice(s) (slice_index)"
         )
         raise ValueError(
             f"mesh.num_slices={num_slices} does not match this run: {found}; "
@@ -120,7 +129,7 @@ def _slice_grid(shape: tuple[int, int], devices: Sequence[jax.Device]) -> np.nda
 def mesh_slices(mesh: Mesh) -> int:
     """Number of TPU slices the mesh's devices span (by slice_index; 1 without it)."""
     devices = list(mesh.devices.flat)
-    return len({d.slice_index for d in devices}) if _has_slice_index(devices) else 1
+    return len(slice_groups(devices)) if slice_key(devices) else 1
 
 
 def mesh_from_config(mesh_config: Any | None) -> Mesh:

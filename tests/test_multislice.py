@@ -121,7 +121,7 @@ def test_num_slices_the_run_cannot_have_names_the_field(num_slices, match):
 
 
 def test_num_slices_must_match_the_tpu_slices(topology):
-    with pytest.raises(ValueError, match=r"the devices belong to 2 slices \(slice_index\)"):
+    with pytest.raises(ValueError, match=r"the devices belong to 2 TPU slice\(s\) \(slice_index\)"):
         parallel.create_mesh(devices=topology("v5e:2x2", num_slices=2), num_slices=3)
 
 
