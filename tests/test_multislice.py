@@ -4,6 +4,7 @@ always was; TPU topologies from libtpu (no TPU needed) show the layouts; two pro
 for two slices (tests/multislice_worker.py) train exactly as one process with 8 devices."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pod_worker import free_port, wait_all, worker_env
 
 from simclr_jax import parallel
 
-WORKER = Path(__file__).resolve().parent / "multislice_worker.py"
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "multislice_worker.py"
 LIBTPU_ENV = {  # what the preflight sets for libtpu on a host that is not a TPU VM
     "TPU_ACCELERATOR_TYPE": "v4-8",
     "TPU_WORKER_HOSTNAMES": "localhost",
@@ -158,3 +160,116 @@ def test_two_slices_train_as_one_mesh_of_eight(devices, simulated_two_slices):
         if name.startswith("grads"):
             assert np.abs(expected).max() > 0, f"{name} is zero"
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------ the preflight
+
+
+def preflight(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m simclr_jax.preflight ARGS` with the environment of a plain shell (no
+    simulated CPU devices), configs relative to the repository."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_jax.preflight", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "line,groups",
+    [
+        ("replica_groups={{0,1},{2,3}}, to_apply=%add", [[0, 1], [2, 3]]),
+        ("replica_groups=[2,4]<=[8], to_apply=%add", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+        ("replica_groups=[2,4]<=[2,2,2]T(2,1,0)", [[0, 4, 2, 6], [1, 5, 3, 7]]),
+        ("source_target_pairs={{0,1},{1,0}}", [[0, 1], [1, 0]]),
+        ("replica_groups={}, to_apply=%add", None),
+    ],
+)
+def test_collective_device_groups_are_read_from_the_hlo(line, groups):
+    from simclr_jax.preflight import collectives
+
+    assert collectives.device_groups(f"%x = f32[8]{{0}} all-reduce(%y), {line}") == groups
+
+
+def test_a_collective_is_dcn_when_a_group_spans_slices():
+    from types import SimpleNamespace
+
+    from simclr_jax.preflight import collectives
+
+    devices = [SimpleNamespace(slice_index=i // 4) for i in range(8)]
+    hlo = """ENTRY %main (a: f32[8]) -> f32[16] {
+  %s = (f32[8]{0}, f32[16]{0}) all-gather-start(f32[8]{0} %a), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}
+  %g = f32[16]{0} all-gather-done((f32[8]{0}, f32[16]{0}) %s)
+  %r = f32[16]{0} all-reduce(f32[16]{0} %g), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  ROOT %t = f32[16]{0} all-reduce(f32[16]{0} %r), replica_groups={}, to_apply=%add
+}"""  # noqa: E501
+    found = collectives.parse_collectives(hlo)
+    collectives.by_network(found, devices)
+    assert [(c["kind"], c["network"], c["slices"]) for c in found] == [
+        ("all-gather", "dcn", 2), ("all-reduce", "ici", 1), ("all-reduce", "dcn", 2),
+    ]  # fmt: skip
+    assert [c["dcn_bytes"] for c in found] == [32, 0, 64]  # (n-1)/n and 2(n-1)/n of 64 bytes
+    assert collectives.sum_by_kind(found, "dcn") == {"all-gather": 64, "all-reduce": 64}
+
+
+def test_tpu7x_is_named_as_gcloud_and_gke_name_it(topology):
+    from simclr_jax import preflight as pf
+
+    tpu = pf.parse_accelerator_type("tpu7x-8")  # TensorCores, as xpk and the GKE docs count
+    assert (tpu.chips, tpu.topology_name, tpu.num_devices) == (4, "TPU7x:2x2x1", 8)
+    devices = pf.slice_devices(tpu)  # what libtpu describes: 2 devices per chip
+    assert len(devices) == 8 and devices[0].device_kind == "TPU7x"
+    assert tpu.hbm_bytes_per_device == 96 * 2**30  # 192 GiB per chip, half per TensorCore
+    assert pf.parse_accelerator_type("tpu7x-128").topology_name == "TPU7x:4x4x4"
+    with pytest.raises(ValueError, match="'tpu7x-6' is not a known accelerator type"):
+        pf.parse_accelerator_type("tpu7x-6")
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["--tpu=v5litepod-4", "--num_slices=0"], 2, "--num_slices=0 must be a positive"),
+        (["--tpu=v5litepod-4", "--num_slices=2", "--config.train_batch_size=12"], 1,
+         "train_batch_size=12 is not divisible by the 8 devices on the 'data' mesh axis of "
+         "these 2 slices (4 each); use a multiple of 8."),
+    ],
+)  # fmt: skip
+def test_preflight_bad_multislice_input_is_one_line(topology, args, code, message):
+    result = preflight("--config=configs/smoke.py:pretrain", *args)
+    assert result.returncode == code, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert message in line
+
+
+def test_smoke_step_compiles_for_two_v5e_slices_with_dcn_collectives(topology, tmp_path):
+    out = tmp_path / "report.json"
+    result = preflight(
+        "--config=configs/smoke.py:pretrain", "--tpu=v5litepod-4", "--num_slices=2",
+        f"--out={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["tpu"] == "2 x v5litepod-4" and report["num_slices"] == 2
+    assert report["num_devices"] == 8 and report["fits"]
+    networks = {c["network"] for c in report["collectives"]}
+    assert "dcn" in networks, report["collectives"]
+    dcn = report["collective_bytes_dcn"]
+    # The gradients are summed over both slices, and NT-Xent gathers z from both.
+    assert dcn.get("all-reduce", 0) > 0 and dcn.get("all-gather", 0) > 0, dcn
+    assert report["dcn_gbits_per_s_per_host"] == 100  # 25 Gb/s per chip x 4 chips per host
+    assert report["dcn_send_bytes_per_step_per_host"] > 0 and report["dcn_seconds_estimate"] > 0
+    assert "docs.cloud.google.com/tpu/docs/v5e" in report["dcn_bandwidth_source"]
+    assert "over DCN (between slices): all-" in result.stdout
+
+
+def test_smoke_step_compiles_for_a_tpu7x_slice(topology, tmp_path):
+    out = tmp_path / "report.json"
+    result = preflight("--config=configs/smoke.py:pretrain", "--tpu=tpu7x-8", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["topology"] == "TPU7x:2x2x1" and report["device_kind"] == "TPU7x"
+    assert report["num_devices"] == 8 and report["fits"] and report["flops_per_step"] > 0
+    assert report["hbm_per_chip_gib"] == 96  # per JAX device: one TensorCore, half a chip
+    assert {c["network"] for c in report["collectives"]} == {"ici"}
