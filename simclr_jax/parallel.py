@@ -188,8 +188,15 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
 
 
 def _on_multihost_tpu_vm(environ: Mapping[str, str]) -> bool:
-    """True on a worker of a multi-host Cloud TPU VM slice (set by the TPU runtime)."""
-    return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+    """True on a worker of a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES, set by the TPU
+    runtime and by GKE) or of a multislice (MEGASCALE_*, set by GKE's JobSet or queued
+    resources; slices of one host each have a single worker hostname)."""
+    slices = environ.get("MEGASCALE_NUM_SLICES", "1").strip()
+    return (
+        "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+        or bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+        or (slices.isdigit() and int(slices) > 1)
+    )
 
 
 def initialize_distributed(

@@ -273,3 +273,19 @@ def test_smoke_step_compiles_for_a_tpu7x_slice(topology, tmp_path):
     assert report["num_devices"] == 8 and report["fits"] and report["flops_per_step"] > 0
     assert report["hbm_per_chip_gib"] == 96  # per JAX device: one TensorCore, half a chip
     assert {c["network"] for c in report["collectives"]} == {"ici"}
+
+
+@pytest.mark.parametrize(
+    "environ,multihost",
+    [
+        ({}, False),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),
+        # A multislice of one-host slices: one hostname per slice, JAX joins them over DCN.
+        ({"TPU_WORKER_HOSTNAMES": "localhost", "MEGASCALE_NUM_SLICES": "2"}, True),
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "jobset-0-0.jobset:8080"}, True),
+        ({"MEGASCALE_NUM_SLICES": "1"}, False),
+    ],
+)
+def test_a_multislice_starts_jax_distributed_from_its_environment(environ, multihost):
+    assert parallel._on_multihost_tpu_vm(environ) is multihost
