@@ -35,6 +35,7 @@ def batches(steps: int = STEPS) -> list[dict[str, np.ndarray]]:
 def run_steps(mesh) -> dict[str, np.ndarray]:
     """Runs the steps on `mesh`; {name: array} of this process's (replicated) results."""
     import jax
+    import jax.numpy as jnp
 
     from configs import smoke
     from simclr_jax import optim, parallel, step, train
@@ -51,6 +52,17 @@ def run_steps(mesh) -> dict[str, np.ndarray]:
         trust_ratio_excluded_modules=optim.trust_ratio_exclusions("pretrain"),
     )
     state, shardings = create_train_state(model, tx, mesh, image_size=IMAGE_SIZE, seed=0)
+    # Zero-initialized last-BN scales would give each residual branch zero gradients; ones
+    # make every gradient in the tree non-trivial (as tests/test_sharding.py does).
+    ones = jax.jit(
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.ones_like(x) if jax.tree_util.keystr(path).endswith("['scale']")
+            else x,
+            params,
+        ),
+        out_shardings=shardings.params,
+    )  # fmt: skip
+    state = state.replace(params=ones(state.params))
     loss_fn = train.pretrain_loss(
         model,
         mesh,

@@ -130,36 +130,36 @@ def test_num_slices_must_match_the_tpu_slices(topology):
 # ------------------------------------------------------------------ simulated multislice
 
 
-@pytest.fixture(scope="module")
-def simulated_two_slices(tmp_path_factory):
-    """2 processes, each one slice of 4 CPU devices (hybrid mesh over process granules)."""
-    root = tmp_path_factory.mktemp("multislice")
-    out, port, procs = root / "two_slices.npz", free_port(), []
+@pytest.mark.slow
+def test_two_slices_train_as_one_mesh_of_eight(devices, tmp_path):
+    """2 processes, each one slice of 4 CPU devices (a hybrid mesh over process granules),
+    against this process's 8 devices on one slice; both run while the other compiles."""
+    out, port, procs = tmp_path / "two_slices.npz", free_port(), []
     for pid in range(2):
-        log = open(root / f"process{pid}.log", "w")
+        log = open(tmp_path / f"process{pid}.log", "w")
         argv = [sys.executable, str(WORKER), str(out), "2", str(pid), str(port), "4", "2"]
         procs.append(subprocess.Popen(argv, env=worker_env(4), stdout=log, stderr=log))
-    codes = wait_all(procs, timeout=300)
-    logs = [(root / f"process{pid}.log").read_text()[-4000:] for pid in range(2)]
+    one = run_steps(parallel.create_mesh(devices=devices))
+    codes = wait_all(procs, timeout=600)
+    logs = [(tmp_path / f"process{pid}.log").read_text()[-4000:] for pid in range(2)]
     assert codes == [0, 0], "\n=====\n".join(logs)
-    return dict(np.load(out))
+    pod = dict(np.load(out))
 
-
-@pytest.mark.slow
-def test_two_slices_train_as_one_mesh_of_eight(devices, simulated_two_slices):
-    pod = simulated_two_slices
     assert pod["mesh_shape"].tolist() == [8, 1]
     assert pod["mesh_processes"].tolist() == [0] * 4 + [1] * 4  # slice-major data axis
-    one = run_steps(parallel.create_mesh(devices=devices))
     assert one["mesh_processes"].tolist() == [0] * 8
     assert sorted(pod) == sorted(one)
     names = [k for k in one if not k.startswith("mesh_")]
     assert {k.split("[")[0] for k in names} == {"loss", "grads", "batch_stats", "params"}
+    worst = {}
     for name in names:
         expected, actual = one[name], pod[name]
         if name.startswith("grads"):
             assert np.abs(expected).max() > 0, f"{name} is zero"
-        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+        worst[name] = float(np.max(np.abs(actual - expected)))
+    largest = sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    print(f"largest |2 slices - 1 slice| of {len(worst)} arrays: {largest}")
+    assert largest[0][1] <= 1e-6, largest
 
 
 # ------------------------------------------------------------------ the preflight
@@ -203,15 +203,20 @@ def test_a_collective_is_dcn_when_a_group_spans_slices():
   %s = (f32[8]{0}, f32[16]{0}) all-gather-start(f32[8]{0} %a), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}
   %g = f32[16]{0} all-gather-done((f32[8]{0}, f32[16]{0}) %s)
   %r = f32[16]{0} all-reduce(f32[16]{0} %g), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
-  ROOT %t = f32[16]{0} all-reduce(f32[16]{0} %r), replica_groups={}, to_apply=%add
+  %t = f32[16]{0} all-reduce(f32[16]{0} %r), replica_groups={}, to_apply=%add
+  %x = token[] after-all()
+  ROOT %send = (f32[4,2]{1,0}, u32[], token[]) send(%t, %x), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_transfer_type="ALL_REDUCE"}
 }"""  # noqa: E501
     found = collectives.parse_collectives(hlo)
     collectives.by_network(found, devices)
-    assert [(c["kind"], c["network"], c["slices"]) for c in found] == [
-        ("all-gather", "dcn", 2), ("all-reduce", "ici", 1), ("all-reduce", "dcn", 2),
+    assert [(c["kind"], c["network"], c["slices"], c["bytes"]) for c in found] == [
+        ("all-gather", "dcn", 2, 64), ("all-reduce", "ici", 1, 64), ("all-reduce", "dcn", 2, 64),
+        ("all-reduce", "dcn", 2, 32),  # libtpu's per-slice program: a megascale transfer
     ]  # fmt: skip
-    assert [c["dcn_bytes"] for c in found] == [32, 0, 64]  # (n-1)/n and 2(n-1)/n of 64 bytes
-    assert collectives.sum_by_kind(found, "dcn") == {"all-gather": 64, "all-reduce": 64}
+    # (n-1)/n of an all-gather's bytes, 2(n-1)/n of an all-reduce's, for n = 2 slices
+    assert [c["dcn_bytes"] for c in found] == [32, 0, 64, 32]
+    assert collectives.sum_by_kind(found, "dcn") == {"all-gather": 64, "all-reduce": 96}
+    assert collectives.sum_by_kind(found, "ici") == {"all-reduce": 64}
 
 
 def test_tpu7x_is_named_as_gcloud_and_gke_name_it(topology):
@@ -255,9 +260,13 @@ def test_smoke_step_compiles_for_two_v5e_slices_with_dcn_collectives(topology, t
     assert report["num_devices"] == 8 and report["fits"]
     networks = {c["network"] for c in report["collectives"]}
     assert "dcn" in networks, report["collectives"]
-    dcn = report["collective_bytes_dcn"]
-    # The gradients are summed over both slices, and NT-Xent gathers z from both.
+    dcn, ici = report["collective_bytes_dcn"], report["collective_bytes_ici"]
+    # The gradients are summed over both slices, and NT-Xent gathers z from both: libtpu does
+    # each in stages, inside a slice over ICI and between the slices over DCN.
     assert dcn.get("all-reduce", 0) > 0 and dcn.get("all-gather", 0) > 0, dcn
+    assert ici.get("all-gather", 0) > 0, ici
+    gradient_bytes = report["state_bytes_whole"] / 2  # LARS: params + one momentum each
+    assert sum(dcn.values()) >= gradient_bytes / 4 * 0.9  # at least each device's quarter
     assert report["dcn_gbits_per_s_per_host"] == 100  # 25 Gb/s per chip x 4 chips per host
     assert report["dcn_send_bytes_per_step_per_host"] > 0 and report["dcn_seconds_estimate"] > 0
     assert "docs.cloud.google.com/tpu/docs/v5e" in report["dcn_bandwidth_source"]
@@ -289,3 +298,23 @@ def test_smoke_step_compiles_for_a_tpu7x_slice(topology, tmp_path):
 )
 def test_a_multislice_starts_jax_distributed_from_its_environment(environ, multihost):
     assert parallel._on_multihost_tpu_vm(environ) is multihost
+
+
+@pytest.mark.slow
+def test_resnet50_v2_at_4096_fits_two_v5litepod_256(topology, tmp_path):
+    """The paper's v2 recipe on 512 v5e chips in 2 slices (libtpu compiles one slice's
+    program; minutes on 2 CPU cores)."""
+    out = tmp_path / "report.json"
+    result = preflight(
+        "--config=configs/imagenet_pretrain.py:r50_1x,v2", "--tpu=v5litepod-256",
+        "--num_slices=2", f"--out={out}", timeout=1800,
+    )  # fmt: skip
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["fits"] and report["global_batch"] == 4096 and report["num_devices"] == 512
+    assert report["bytes_per_chip"]["total"] < 16 * 2**30
+    gradient_bytes = report["state_bytes_whole"] / 2  # LARS: params + one momentum each
+    # Each device's part of the gradient crosses DCN once per step, beside the ICI stages.
+    assert sum(report["collective_bytes_dcn"].values()) >= gradient_bytes / 256 * 0.9
+    assert report["collective_bytes_ici"] and report["dcn_seconds_estimate"] > 0

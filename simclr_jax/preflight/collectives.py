@@ -74,12 +74,20 @@ def _transpose(flat: list[int], shape: list[int], order: list[int] | None) -> li
     return out
 
 
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
 def parse_collectives(hlo_text: str) -> list[dict[str, Any]]:
     """Every cross-device collective of a compiled HLO module: kind, result shapes, bytes.
 
     The TPU compiler writes a reduce-scatter as an all-reduce inside a computation named
     all-reduce-scatter (then keeps only this device's part); it is counted as reduce-scatter,
-    with the bytes it reduces."""
+    with the bytes it reduces.
+
+    For a multislice, libtpu compiles one slice's program: its collectives run over that
+    slice's devices (ICI), and each collective's cross-slice stage is a host transfer to the
+    megascale runtime (a `send` with `_xla_megascale_transfer_type` ALL_REDUCE, ALL_GATHER,
+    ...), which goes over DCN: counted as that kind, network 'dcn', with the bytes sent."""
     found, computation = [], ""
     started: dict[str, list[list[int]] | None] = {}  # async -start: its groups, by name
     for raw in hlo_text.splitlines():
@@ -89,6 +97,21 @@ def parse_collectives(hlo_text: str) -> list[dict[str, Any]]:
             computation = header.group(1)
             continue
         match = _INSTRUCTION.search(line)
+        megascale = _MEGASCALE.search(line)
+        if match and match.group(2) == "send" and megascale:
+            dtype, dims = _SHAPE.findall(match.group(1))[0]  # (buffer, context, token)
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            found.append(
+                {
+                    "kind": megascale.group(1).lower().replace("_", "-"),
+                    "shapes": [f"{dtype}[{','.join(map(str, shape))}]"],
+                    "dims": [list(shape)],
+                    "bytes": _DTYPE_BYTES[dtype] * math.prod(shape),
+                    "groups": None,
+                    "network": "dcn",
+                }
+            )
+            continue
         if match and match.group(2).endswith("-start"):
             started[line.split("=")[0].split()[-1]] = device_groups(line)
         if not match or match.group(2) not in _COLLECTIVE_OPS:
@@ -128,14 +151,18 @@ _DCN_FACTOR = {
 
 
 def by_network(collectives: Sequence[dict[str, Any]], devices: Sequence[Any]) -> None:
-    """Marks each collective 'ici' or 'dcn' (in place): DCN when one of its groups holds
-    devices of more than one slice (`slice_index`; `devices` in the program's device
-    assignment order, the mesh's), with `slices` (the most slices one group spans) and
-    `dcn_bytes`, the estimated bytes one device sends between slices."""
+    """Marks each collective 'ici' or 'dcn' (in place): DCN when it is a megascale transfer
+    (parse_collectives), or when one of its groups holds devices of more than one slice
+    (`slice_index`; `devices` in the program's device assignment order, the mesh's); with
+    `slices` (how many slices it spans) and `dcn_bytes`, the estimated bytes one device sends
+    between slices."""
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in devices]
     for c in collectives:
-        groups = c.get("groups") or [list(range(len(devices)))]
-        spans = max(len({slice_of[i] for i in group if i < len(slice_of)}) for group in groups)
+        if c.get("network") == "dcn":  # a megascale transfer: between all the slices
+            spans = max(len(set(slice_of)), 2)
+        else:
+            groups = c.get("groups") or [list(range(len(devices)))]
+            spans = max(len({slice_of[i] for i in g if i < len(slice_of)}) for g in groups)
         c["network"] = "dcn" if spans > 1 else "ici"
         c["slices"] = spans
         c["dcn_bytes"] = _DCN_FACTOR[c["kind"]](spans) * c["bytes"] if spans > 1 else 0.0
