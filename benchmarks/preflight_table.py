@@ -21,6 +21,8 @@ ROWS = [
     ("r50_v2_v4", "configs/imagenet_pretrain.py:r50_1x,v2", "v4-128", {}, ""),
     ("r50_v2_v5e", "configs/imagenet_pretrain.py:r50_1x,v2", "v5litepod-256", {}, ""),
     ("r50_v2_v6e", "configs/imagenet_pretrain.py:r50_1x,v2", "v6e-64", {}, ""),
+    ("r50_v2_v5e_x2", "configs/imagenet_pretrain.py:r50_1x,v2", "2 x v5litepod-256", {}, ""),
+    ("r50_v2_tpu7x", "configs/imagenet_pretrain.py:r50_1x,v2", "tpu7x-128", {}, ""),
     ("r152_3x_sk", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128", {}, ""),
     ("r152_3x_sk_fsdp", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128",
      {"mesh.fsdp_min_size": 2**16}, ""),
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec, accelerator, overrides, note in ROWS:
         if args.rows not in name:
             continue
-        tpu = preflight.parse_accelerator_type(accelerator)
+        slices, _, single = accelerator.rpartition(" x ")  # "2 x v5litepod-256": multislice
+        tpu = preflight.with_slices(preflight.parse_accelerator_type(single), int(slices or 1))
         for dtype in DTYPES:
             result = preflight.run_preflight(load_config(spec, overrides, dtype), tpu)
             r = result.report
@@ -83,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 cells = ("-",) * 5
+            row_note = note
+            if r.get("dcn_seconds_estimate") is not None and r.get("num_slices", 1) > 1:
+                dcn = sum(r["collective_bytes_dcn"].values()) / 2**20
+                row_note = "; ".join(filter(None, [
+                    f"DCN {dcn:.0f} MiB/chip/step, ~{r['dcn_seconds_estimate'] * 1e3:.0f} ms at "
+                    f"{r['dcn_gbits_per_s_per_host']:g} Gb/s/host", note]))  # fmt: skip
             print(f"| {name} | {accelerator} | {dtype} | {total / 2**30:.1f} | "
-                  f"{'yes' if result.ok else 'no'} | " + " | ".join(cells) + f" | {note} |",
+                  f"{'yes' if result.ok else 'no'} | " + " | ".join(cells) + f" | {row_note} |",
                   flush=True)  # fmt: skip
     return 0
 

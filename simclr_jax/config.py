@@ -44,7 +44,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # fsdp_min_size > 0 shards parameters and optimizer state with at least that many elements
     # over the data axis (FSDP) for models that do not fit replicated; 0 replicates everything.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1, "fsdp_min_size": 0})
+    # num_slices: 0 takes the slices the devices carry (TPU multislice: a hybrid mesh, DCN
+    # between slices); on CPU/GPU N > 1 makes each of N processes stand for one slice.
+    config.mesh = ml_collections.ConfigDict(
+        {"data": -1, "model": 1, "fsdp_min_size": 0, "num_slices": 0}
+    )
 
     config.model = ml_collections.ConfigDict()
     config.model.resnet_depth = 50  # 18 34 50 101 152 200

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -19,13 +20,29 @@ MESH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 
 def create_mesh(
-    data: int = -1, model: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    model: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    num_slices: int = 0,
 ) -> Mesh:
-    """Builds a (data, model) mesh; `data=-1` takes every device the model axis leaves."""
+    """Builds a (data, model) mesh; `data=-1` takes every device the model axis leaves.
+
+    Inside a slice the device order follows the ICI topology (mesh_utils.create_device_mesh;
+    on CPU and GPU that is the given order). Over several slices the mesh is hybrid: each
+    slice holds an equal block of the `data` axis, slices meet over DCN, the `model` axis stays
+    inside a slice, and `data` still spans every device, so NT-Xent's all-gather and BatchNorm
+    see the whole global batch. `num_slices=0` takes the slices the devices carry
+    (`slice_index`, set on a TPU multislice), else one; devices without `slice_index`
+    (CPU, GPU) stand for `num_slices` slices by process (one process per slice).
+    """
     devices = list(jax.devices() if devices is None else devices)
-    if model < 1 or len(devices) % model:
+    slices = slice_groups(devices, num_slices)
+    per_slice = len(devices) // len(slices)
+    if model < 1 or per_slice % model:
+        where = f"the {per_slice} devices of each of {len(slices)} slices"
         raise ValueError(
-            f"mesh.model={model} must be a positive divisor of the {len(devices)} devices."
+            f"mesh.model={model} must be a positive divisor of "
+            f"{where if len(slices) > 1 else f'the {len(devices)} devices'}."
         )
     if data == -1:
         data = len(devices) // model
@@ -34,17 +51,97 @@ def create_mesh(
             f"mesh.data={data} x mesh.model={model} must equal the number of devices "
             f"({len(devices)}); set mesh.data=-1 to use all of them."
         )
+    ici_shape = (data // len(slices), model)
+    if len(slices) == 1:
+        grid = _slice_grid(ici_shape, devices)
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_shape,
+            (len(slices), 1),
+            devices,
+            process_is_granule=slice_key(devices, num_slices) == "process_index",
+            allow_split_physical_axes=True,
+        )
     # Auto axes: jit propagates shardings (GSPMD) and BatchNorm statistics over the
     # sharded batch are global without any explicit collective in the model.
-    grid = np.asarray(devices, dtype=object).reshape(data, model)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def _has_slice_index(devices: Sequence[jax.Device]) -> bool:
+    return all(getattr(d, "slice_index", None) is not None for d in devices)
+
+
+def slice_key(devices: Sequence[jax.Device], num_slices: int = 0) -> str | None:
+    """The device attribute that tells the slices apart: `slice_index` on a TPU multislice;
+    `process_index` where the devices are not TPUs and carry no such distinction (CPU and GPU
+    give every device slice 0) but `num_slices` > 1 asks for a simulated multislice; None for
+    one slice. ValueError naming mesh.num_slices for a value that is not a count."""
+    if not isinstance(num_slices, (int, np.integer)) or num_slices < 0:
+        raise ValueError(
+            f"mesh.num_slices={num_slices!r} must be 0 (the slices the devices carry) or a "
+            "positive number of slices."
+        )
+    if _has_slice_index(devices) and len({d.slice_index for d in devices}) > 1:
+        return "slice_index"
+    if num_slices <= 1 or any(d.platform == "tpu" for d in devices):
+        return None
+    return "process_index"
+
+
+def slice_groups(devices: Sequence[jax.Device], num_slices: int = 0) -> list[list[jax.Device]]:
+    """The devices of each slice, in slice order (see slice_key). ValueError naming
+    mesh.num_slices when the request and the devices disagree."""
+    key = slice_key(devices, num_slices)
+    groups: dict[int, list[jax.Device]] = {}
+    for device in devices:
+        groups.setdefault(getattr(device, key) if key else 0, []).append(device)
+    slices = [groups[index] for index in sorted(groups)]
+    if num_slices and num_slices != len(slices):
+        found = (
+            f"its devices belong to {len(slices)} processes, and off TPU each process stands "
+            "for one slice"
+            if key == "process_index" or (key is None and devices[0].platform != "tpu")
+            else f"the devices belong to {len(slices)} TPU slice(s) (slice_index)"
+        )
+        raise ValueError(
+            f"mesh.num_slices={num_slices} does not match this run: {found}; "
+            f"set mesh.num_slices={len(slices)} or 0."
+        )
+    sizes = sorted({len(group) for group in slices})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"the {len(slices)} slices hold different numbers of devices ({sizes}); a "
+            "multislice mesh needs slices of one shape."
+        )
+    return slices
+
+
+def _slice_grid(shape: tuple[int, int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """Devices of one slice laid out as `shape` in ICI topology order (TPU); the given order
+    elsewhere. A TPU device subset the topology helper cannot lay out keeps the given order."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, AssertionError, NotImplementedError) as error:
+        logging.info("mesh: keeping the devices' order (%s)", error)
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def mesh_slices(mesh: Mesh) -> int:
+    """Number of TPU slices the mesh's devices span (by slice_index; 1 without it)."""
+    devices = list(mesh.devices.flat)
+    return len(slice_groups(devices)) if slice_key(devices) else 1
+
+
 def mesh_from_config(mesh_config: Any | None) -> Mesh:
-    """Builds the mesh from a `config.mesh` ConfigDict (fields `data`, `model`), or all devices."""
+    """Builds the mesh from a `config.mesh` ConfigDict (fields `data`, `model`, `num_slices`),
+    or all devices."""
     if mesh_config is None:
         return create_mesh()
-    return create_mesh(data=mesh_config.get("data", -1), model=mesh_config.get("model", 1))
+    return create_mesh(
+        data=mesh_config.get("data", -1),
+        model=mesh_config.get("model", 1),
+        num_slices=mesh_config.get("num_slices", 0),
+    )
 
 
 def data_axis_size(mesh: Mesh) -> int:
@@ -68,9 +165,11 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "batch_size") -> 
     if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"{field}={batch_size!r} must be a positive integer.")
     if batch_size % replicas:
+        slices = mesh_slices(mesh)
+        where = f" ({slices} slices x {replicas // slices})" if slices > 1 else ""
         raise ValueError(
             f"{field}={batch_size} is not divisible by the {replicas} devices on the "
-            f"'{DATA_AXIS}' mesh axis; use a multiple of {replicas}."
+            f"'{DATA_AXIS}' mesh axis{where}; use a multiple of {replicas}."
         )
     if batch_size % hosts:
         raise ValueError(
@@ -89,8 +188,15 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
 
 
 def _on_multihost_tpu_vm(environ: Mapping[str, str]) -> bool:
-    """True on a worker of a multi-host Cloud TPU VM slice (set by the TPU runtime)."""
-    return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+    """True on a worker of a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES, set by the TPU
+    runtime and by GKE) or of a multislice (MEGASCALE_*, set by GKE's JobSet or queued
+    resources; slices of one host each have a single worker hostname)."""
+    slices = environ.get("MEGASCALE_NUM_SLICES", "1").strip()
+    return (
+        "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+        or bool(environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+        or (slices.isdigit() and int(slices) > 1)
+    )
 
 
 def initialize_distributed(

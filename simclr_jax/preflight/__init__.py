@@ -43,6 +43,7 @@ from simclr_jax.preflight.hardware import (
     rerun_with_raised_stack_limit,
     slice_devices,
     with_hbm,
+    with_slices,
 )
 from simclr_jax.preflight.search import (
     MAX_BATCH_LAYOUTS,
@@ -79,5 +80,6 @@ __all__ = [
     "run_preflight",
     "slice_devices",
     "with_hbm",
+    "with_slices",
     "write_json",
 ]

@@ -18,6 +18,7 @@ from simclr_jax.preflight.hardware import (
     parse_accelerator_type,
     slice_devices,
     with_hbm,
+    with_slices,
 )
 from simclr_jax.preflight.search import MAX_BATCH_LAYOUTS, max_batch, max_batch_line
 
@@ -54,6 +55,10 @@ def _absl_main(argv: list[str]) -> int:
         "max_compiles", 8, "--max_batch: at most this many compiles per search.",
         flag_values=flag_values,
     )  # fmt: skip
+    slices_flag = flags.DEFINE_integer(
+        "num_slices", 1, "Slices of --tpu joined over DCN (a multislice: the mesh is hybrid, "
+        "the report splits collectives into ICI and DCN).", flag_values=flag_values,
+    )  # fmt: skip
     hbm_flag = flags.DEFINE_float(
         "hbm_gib", None, "Pretend each chip has this much HBM (GiB), e.g. to keep headroom.",
         flag_values=flag_values,
@@ -63,7 +68,7 @@ def _absl_main(argv: list[str]) -> int:
         if not config_flag.value or not tpu_flag.value:
             raise ValueError("--config and --tpu are required, e.g. --config=configs/smoke.py "
                              "--tpu=v4-8.")  # fmt: skip
-        tpu = parse_accelerator_type(tpu_flag.value)
+        tpu = with_slices(parse_accelerator_type(tpu_flag.value), slices_flag.value)
         if hbm_flag.value is not None:
             tpu = with_hbm(tpu, hbm_flag.value)
         unknown = sorted(set(layouts_flag.value) - set(MAX_BATCH_LAYOUTS))
@@ -101,7 +106,7 @@ def _absl_main(argv: list[str]) -> int:
     if out_flag.value:
         write_json(out_flag.value, result.report)
     if not result.ok:
-        print(f"preflight: {tpu.accelerator_type}: {result.reason}", file=sys.stderr)
+        print(f"preflight: {tpu.name}: {result.reason}", file=sys.stderr)
     return 0 if result.ok else 1
 
 

@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from simclr_jax.preflight.collectives import parse_collectives, sum_by_kind
-from simclr_jax.preflight.hardware import GIB, Slice, gib, slice_devices
+from simclr_jax.preflight.collectives import by_network, parse_collectives, sum_by_kind
+from simclr_jax.preflight.hardware import GIB, Slice, chips_per_host, gib, slice_devices
 
 # ------------------------------------------------------------------ config -> abstract step
 
@@ -78,8 +78,16 @@ def roofline(flops: float, bytes_accessed: float, tpu: Slice) -> tuple[float, st
     return max(compute, memory), ("compute" if compute >= memory else "memory")
 
 
-def analyse(compiled: Any, tpu: Slice, config: Any, total_steps: int | None) -> dict[str, Any]:
-    """The report's figures from a compiled executable (per device unless said otherwise)."""
+def analyse(
+    compiled: Any,
+    tpu: Slice,
+    config: Any,
+    total_steps: int | None,
+    devices: Sequence[Any] | None = None,
+) -> dict[str, Any]:
+    """The report's figures from a compiled executable (per device unless said otherwise).
+    `devices` in the mesh's order (the program's device assignment) tell the collectives over
+    DCN (between slices) from those over ICI."""
     memory = compiled.memory_analysis()
     arguments = int(memory.argument_size_in_bytes)
     outputs = int(memory.output_size_in_bytes)
@@ -94,6 +102,7 @@ def analyse(compiled: Any, tpu: Slice, config: Any, total_steps: int | None) -> 
     seconds, bound = roofline(flops, bytes_accessed, tpu)
     batch = config.eval_batch_size if config.mode == "eval" else config.train_batch_size
     collectives = parse_collectives(compiled.as_text())
+    by_network(collectives, list(devices) if devices is not None else [])
     compute_seconds = flops / tpu.peak_flops_per_device
     report = {
         "hbm_per_chip_gib": tpu.hbm_bytes_per_device / GIB,
@@ -113,10 +122,37 @@ def analyse(compiled: Any, tpu: Slice, config: Any, total_steps: int | None) -> 
         "images_per_second_estimate": batch / seconds if seconds > 0 else None,
         "mfu_estimate": compute_seconds / seconds if seconds > 0 else None,
         "run_hours_estimate": seconds * total_steps / 3600 if total_steps else None,
-        "collectives": [{k: c[k] for k in ("kind", "shapes", "bytes")} for c in collectives],
+        "collectives": [
+            {k: c[k] for k in ("kind", "shapes", "bytes", "network", "slices")} for c in collectives
+        ],
         "collective_bytes": sum_by_kind(collectives),
+        "collective_bytes_ici": sum_by_kind(collectives, "ici"),
+        "collective_bytes_dcn": sum_by_kind(collectives, "dcn"),
+        **dcn_estimate(collectives, tpu, devices),
     }
     return report
+
+
+def dcn_estimate(
+    collectives: Sequence[dict[str, Any]], tpu: Slice, devices: Sequence[Any] | None
+) -> dict[str, Any]:
+    """Bytes a host sends between slices per step and the seconds that takes at the host's
+    published DCN bandwidth (the table's per-chip figure times the host's chips)."""
+    gen = tpu.generation
+    per_chip = sum(c["dcn_bytes"] for c in collectives) * gen.devices_per_chip
+    host_chips = chips_per_host(devices, tpu) if devices else 1
+    out: dict[str, Any] = {
+        "dcn_send_bytes_per_step_per_host": per_chip * host_chips,
+        "chips_per_host": host_chips,
+        "dcn_gbits_per_s_per_host": None,
+        "dcn_seconds_estimate": None,
+        "dcn_bandwidth_source": gen.dcn_source or "no published DCN figure in the table",
+    }
+    if gen.dcn_gbits_per_s_per_chip:
+        host_gbits = gen.dcn_gbits_per_s_per_chip * host_chips
+        out["dcn_gbits_per_s_per_host"] = host_gbits
+        out["dcn_seconds_estimate"] = per_chip * host_chips * 8 / (host_gbits * 1e9)
+    return out
 
 
 _OOM = re.compile(
@@ -204,13 +240,17 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
 
     devices = list(devices if devices is not None else slice_devices(tpu))
     mesh = parallel.create_mesh(
-        data=config.mesh.get("data", -1), model=config.mesh.get("model", 1), devices=devices
+        data=config.mesh.get("data", -1),
+        model=config.mesh.get("model", 1),
+        devices=devices,
+        num_slices=config.mesh.get("num_slices", 0),
     )
     config, info = prepare_config(config, mesh)
     batch_field = "eval_batch_size" if config.mode == "eval" else "train_batch_size"
     step, args, notes = abstract_step(config, mesh, info)
     base = {
-        "tpu": tpu.accelerator_type,
+        "tpu": tpu.name,
+        "num_slices": tpu.num_slices,
         "topology": tpu.topology_name,
         "num_devices": tpu.num_devices,
         "device_kind": devices[0].device_kind,
@@ -257,7 +297,10 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
             reason = "does not compile: " + " ".join(message.split())[:400]
         return Result(False, reason, {**base, "fits": False, "reason": reason,
                                       "compile_seconds": seconds})  # fmt: skip
-    report = {**base, **analyse(compiled, tpu, config, notes.get("total_steps"))}
+    report = {
+        **base,
+        **analyse(compiled, tpu, config, notes.get("total_steps"), list(mesh.devices.flat)),
+    }
     report["compile_seconds"] = time.time() - started
     if not report["fits"]:
         reason = (
@@ -295,11 +338,28 @@ def format_report(report: dict[str, Any]) -> str:
                 else ""
             )
         )
-        kinds = ", ".join(
-            f"{kind} {nbytes / 2**20:.1f} MiB"
-            for kind, nbytes in report["collective_bytes"].items()
-        )
-        lines.append(f"  collectives per step per chip: {kinds or 'none'}")
+
+        def kinds(totals: dict[str, int]) -> str:
+            return ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in totals.items())
+
+        if report.get("num_slices", 1) > 1:
+            lines.append(
+                "  collectives per step per chip over ICI (inside a slice): "
+                f"{kinds(report['collective_bytes_ici']) or 'none'}"
+            )
+            dcn = f"  over DCN (between slices): {kinds(report['collective_bytes_dcn']) or 'none'}"
+            if report.get("dcn_seconds_estimate") is not None:
+                dcn += (
+                    f"; a host sends ~{report['dcn_send_bytes_per_step_per_host'] / 2**20:.1f} "
+                    f"MiB, ~{report['dcn_seconds_estimate'] * 1e3:.1f} ms at "
+                    f"{report['dcn_gbits_per_s_per_host']:g} Gb/s per host "
+                    f"({report['dcn_bandwidth_source']})"
+                )
+            lines.append(dcn)
+        else:
+            lines.append(
+                f"  collectives per step per chip: {kinds(report['collective_bytes']) or 'none'}"
+            )
         lines.append(f"  compiled in {report['compile_seconds']:.0f} s")
     if report.get("reason"):
         lines.append(f"  {report['reason']}")

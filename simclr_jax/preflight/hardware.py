@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 GIB = 2**30
@@ -31,6 +32,10 @@ class Generation:
     three_d: bool  # 3-D torus (x, y, z) or 2-D
     chip_config_name: str | None  # libtpu chip config matching the live slice
     source: str
+    # Data-center network (between slices) per chip, where Google publishes it; a host has
+    # its chips' share (multislice traffic leaves through the host's NICs).
+    dcn_gbits_per_s_per_chip: float | None = None
+    dcn_source: str = ""
 
 
 GENERATIONS: dict[str, Generation] = {
@@ -47,17 +52,32 @@ GENERATIONS: dict[str, Generation] = {
         "v4", 32, 275, 1200, 2, 1, "cores", True, "megacore",
         "https://docs.cloud.google.com/tpu/docs/v4",
     ),
+    # DCN: "Per-host NIC configuration 2 x 100 Gbps NIC" for 8 chips per host, and "Data
+    # center network bandwidth per Pod 6.4 Tbps" for 256 chips: 25 Gb/s per chip either way.
     "v5litepod": Generation(
         "v5e", 16, 197, 819, 1, 1, "chips", False, None,
         "https://docs.cloud.google.com/tpu/docs/v5e",
+        25, "https://docs.cloud.google.com/tpu/docs/v5e (2 x 100 Gbps NIC per 8-chip host)",
     ),
     "v5p": Generation(
         "v5p", 95, 459, 2765, 2, 1, "cores", True, "megacore",
         "https://docs.cloud.google.com/tpu/docs/v5p",
+        50, "https://docs.cloud.google.com/tpu/docs/v5p (DCN bandwidth per chip 50 Gbps)",
     ),
     "v6e": Generation(
         "v6e", 32, 918, 1638, 1, 1, "chips", False, None,
         "https://docs.cloud.google.com/tpu/docs/v6e",
+        100, "https://docs.cloud.google.com/tpu/docs/tpu7x (table: v6e DCN 100 Gbps per chip)",
+    ),
+    # Ironwood: two TensorCores per chip, each its own JAX device (no megacore; libtpu's
+    # TPU7x:2x2x1 has 8 devices for 4 chips); gcloud/GKE/xpk name slices by TensorCores
+    # (tpu7x-8 is 2x2x1, 4 chips on one tpu7x-standard-4t host; GKE accelerator 'tpu7x').
+    "tpu7x": Generation(
+        "TPU7x", 192, 2307, 7380, 2, 2, "cores", True, None,
+        "https://docs.cloud.google.com/tpu/docs/tpu7x (two TPU devices per chip: its "
+        "'Dual-chiplet architecture'; names: https://docs.cloud.google.com/kubernetes-engine/"
+        "docs/concepts/tpu-ironwood)",
+        100, "https://docs.cloud.google.com/tpu/docs/tpu7x (DCN bandwidth per chip 100 Gbps)",
     ),
 }  # fmt: skip
 ALIASES = {"v5e": "v5litepod"}
@@ -68,7 +88,8 @@ SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8)
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
              2048: (8, 16, 16), 4096: (16, 16, 16)}  # fmt: skip
-MAX_CHIPS = {"v2": 256, "v3": 1024, "v4": 4096, "v5litepod": 256, "v5p": 4096, "v6e": 256}
+MAX_CHIPS = {"v2": 256, "v3": 1024, "v4": 4096, "v5litepod": 256, "v5p": 4096, "v6e": 256,
+             "tpu7x": 4096}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +98,19 @@ class Slice:
 
     accelerator_type: str
     generation: Generation
-    chips: int
+    chips: int  # per slice
+    num_slices: int = 1  # a multislice: identical slices joined over DCN
 
     @property
     def num_devices(self) -> int:
-        """Devices jax.devices() lists on the slice."""
-        return self.chips * self.generation.devices_per_chip
+        """Devices jax.devices() lists on the slice (all slices of a multislice)."""
+        return self.chips * self.generation.devices_per_chip * self.num_slices
+
+    @property
+    def name(self) -> str:
+        """'v5litepod-256', or '2 x v5litepod-256' for a multislice."""
+        prefix = f"{self.num_slices} x " if self.num_slices > 1 else ""
+        return prefix + self.accelerator_type
 
     @property
     def topology_name(self) -> str:
@@ -121,7 +149,7 @@ def known_accelerator_types() -> list[str]:
 
 def parse_accelerator_type(name: str) -> Slice:
     """'v4-32' -> Slice; ValueError listing the known types for anything else."""
-    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
+    match = re.fullmatch(r"(v\d+[a-z]*|tpu7x)-(\d+)", name.strip().lower())
     key = ALIASES.get(match.group(1), match.group(1)) if match else ""
     if match and key in GENERATIONS:
         gen = GENERATIONS[key]
@@ -135,6 +163,13 @@ def parse_accelerator_type(name: str) -> Slice:
         f"--tpu={name!r} is not a known accelerator type; known: "
         f"{', '.join(known_accelerator_types())}."
     )
+
+
+def with_slices(tpu: Slice, num_slices: int) -> Slice:
+    """The multislice of num_slices such slices (--num_slices)."""
+    if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+        raise ValueError(f"--num_slices={num_slices!r} must be a positive number of slices.")
+    return dataclasses.replace(tpu, num_slices=num_slices)
 
 
 def with_hbm(tpu: Slice, hbm_gib: float) -> Slice:
@@ -202,16 +237,24 @@ def slice_devices(tpu: Slice) -> list[Any]:
     if gen.chip_config_name:
         kwargs["chip_config_name"] = gen.chip_config_name
     topology = topologies.get_topology_desc(
-        platform="tpu", topology_name=tpu.topology_name, **kwargs
+        platform="tpu", topology_name=tpu.topology_name, num_slices=tpu.num_slices, **kwargs
     )
-    devices = sorted(topology.devices, key=lambda d: d.id)
+    devices = sorted(topology.devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
     if len(devices) != tpu.num_devices:
         raise RuntimeError(
-            f"libtpu described {tpu.topology_name} with {len(devices)} devices, expected "
+            f"libtpu described {tpu.num_slices} x {tpu.topology_name} with {len(devices)} "
+            "devices, expected "
             f"{tpu.num_devices}; this libtpu does not match the table in "
             "simclr_jax/preflight/hardware.py."
         )
     return devices
+
+
+def chips_per_host(devices: Sequence[Any], tpu: Slice) -> int:
+    """Chips one host drives, from libtpu's description (devices of process 0)."""
+    first = devices[0].process_index
+    local = sum(1 for d in devices if d.process_index == first)
+    return max(local // tpu.generation.devices_per_chip, 1)
 
 
 def gib(nbytes: float, significant: int | None = None) -> str:
