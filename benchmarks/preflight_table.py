@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:] if argv else [])
     from simclr_jax import preflight
 
-    preflight._quiet_libtpu_environment()
+    preflight.quiet_libtpu_environment()
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)

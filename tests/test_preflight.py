@@ -85,7 +85,7 @@ def test_accelerator_types_map_to_devices_as_jax_lists_them_on_the_slice():
 def test_missing_libtpu_gives_the_pip_command(monkeypatch, capsys):
     from simclr_jax import preflight as pf
 
-    monkeypatch.setattr(pf, "libtpu_available", lambda: False)
+    monkeypatch.setattr(pf.cli, "libtpu_available", lambda: False)
     assert pf.main(["preflight", f"--config={REPO}/{SMOKE}", "--tpu=v4-8"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "pip install 'libtpu==0.0.42.1'" in line
@@ -180,9 +180,9 @@ def abstract_teacher(teacher: Path) -> tuple[str, int]:
     from simclr_jax import parallel
     from simclr_jax import preflight as pf
 
-    config, _ = pf.prepare_config(distill_config(teacher))
-    _, args, notes = pf.abstract_step(config, parallel.create_mesh(devices=jax.devices()[:4]))
-    return notes["teacher"], pf._parameter_bytes(args[1])
+    config, _ = pf.core.prepare_config(distill_config(teacher))
+    _, args, notes = pf.core.abstract_step(config, parallel.create_mesh(devices=jax.devices()[:4]))
+    return notes["teacher"], pf.core._parameter_bytes(args[1])
 
 
 def test_distill_preflight_takes_the_teacher_architecture_when_one_is_there(tmp_path, wide_teacher):
@@ -319,7 +319,7 @@ def simulated_search(monkeypatch, bytes_per_chip, hbm_gib=1.0, max_compiles=8, s
         report = {"bytes_per_chip": {"total": total}, "state_bytes_per_chip": 2**26}
         return pf.Result(fits, "fits" if fits else "does not fit", report)
 
-    monkeypatch.setattr(pf, "run_preflight", fake_preflight)
+    monkeypatch.setattr(pf.search, "run_preflight", fake_preflight)
     sys.path.insert(0, str(REPO))
     from configs import smoke
 
@@ -333,10 +333,10 @@ def simulated_search(monkeypatch, bytes_per_chip, hbm_gib=1.0, max_compiles=8, s
 def test_byte_figures_print_one_decimal_or_four_significant_digits():
     from simclr_jax import preflight as pf
 
-    assert pf._gib(12.34 * 2**30) == "12.3 GiB" and pf._gib(2**29) == "0.5 GiB"
-    assert pf._gib(15.934 * 2**30, 4) == "15.93 GiB" and pf._gib(0.12191 * 2**30, 4) == "0.1219 GiB"
+    assert pf.gib(12.34 * 2**30) == "12.3 GiB" and pf.gib(2**29) == "0.5 GiB"
+    assert pf.gib(15.934 * 2**30, 4) == "15.93 GiB" and pf.gib(0.12191 * 2**30, 4) == "0.1219 GiB"
     trial = pf.Trial(256, False, int(16.5 * 2**30), 41.6, "does not fit")
-    assert pf._trial_line("fsdp", trial, 16 * 2**30) == (
+    assert pf.search._trial_line("fsdp", trial, 16 * 2**30) == (
         "  [fsdp] global batch 256: does not fit, needs 16.5 GiB of 16 GiB, 42 s"
     )
 
