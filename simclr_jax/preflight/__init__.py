@@ -6,6 +6,7 @@ and what the compiler estimates it costs.
     python -m simclr_jax.preflight --config=configs/imagenet_pretrain.py:r50_1x,v1 --tpu=v3-128 \
         --config.model.dtype=bfloat16 --out=/tmp/preflight.json
     python -m simclr_jax.preflight --config=... --tpu=v5litepod-16 --max_batch
+    python -m simclr_jax.preflight --config=... --tpu=v4-128 --fit
 
 Nothing is allocated: the state is jax.eval_shape of the init, the batch is ShapeDtypeStructs
 with the run's shardings, on a mesh of the slice's devices as libtpu describes them (one
@@ -14,7 +15,8 @@ shows them on the slice). Every figure is the XLA TPU compiler's own estimate, n
 measurement. Exit status 0 when the step fits, 1 (with a one-line reason) otherwise.
 
 The package: `core` (one compile and its report), `hardware` (generations, slices, libtpu's
-devices), `collectives` (the HLO's collectives), `search` (--max_batch), `cli` (the flags).
+devices), `collectives` (the HLO's collectives), `search` (--max_batch), `fit` (--fit), `cli`
+(the flags).
 """
 
 from simclr_jax.preflight.cli import main
@@ -27,6 +29,7 @@ from simclr_jax.preflight.core import (
     run_preflight,
     write_json,
 )
+from simclr_jax.preflight.fit import FIT_REMAT_POLICIES, FitResult, fit, fit_candidates, fit_line
 from simclr_jax.preflight.hardware import (
     GENERATIONS,
     GIB,
@@ -52,6 +55,11 @@ from simclr_jax.preflight.search import (
 )
 
 __all__ = [
+    "FIT_REMAT_POLICIES",
+    "FitResult",
+    "fit",
+    "fit_candidates",
+    "fit_line",
     "GENERATIONS",
     "GIB",
     "LIBTPU_PIP",
