@@ -3,6 +3,11 @@ devices in float32 one step with each policy gives the loss, gradients and updat
 statistics of the step without it (the statistics move once per step, not once per
 recomputation), the parameters agree after 3 steps, and bad settings are one-line errors."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +19,15 @@ from simclr_jax.models import create_model, resnet, validate_model_config
 
 NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 16, 16, 10
 TOLERANCE = 1e-6
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = f"{REPO}/configs/smoke.py:pretrain"
+
+
+def preflight_env():
+    """The environment without what is only meant for the CPU tests (as test_preflight's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
 
 
 def tiny_config(mode, remat):
@@ -160,3 +174,60 @@ def test_remat_on_a_frozen_encoder_is_one_line():
     message = str(raised.value)
     assert "\n" not in message and "model.remat='none'" in message
     assert "fine_tune_after_block=4" in message
+
+
+# ------------------------------------------------------------------ the preflight's --fit
+
+
+def test_fit_tries_the_ways_in_order_of_cost_and_stops_at_the_first_that_fits(monkeypatch):
+    """--fit's decisions on a simulated memory model (no compile): the state shrinks with
+    FSDP, the activations with remat; FSDP alone is not enough, remat is."""
+    from configs import smoke
+    from simclr_jax import preflight as pf
+    from simclr_jax.preflight.core import prepare_config
+
+    tried = []
+
+    def fake_preflight(config, tpu, *, devices):
+        fsdp, remat = int(config.mesh.fsdp_min_size) > 0, config.model.remat
+        tried.append((fsdp, remat))
+        state = 20 if fsdp else 60
+        activations = {"none": 80, "conv_outputs": 60, "block": 30}[remat]
+        total = (state + activations) * 2**20
+        fits = total <= tpu.hbm_bytes_per_device
+        report = {"bytes_per_chip": {"total": total}, "step_seconds_estimate": 0.01,
+                  "flops_per_step": 1e12}  # fmt: skip
+        return pf.Result(fits, "fits" if fits else "does not fit", report)
+
+    monkeypatch.setattr(pf.fit_module, "run_preflight", fake_preflight)
+    config = smoke.get_config("pretrain")
+    tpu = pf.with_hbm(pf.parse_accelerator_type("v5litepod-4"), 95 / 1024)
+    result = pf.fit(config, tpu, jax.devices()[:4])
+    assert tried == [(False, "none"), (True, "none"), (False, "conv_outputs"), (False, "block")]
+    assert result.chosen.label == "remat=block" and result.chosen.changes == {
+        "model.remat": "block"
+    }
+    line = pf.fit_line(tpu, config, result)
+    assert "cheapest that fits: --config.model.remat=block" in line
+    # Recomputation's FLOPs: the smoke model's lowered programs with and without remat, per
+    # device (64 images, two views each, over 4 devices), times the 4 devices: about 29% more.
+    prepared, _ = prepare_config(config)
+    without = pf.fit_module.backward_flops(prepared, 2 * config.train_batch_size // 4) * 4
+    assert 0.25 < result.recompute_flops / without < 0.33, line
+    assert "recomputation adds" in line
+    # A config that already has FSDP and remat tries only itself, then the batch search.
+    config.mesh.fsdp_min_size, config.model.remat = 2**16, "block"
+    assert [label for label, _ in pf.fit_candidates(config, ("conv_outputs", "block"))] == [
+        "as configured"
+    ]
+
+
+def test_bad_fit_policy_is_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "simclr_jax.preflight", f"--config={SMOKE}", "--tpu=v4-8",
+         "--fit", "--fit_remat=block,everything"],
+        cwd=REPO, env=preflight_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "--fit_remat=everything is not a remat policy" in line and "conv_outputs" in line

@@ -19,6 +19,7 @@ devices), `collectives` (the HLO's collectives), `search` (--max_batch), `fit` (
 (the flags).
 """
 
+from simclr_jax.preflight import fit as fit_module
 from simclr_jax.preflight.cli import main
 from simclr_jax.preflight.collectives import parse_collectives
 from simclr_jax.preflight.core import (
@@ -60,6 +61,7 @@ __all__ = [
     "fit",
     "fit_candidates",
     "fit_line",
+    "fit_module",
     "GENERATIONS",
     "GIB",
     "LIBTPU_PIP",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from simclr_jax.preflight.core import format_report, run_preflight, write_json
-from simclr_jax.preflight.fit import fit, fit_line
+from simclr_jax.preflight.fit import FIT_REMAT_POLICIES, fit, fit_line
 from simclr_jax.preflight.hardware import (
     GIB,
     LIBTPU_PIP,
@@ -49,6 +49,10 @@ def _absl_main(argv: list[str]) -> int:
         "fit", False, "Find the cheapest way to fit: as configured, FSDP, model.remat, both, "
         "then a smaller batch.", flag_values=flag_values,
     )  # fmt: skip
+    fit_remat_flag = flags.DEFINE_list(
+        "fit_remat", list(FIT_REMAT_POLICIES), "--fit: the model.remat policies to try, in "
+        "order.", flag_values=flag_values,
+    )  # fmt: skip
     layouts_flag = flags.DEFINE_list(
         "max_batch_for", list(MAX_BATCH_LAYOUTS), "--max_batch: search for these state layouts "
         f"({', '.join(MAX_BATCH_LAYOUTS)}).", flag_values=flag_values,
@@ -73,6 +77,12 @@ def _absl_main(argv: list[str]) -> int:
         if unknown:
             raise ValueError(f"--max_batch_for={','.join(unknown)} is not a layout; use "
                              f"{' and/or '.join(MAX_BATCH_LAYOUTS)}.")  # fmt: skip
+        from simclr_jax.models.resnet import REMAT_POLICIES
+
+        bad = [p for p in fit_remat_flag.value if p not in REMAT_POLICIES or p == "none"]
+        if bad:
+            raise ValueError(f"--fit_remat={','.join(bad)} is not a remat policy; choose from "
+                             f"{', '.join(p for p in REMAT_POLICIES if p != 'none')}.")  # fmt: skip
         if max_compiles_flag.value < 1:
             raise ValueError(f"--max_compiles={max_compiles_flag.value} must be at least 1.")
     except (flags.Error, ValueError) as error:
@@ -90,7 +100,8 @@ def _absl_main(argv: list[str]) -> int:
     try:
         devices = slice_devices(tpu)
         if fit_flag.value:
-            return _print_fit(config, tpu, devices, out_flag.value, max_compiles_flag.value)
+            return _print_fit(config, tpu, devices, out_flag.value, max_compiles_flag.value,
+                              fit_remat_flag.value)  # fmt: skip
         if max_batch_flag.value:
             return _print_max_batch(
                 config, tpu, devices, out_flag.value, max_compiles_flag.value, layouts_flag.value
@@ -111,11 +122,12 @@ def _absl_main(argv: list[str]) -> int:
 
 
 def _print_fit(config: Any, tpu: Slice, devices: Sequence[Any], out: str | None,
-               max_compiles: int) -> int:  # fmt: skip
+               max_compiles: int, remat_policies: Sequence[str]) -> int:  # fmt: skip
     """--fit: one line per way tried, then the answer; exit 0 only when the config fits as
     it is, and the answer as the last line on stderr otherwise (what the launcher shows)."""
     log = functools.partial(print, flush=True)
-    result = fit(config, tpu, devices, max_compiles=max_compiles, log=log)
+    result = fit(config, tpu, devices, remat_policies=remat_policies, max_compiles=max_compiles,
+                 log=log)  # fmt: skip
     line = fit_line(tpu, config, result)
     if out:
         write_json(out, {"tpu": tpu.accelerator_type,

@@ -230,9 +230,9 @@ def fit_line(tpu: Slice, config: Any, result: FitResult) -> str:
         parts.append(f"step {chosen.step_seconds:.3f} s estimated")
     if result.recompute_flops is not None and chosen.flops_per_step:
         share = result.recompute_flops / (chosen.flops_per_step - result.recompute_flops)
-        parts.append(
-            f"recomputation adds {result.recompute_flops / 1e12:.1f} TFLOP per step (+{share:.0%})"
-        )
+        added = result.recompute_flops
+        amount = f"{added / 1e12:.1f} TFLOP" if added >= 1e11 else f"{added / 1e9:.1f} GFLOP"
+        parts.append(f"recomputation adds {amount} per step (+{share:.0%})")
     if result.max_batch:
         parts.append(f"global batch {config.train_batch_size} does not fit with FSDP and remat")
     return head + f"does not fit as configured; cheapest that fits: {flags} ({'; '.join(parts)})"
