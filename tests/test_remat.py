@@ -231,3 +231,21 @@ def test_bad_fit_policy_is_one_line():
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert "--fit_remat=everything is not a remat policy" in line and "conv_outputs" in line
+
+
+def test_report_carries_measured_over_estimate_for_calibrated_generations():
+    """v3 and v4 reports carry MLPerf's measured rate over the estimate (decided before
+    compiling here: the smoke model at a batch far over HBM, so nothing compiles)."""
+    from configs import smoke
+    from simclr_jax import preflight as pf
+
+    assert pf.hardware.CALIBRATION["v3"].measured_over_estimate == pytest.approx(1954 / 2753)
+    assert pf.hardware.CALIBRATION["v4"].measured_over_estimate == pytest.approx(3479 / 2815)
+    config = smoke.get_config("pretrain")
+    config.train_batch_size = 2**22
+    for name, expected in (("v4-8", 1.24), ("v3-8", 0.71), ("v5litepod-4", None)):
+        tpu = pf.parse_accelerator_type(name)
+        # CPU devices stand in for the slice's: nothing is compiled for them.
+        result = pf.run_preflight(config, tpu, devices=jax.devices()[: tpu.num_devices])
+        assert not result.ok and "decided before compiling" in result.reason
+        assert result.report.get("measured_over_estimate") == expected, name
