@@ -4,6 +4,7 @@ remat, temporaries and total memory per chip. Compiler estimates, not measuremen
 
     python benchmarks/remat_memory.py --model=r50_1x --tpu=v4-8 --per_chip_batch=64
     python benchmarks/remat_memory.py --model=r152_3x_sk --tpu=v4-8 --per_chip_batch=64
+    python benchmarks/remat_memory.py --model=r152_3x_sk --traced   # no compile: residuals, FLOPs
 
 A step whose program exceeds the chip's real HBM still compiles when libtpu can place it; when
 it cannot, the row gives the compiler's own out-of-memory figure.
@@ -52,6 +53,29 @@ def compile_policy(model: str, tpu_name: str, per_chip_batch: int, dtype: str, r
     return flops, per["temporaries"], per["total"], time.time() - started, ""
 
 
+def traced_rows(model: str, per_chip_batch: int, dtype: str, policies: list[str]) -> None:
+    """--traced: per policy, the backward pass's residuals for the chip's views (eval_shape)
+    and the encoder's forward+backward FLOPs for 8 images (lowered for the CPU); no compile."""
+    from configs import imagenet_pretrain
+    from simclr_jax.preflight.core import activation_bytes, prepare_config
+    from simclr_jax.preflight.fit import backward_flops
+
+    print(f"{model}, {dtype}, {per_chip_batch} images ({2 * per_chip_batch} views) per chip")
+    print("| policy | residuals/chip (GiB) | saving | GFLOP per 8 images | FLOP overhead |")
+    print("|---|---|---|---|---|")
+    config = imagenet_pretrain.get_config(model)
+    config.model.dtype = dtype
+    config, _ = prepare_config(config)
+    base = None
+    for policy in policies:
+        config.model.remat = policy
+        residuals = activation_bytes(config, 2 * per_chip_batch)
+        flops = backward_flops(config, 8)
+        base = base or (residuals, flops)
+        print(f"| {policy} | {residuals / GIB:.2f} | {1 - residuals / base[0]:.0%} | "
+              f"{flops / 1e9:.1f} | {flops / base[1] - 1:+.1%} |", flush=True)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints one markdown row per remat policy."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -60,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per_chip_batch", type=int, default=64, help="images per chip")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--policies", default="", help="comma separated; default: all")
+    parser.add_argument("--traced", action="store_true", help="no compile: residuals, FLOPs")
     args = parser.parse_args(argv[1:] if argv else [])
     from simclr_jax import preflight
     from simclr_jax.models.resnet import REMAT_POLICIES
@@ -69,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     jax.config.update("jax_enable_compilation_cache", False)
     policies = args.policies.split(",") if args.policies else list(REMAT_POLICIES)
+    if args.traced:
+        traced_rows(args.model, args.per_chip_batch, args.dtype, policies)
+        return 0
     print(f"{args.model}, {args.dtype}, {args.per_chip_batch} images (x2 views) per chip, "
           f"{args.tpu}")  # fmt: skip
     print("| policy | GFLOP/chip | FLOP overhead | temporaries (GiB) | total/chip (GiB) | "
