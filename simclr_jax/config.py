@@ -63,6 +63,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # float32 | bfloat16 (params and batch stats stay float32)
     # auto: im2col kernel gradient on CPU, XLA's own on TPU/GPU | xla | im2col (models/conv.py)
     config.model.conv_kernel_grad = "auto"
+    # Recompute residual blocks in the backward pass to save activation memory: none | block
+    # (keep block inputs only) | conv_outputs (keep conv outputs, recompute BN/ReLU) | dots
+    # (JAX's dots_saveable). docs/preflight.md measures each.
+    config.model.remat = "none"
     config.model.proj_head_mode = "nonlinear"  # none | linear | nonlinear
     config.model.num_proj_layers = 3  # v1: 2, v2: 3
     config.model.proj_out_dim = 128

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from simclr_jax.models.conv import make_conv_general_dilated
 
@@ -40,6 +41,18 @@ STAGE_SIZES: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 MAX_WIDTH_MULTIPLIER = 4
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SK_MIN_DIM = 32
+CONV_OUTPUT = "conv_output"  # checkpoint_name of every convolution output inside a block
+# model.remat -> the jax.checkpoint policy of a residual block (None: no remat). 'block' keeps
+# only the block's input and recomputes everything; 'conv_outputs' keeps every convolution's
+# output and recomputes BatchNorm, ReLU and the SK/SE mixing; 'dots' is JAX's dots_saveable
+# (convolutions and matrix products, by primitive: the same on TPU, where every conv is
+# conv_general_dilated).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "conv_outputs": jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 # The reference's tf.keras.initializers.VarianceScaling() for every conv (SK and SE included):
 # scale 1, fan_in, normal truncated at 2 sigma with the std corrected for the truncation.
@@ -88,6 +101,16 @@ def resolve_dtype(value: Any, field: str = "model.dtype") -> Any:
     if name not in DTYPES:
         raise ValueError(f"{field}={value!r} is not supported; choose 'float32' or 'bfloat16'")
     return DTYPES[name]
+
+
+def validate_remat(remat: Any) -> str:
+    """Returns model.remat when it names a policy; ValueError listing the known ones."""
+    if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"model.remat={remat!r} is not a remat policy; choose one of "
+            f"{', '.join(map(repr, REMAT_POLICIES))} ('none': keep every activation)"
+        )
+    return remat
 
 
 def validate_encoder_args(
@@ -142,6 +165,11 @@ class LayerSettings:
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
     conv_kernel_grad: str = "auto"  # see models/conv.py
+    remat: str = "none"  # REMAT_POLICIES
+
+    def tag_conv(self, x: jax.Array) -> jax.Array:
+        """Names a conv output for the 'conv_outputs' policy (untouched without remat)."""
+        return x if self.remat == "none" else checkpoint_name(x, CONV_OUTPUT)
 
     def batch_norm(self, train: bool, zero_init_scale: bool = False, name: str = "bn") -> nn.Module:
         """A BatchNorm with float32 params and statistics, computing in self.dtype."""
@@ -187,6 +215,7 @@ class ConvBN(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Applies the conv and BN; BN uses batch statistics when train is True."""
         x = self.settings.conv(self.features, self.kernel_size, self.strides, name="conv")(x)
+        x = self.settings.tag_conv(x)
         x = self.settings.batch_norm(train, self.zero_init_scale)(x)
         return nn.relu(x) if self.relu else x
 
@@ -209,7 +238,9 @@ class SelectiveKernelConv(nn.Module):
         context = jnp.mean(jnp.sum(streams, axis=0), axis=(1, 2), keepdims=True)
         mid_dim = max(int(self.features * self.sk_ratio), SK_MIN_DIM)
         context = ConvBN(mid_dim, 1, settings=self.settings, name="reduce")(context, train)
-        mixing = self.settings.conv(2 * self.features, 1, name="expand")(context)
+        mixing = self.settings.tag_conv(
+            self.settings.conv(2 * self.features, 1, name="expand")(context)
+        )
         # Softmax in float32: the mixing weights are tiny tensors and bf16 exp loses precision.
         mixing = jax.nn.softmax(jnp.stack(jnp.split(mixing.astype(jnp.float32), 2, -1)), axis=0)
         return jnp.sum(streams * mixing.astype(streams.dtype), axis=0)
@@ -257,7 +288,9 @@ class Shortcut(nn.Module):
             else:
                 x = nn.avg_pool(x, (2, 2), (1, 1), padding="SAME", count_include_pad=False)
             conv_strides = 1
-        x = self.settings.conv(self.features, 1, conv_strides, name="conv")(x)
+        x = self.settings.tag_conv(
+            self.settings.conv(self.features, 1, conv_strides, name="conv")(x)
+        )
         return self.settings.batch_norm(train)(x)
 
 
@@ -361,7 +394,12 @@ class Stage(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """Runs block0 .. block{num_blocks-1}."""
+        """Runs block0 .. block{num_blocks-1}, each under remat when settings.remat says so."""
+        block_class = BasicBlock if self.block_kind == "basic" else BottleneckBlock
+        policy = REMAT_POLICIES[self.settings.remat]
+        if self.settings.remat != "none":
+            # train (argument 2 counting self) is a Python bool that picks BN's mode.
+            block_class = nn.remat(block_class, policy=policy, static_argnums=(2,))
         for j in range(self.num_blocks):
             common = dict(
                 filters=self.filters,
@@ -372,10 +410,9 @@ class Stage(nn.Module):
                 settings=self.settings,
                 name=f"block{j}",
             )
-            if self.block_kind == "basic":
-                x = BasicBlock(**common)(x, train)
-            else:
-                x = BottleneckBlock(sk_ratio=self.sk_ratio, **common)(x, train)
+            if self.block_kind != "basic":
+                common["sk_ratio"] = self.sk_ratio
+            x = block_class(**common)(x, train)
         return x
 
 
@@ -397,6 +434,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     fine_tune_after_block: int = -1
     conv_kernel_grad: str = "auto"
+    remat: str = "none"  # REMAT_POLICIES: recompute residual blocks in the backward pass
 
     def _settings(self) -> LayerSettings:
         validate_encoder_args(
@@ -413,6 +451,7 @@ class ResNet(nn.Module):
             float(self.bn_epsilon),
             resolve_dtype(self.dtype),
             self.conv_kernel_grad,
+            validate_remat(self.remat),
         )
 
     @nn.compact
@@ -467,7 +506,9 @@ __all__ = [
     "LayerSettings",
     "STAGE_SIZES",
     "feature_dim",
+    "REMAT_POLICIES",
     "validate_encoder_args",
+    "validate_remat",
     "resolve_dtype",
     "resolve_cifar_stem",
 ]

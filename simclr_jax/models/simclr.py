@@ -22,6 +22,7 @@ from simclr_jax.models.resnet import (
     is_integer,
     resolve_dtype,
     validate_encoder_args,
+    validate_remat,
 )
 
 MODES = ("pretrain", "finetune")
@@ -89,6 +90,7 @@ def _read_fields(model_config: Any) -> dict[str, Any]:
     fields = {f: model_config[f] for f in MODEL_FIELDS}
     # Optional: checkpoints written before the field existed restore with the default.
     fields["conv_kernel_grad"] = model_config.get("conv_kernel_grad", "auto")
+    fields["remat"] = model_config.get("remat", "none")
     return fields
 
 
@@ -109,6 +111,12 @@ def validate_model_config(model_config: Any, *, num_classes: int, mode: str = "p
     )
     resolve_dtype(c["dtype"])
     make_conv_general_dilated(c["conv_kernel_grad"])
+    validate_remat(c["remat"])
+    if c["remat"] != "none" and mode == "finetune" and c["fine_tune_after_block"] == 4:
+        raise ValueError(
+            f"model.remat={c['remat']!r} cannot apply: model.fine_tune_after_block=4 freezes the "
+            "whole encoder, so no block is differentiated; set model.remat='none'"
+        )
     validate_head_args(
         proj_head_mode=c["proj_head_mode"],
         num_proj_layers=c["num_proj_layers"],
@@ -147,6 +155,7 @@ def create_model(model_config: Any, *, num_classes: int, mode: str = "pretrain")
         dtype=resolve_dtype(c["dtype"]),
         fine_tune_after_block=int(c["fine_tune_after_block"]) if mode == "finetune" else -1,
         conv_kernel_grad=str(c["conv_kernel_grad"]),
+        remat=str(c["remat"]),
     )
     head = ProjectionHead(
         mode=c["proj_head_mode"],

@@ -6,6 +6,7 @@ and what the compiler estimates it costs.
     python -m simclr_jax.preflight --config=configs/imagenet_pretrain.py:r50_1x,v1 --tpu=v3-128 \
         --config.model.dtype=bfloat16 --out=/tmp/preflight.json
     python -m simclr_jax.preflight --config=... --tpu=v5litepod-16 --max_batch
+    python -m simclr_jax.preflight --config=... --tpu=v4-128 --fit
 
 Nothing is allocated: the state is jax.eval_shape of the init, the batch is ShapeDtypeStructs
 with the run's shardings, on a mesh of the slice's devices as libtpu describes them (one
@@ -15,9 +16,11 @@ measurement. Exit status 0 when the step fits, 1 (with a one-line reason) when i
 or compile, 2 for a bad argument or a config the trainer refuses (the same one validation).
 
 The package: `core` (one compile and its report), `hardware` (generations, slices, libtpu's
-devices), `collectives` (the HLO's collectives), `search` (--max_batch), `cli` (the flags).
+devices), `collectives` (the HLO's collectives), `search` (--max_batch), `fit` (--fit), `cli`
+(the flags).
 """
 
+from simclr_jax.preflight import fit as fit_module
 from simclr_jax.preflight.cli import main
 from simclr_jax.preflight.collectives import parse_collectives
 from simclr_jax.preflight.core import (
@@ -28,6 +31,7 @@ from simclr_jax.preflight.core import (
     run_preflight,
     write_json,
 )
+from simclr_jax.preflight.fit import FIT_REMAT_POLICIES, FitResult, fit, fit_candidates, fit_line
 from simclr_jax.preflight.hardware import (
     GENERATIONS,
     GIB,
@@ -54,6 +58,12 @@ from simclr_jax.preflight.search import (
 )
 
 __all__ = [
+    "FIT_REMAT_POLICIES",
+    "FitResult",
+    "fit",
+    "fit_candidates",
+    "fit_line",
+    "fit_module",
     "GENERATIONS",
     "GIB",
     "LIBTPU_PIP",

@@ -10,6 +10,7 @@ from typing import Any
 
 from simclr_jax import cli
 from simclr_jax.preflight.core import format_report, run_preflight, write_json
+from simclr_jax.preflight.fit import FIT_REMAT_POLICIES, fit, fit_line
 from simclr_jax.preflight.hardware import (
     GIB,
     LIBTPU_PIP,
@@ -47,6 +48,14 @@ def _absl_main(argv: list[str]) -> int:
     max_batch_flag = flags.DEFINE_bool(
         "max_batch", False, "Search the largest global batch that fits.", flag_values=flag_values
     )
+    fit_flag = flags.DEFINE_bool(
+        "fit", False, "Find the cheapest way to fit: as configured, FSDP, model.remat, both, "
+        "then a smaller batch.", flag_values=flag_values,
+    )  # fmt: skip
+    fit_remat_flag = flags.DEFINE_list(
+        "fit_remat", list(FIT_REMAT_POLICIES), "--fit: the model.remat policies to try, in "
+        "order.", flag_values=flag_values,
+    )  # fmt: skip
     layouts_flag = flags.DEFINE_list(
         "max_batch_for", list(MAX_BATCH_LAYOUTS), "--max_batch: search for these state layouts "
         f"({', '.join(MAX_BATCH_LAYOUTS)}).", flag_values=flag_values,
@@ -75,6 +84,12 @@ def _absl_main(argv: list[str]) -> int:
         if unknown:
             raise ValueError(f"--max_batch_for={','.join(unknown)} is not a layout; use "
                              f"{' and/or '.join(MAX_BATCH_LAYOUTS)}.")  # fmt: skip
+        from simclr_jax.models.resnet import REMAT_POLICIES
+
+        bad = [p for p in fit_remat_flag.value if p not in REMAT_POLICIES or p == "none"]
+        if bad:
+            raise ValueError(f"--fit_remat={','.join(bad)} is not a remat policy; choose from "
+                             f"{', '.join(p for p in REMAT_POLICIES if p != 'none')}.")  # fmt: skip
         if max_compiles_flag.value < 1:
             raise ValueError(f"--max_compiles={max_compiles_flag.value} must be at least 1.")
     except (flags.Error, ValueError) as error:
@@ -91,6 +106,9 @@ def _absl_main(argv: list[str]) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         devices = slice_devices(tpu)
+        if fit_flag.value:
+            return _print_fit(config, tpu, devices, out_flag.value, max_compiles_flag.value,
+                              fit_remat_flag.value)  # fmt: skip
         if max_batch_flag.value:
             return _print_max_batch(
                 config, tpu, devices, out_flag.value, max_compiles_flag.value, layouts_flag.value
@@ -106,8 +124,31 @@ def _absl_main(argv: list[str]) -> int:
     if out_flag.value:
         write_json(out_flag.value, result.report)
     if not result.ok:
-        print(f"preflight: {tpu.name}: {result.reason}", file=sys.stderr)
+        hint = ""
+        if not result.reason.startswith("does not compile"):
+            hint = "; --fit finds the cheapest way to fit (FSDP, model.remat, a smaller batch)"
+        print(f"preflight: {tpu.name}: {result.reason}{hint}", file=sys.stderr)
     return 0 if result.ok else 1
+
+
+def _print_fit(config: Any, tpu: Slice, devices: Sequence[Any], out: str | None,
+               max_compiles: int, remat_policies: Sequence[str]) -> int:  # fmt: skip
+    """--fit: one line per way tried, then the answer; exit 0 only when the config fits as
+    it is, and the answer as the last line on stderr otherwise (what the launcher shows)."""
+    log = functools.partial(print, flush=True)
+    result = fit(config, tpu, devices, remat_policies=remat_policies, max_compiles=max_compiles,
+                 log=log)  # fmt: skip
+    line = fit_line(tpu, config, result)
+    if out:
+        write_json(out, {"tpu": tpu.accelerator_type,
+                         "hbm_per_chip_gib": tpu.hbm_bytes_per_device / GIB,
+                         "fit": result.to_json(), "answer": line})  # fmt: skip
+    as_configured = result.chosen is not None and not result.chosen.changes
+    if as_configured:
+        log(line)
+        return 0
+    print(f"preflight: {line}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _print_max_batch(

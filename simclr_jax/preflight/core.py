@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from simclr_jax.preflight.collectives import by_network, parse_collectives, sum_by_kind
-from simclr_jax.preflight.hardware import GIB, Slice, chips_per_host, gib, slice_devices
+from simclr_jax.preflight.hardware import (
+    CALIBRATION,
+    GIB,
+    Slice,
+    chips_per_host,
+    gib,
+    slice_devices,
+)
 
 # ------------------------------------------------------------------ config -> abstract step
 
@@ -264,6 +271,10 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
         "hardware_source": tpu.generation.source,
         **notes,
     }
+    calibration = CALIBRATION.get(tpu.generation.topology_prefix)
+    if calibration is not None:
+        base["measured_over_estimate"] = round(calibration.measured_over_estimate, 2)
+        base["calibration"] = dataclasses.asdict(calibration)
     # Cheap decision first: the state plus the backward's activations far over HBM needs no
     # compile. The residuals overestimate what the compiler keeps (it fuses and recomputes),
     # so only a clear excess is decided without it.
@@ -359,6 +370,11 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"  collectives per step per chip: {kinds(report['collective_bytes']) or 'none'}"
+            )
+        if report.get("measured_over_estimate"):
+            lines.append(
+                f"  measured_over_estimate {report['measured_over_estimate']:.2f} on this "
+                "generation (MLPerf ResNet-50 against this estimator; docs/preflight.md)"
             )
         lines.append(f"  compiled in {report['compile_seconds']:.0f} s")
     if report.get("reason"):

@@ -82,6 +82,39 @@ GENERATIONS: dict[str, Generation] = {
 }  # fmt: skip
 ALIASES = {"v5e": "v5litepod"}
 
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Measured ResNet-50 training images/s per chip of a generation beside the preflight's
+    estimate of a ResNet-50 bfloat16 step there: how far to trust a step estimate."""
+
+    measured_images_per_s_per_chip: float
+    estimate_images_per_s_per_chip: float
+    measured: str  # the results file
+    estimate: str  # the compiled step the estimate comes from
+
+    @property
+    def measured_over_estimate(self) -> float:
+        """Above 1: the chip ran faster than estimated; below 1: slower."""
+        return self.measured_images_per_s_per_chip / self.estimate_images_per_s_per_chip
+
+
+# docs/preflight.md ("Estimates beside measurements") derives each figure.
+CALIBRATION: dict[str, Calibration] = {
+    "v3": Calibration(
+        1954, 2753,
+        "MLPerf Training v0.6, Google tpu-v3-128, ResNet-50 at 128 images per core "
+        "(mlcommons/training_results_v0.6 Google/results/tpu-v3-128/resnet/result_0.txt)",
+        "SimCLR ResNet-50 pretraining step, bfloat16, 224 px, 64 views per device, v3-128",
+    ),
+    "v4": Calibration(
+        3479, 2815,
+        "MLPerf Training v0.7, Google tpu-v4-16, ResNet-50 at 256 images per chip "
+        "(mlcommons/training_results_v0.7 Google/results/tpu-v4-16-TF/resnet/result_0.txt)",
+        "SimCLR ResNet-50 pretraining step, bfloat16, 224 px, 128 views per chip, v4-128",
+    ),
+}  # fmt: skip
+
 # Slice shapes in chips, as the Cloud TPU docs list them per generation.
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
              128: (8, 16), 256: (16, 16), 512: (16, 32), 1024: (32, 32)}  # fmt: skip
