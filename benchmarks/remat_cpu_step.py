@@ -26,7 +26,7 @@ def main() -> None:
     import numpy as np
 
     from configs import smoke
-    from simclr_jax import parallel, train, train_state, training
+    from simclr_jax import loop, modes, parallel, step, train_state
     from simclr_jax.models import create_model
     from simclr_jax.models.resnet import REMAT_POLICIES
 
@@ -43,23 +43,25 @@ def main() -> None:
         size = config.data.image_size
         mesh = parallel.create_mesh(devices=jax.devices()[:1])
         model = create_model(config.model, num_classes=10)
-        durations = training.Durations(total_steps=1000, warmup_steps=10, steps_per_epoch=1.0)
-        tx, schedule = training.create_optimizer(config, durations)
+        durations = loop.Durations(total_steps=1000, warmup_steps=10, steps_per_epoch=1.0)
+        tx, schedule = loop.create_optimizer(config, durations)
         state, shardings = train_state.create_train_state(model, tx, mesh, image_size=size)
-        step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
+        train_step = step.make_step(
+            modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
+        )
         rng = np.random.default_rng(0)
         host = {
             "image": rng.random((batch, 2, size, size, 3), dtype=np.float32),
             "label": rng.integers(0, 10, batch).astype(np.int32),
         }
         started = time.perf_counter()
-        state, metrics = step(state, parallel.host_batch_to_global(host, mesh))
+        state, metrics = train_step(state, parallel.host_batch_to_global(host, mesh))
         jax.block_until_ready(metrics)
         compile_seconds = time.perf_counter() - started
         times = []
         for _ in range(args.steps):
             started = time.perf_counter()
-            state, metrics = step(state, parallel.host_batch_to_global(host, mesh))
+            state, metrics = train_step(state, parallel.host_batch_to_global(host, mesh))
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - started)
         median = statistics.median(times)

@@ -38,7 +38,7 @@ def run_steps(mesh) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
     from configs import smoke
-    from simclr_jax import optim, parallel, step, train
+    from simclr_jax import modes, optim, parallel, step
     from simclr_jax.models import create_model
     from simclr_jax.train_state import create_train_state
 
@@ -63,13 +63,8 @@ def run_steps(mesh) -> dict[str, np.ndarray]:
         out_shardings=shardings.params,
     )  # fmt: skip
     state = state.replace(params=ones(state.params))
-    loss_fn = train.pretrain_loss(
-        model,
-        mesh,
-        num_classes=NUM_CLASSES,
-        temperature=config.loss.temperature,
-        hidden_norm=config.loss.hidden_norm,
-    )
+    config.model.num_classes = NUM_CLASSES
+    loss_fn = modes.pretrain.loss(config, model, mesh)
 
     def step_fn(state, batch):  # step.make_step's body, with the gradients as an output
         def loss_of(params):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from simclr_jax import config as schema
-from simclr_jax import parallel, train, train_state, training
+from simclr_jax import loop, modes, parallel, step, train_state
 from simclr_jax.models import create_model, resnet, validate_model_config
 
 NUM_IMAGES, IMAGE_SIZE, NUM_CLASSES = 16, 16, 10
@@ -68,19 +68,21 @@ def run(mode, remat, devices):
     mesh = parallel.create_mesh(devices=devices)
     model_mode = "pretrain" if mode == "pretrain" else "finetune"
     model = create_model(config.model, num_classes=NUM_CLASSES, mode=model_mode)
-    durations = training.Durations(total_steps=1000, warmup_steps=0, steps_per_epoch=1.0)
-    tx, schedule = training.create_optimizer(config, durations)
+    durations = loop.Durations(total_steps=1000, warmup_steps=0, steps_per_epoch=1.0)
+    tx, schedule = loop.create_optimizer(config, durations)
     state, shardings = train_state.create_train_state(
         model, tx, mesh, image_size=IMAGE_SIZE, seed=0
     )
     batch = parallel.host_batch_to_global(batch_for(mode), mesh)
-    step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
+    train_step = step.make_step(
+        modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
+    )
     params0 = jax.device_get(state.params)
-    state, metrics = step(state, batch)
+    state, metrics = train_step(state, batch)
     first = jax.device_get((state.params, state.batch_stats, metrics["loss"]))
     grads = jax.tree.map(lambda before, after: before - after, params0, first[0])
     for _ in range(2):
-        state, _ = step(state, batch)
+        state, _ = train_step(state, batch)
     return (first[2], grads, first[1]), jax.device_get(state.params)
 
 
@@ -170,7 +172,7 @@ def test_remat_on_a_frozen_encoder_is_one_line():
     config.model.fine_tune_after_block = 4
     config.init_checkpoint = "/nonexistent"
     with pytest.raises(ValueError) as raised:
-        train.validate_config(config)
+        modes.validate_config(config)
     message = str(raised.value)
     assert "\n" not in message and "model.remat='none'" in message
     assert "fine_tune_after_block=4" in message
