@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from shared_data import SHARED_DATA, require
+from helpers import SHARED_DATA, require
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "gke.py"
