@@ -817,9 +817,12 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("checkpoint", None, "TF1 prefix/dir or TF2 SavedModel, local or gs://.")
     flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
-    config_flags.DEFINE_config_dict(
-        "config", default_config(), "Overrides, e.g. --config.model.ft_proj_selector=1."
-    )
+    try:  # a config dict flag applies the command line's overrides when it is defined
+        config_flags.DEFINE_config_dict(
+            "config", default_config(), "Overrides, e.g. --config.model.ft_proj_selector=1."
+        )
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+        cli.fail("simclr_jax.convert", cli.flag_error_message(error, sys.argv))
     flags.mark_flags_as_required(["checkpoint", "workdir"])
     cli.run(main, prog="simclr_jax.convert")
 

@@ -460,7 +460,7 @@ def smoke_checkpoint(tmp_path_factory):
 
 def test_cli_writes_nothing_on_bad_input(tmp_path, capsys):
     out = tmp_path / "out"
-    assert convert.run_cli(str(tmp_path / "missing"), str(out)) == 1
+    assert convert.run_cli(str(tmp_path / "missing"), str(out)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("simclr_jax.convert: error:") and "\n" not in err
     assert list(tmp_path.iterdir()) == []
