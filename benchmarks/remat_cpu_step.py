@@ -45,7 +45,7 @@ def main() -> None:
         model = create_model(config.model, num_classes=10)
         durations = training.Durations(total_steps=1000, warmup_steps=10, steps_per_epoch=1.0)
         tx, schedule = training.create_optimizer(config, durations)
-        state, shardings = train_state.create_train_state(model, tx, mesh, image_size=size)
+        state, shardings = train_state.create_train_state(model, tx, mesh, image_size=size, seed=0)
         step = train.make_train_step(config, model, tx, schedule, mesh, shardings)
         rng = np.random.default_rng(0)
         host = {
