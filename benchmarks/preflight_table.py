@@ -26,6 +26,10 @@ ROWS = [
     ("r152_3x_sk", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128", {}, ""),
     ("r152_3x_sk_fsdp", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128",
      {"mesh.fsdp_min_size": 2**16}, ""),
+    ("r152_3x_sk_remat", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128",
+     {"model.remat": "block"}, ""),
+    ("r152_3x_sk_fsdp_remat", "configs/imagenet_pretrain.py:r152_3x_sk", "v4-128",
+     {"mesh.fsdp_min_size": 2**16, "model.remat": "block"}, ""),
 ]  # fmt: skip
 DTYPES = ("float32", "bfloat16")
 

@@ -45,7 +45,7 @@ def main() -> None:
         model = create_model(config.model, num_classes=10)
         durations = loop.Durations(total_steps=1000, warmup_steps=10, steps_per_epoch=1.0)
         tx, schedule = loop.create_optimizer(config, durations)
-        state, shardings = train_state.create_train_state(model, tx, mesh, image_size=size)
+        state, shardings = train_state.create_train_state(model, tx, mesh, image_size=size, seed=0)
         train_step = step.make_step(
             modes.get(config.mode).loss(config, model, mesh), tx, schedule, mesh, shardings
         )
