@@ -158,11 +158,18 @@ def test_two_slices_train_as_one_mesh_of_eight(devices, tmp_path):
         if name.startswith("grads"):
             assert scale > 0, f"{name} is zero"
         worst[name] = float(np.abs(actual - expected).max()) / max(scale, 1e-30)
-    largest = sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    largest = {
+        prefix: max((v, k) for k, v in worst.items() if k.startswith(prefix))
+        for prefix in ("loss", "grads", "batch_stats", "params")
+    }
     print(f"largest |2 slices - 1 slice| / scale, of {len(worst)} arrays: {largest}")
-    for prefix in ("loss", "grads", "batch_stats", "params"):
-        print(prefix, max(v for k, v in worst.items() if k.startswith(prefix)))
-    assert largest[0][1] <= 1e-6, largest
+    # The loss and the global BatchNorm statistics agree to 1e-6. Gradients (and so the
+    # parameters they move) are sums over the devices, which gloo adds across the processes
+    # in another order than one process does: float32 rounding then moves them by up to ~2e-5
+    # of their scale (measured 1.5e-5 and 1.8e-5), as 1 against 8 devices in one process does
+    # (tests/test_sharding.py); a per-slice loss or per-slice statistics would be off by O(1).
+    assert largest["loss"][0] <= 1e-6 and largest["batch_stats"][0] <= 1e-6, largest
+    assert largest["grads"][0] <= 5e-5 and largest["params"][0] <= 5e-5, largest
 
 
 # ------------------------------------------------------------------ the preflight
