@@ -34,6 +34,11 @@ FIXTURE_TOLERANCE = 1e-4  # against the reference TF outputs, as tests/test_conv
 def need_torch(name: str = "torch"):
     """torch (or torchvision), or a skip on a user's machine without it; CI installs both
     (tests/run.sh) and must run these tests."""
+    if name == "torchvision" and "tensorflow" in sys.modules and "triton" not in sys.modules:
+        # torchvision.ops imports torch._dynamo, which imports triton if installed (torch's
+        # Linux wheels depend on it), and libtriton crashes the process when TensorFlow was
+        # loaded first. Nothing here compiles: torch then runs without triton.
+        sys.modules["triton"] = None
     try:
         module = importlib.import_module(name)
     except ImportError:
@@ -243,16 +248,21 @@ def test_torchvision_resnet50_loads_strictly_and_comes_as_close_as_documented(
     state = load_file(str(out / "resnet50.safetensors"))
     model.load_state_dict(state, strict=True)
     from_pth = torch.load(str(out / "resnet50.pth"), weights_only=True)
-    assert list(from_pth) == list(state)
+    assert sorted(from_pth) == sorted(state)
     assert all(torch.equal(from_pth[k], state[k]) for k in state)
 
     ref = np.load(FIXTURES / "tf1_r50_1x_sk0" / "outputs.npz")
     fixture_input = np.load(FIXTURES / "tf1_r50_1x_sk0" / "input.npy")
-    bundled, _ = bundled_test_images(64)
     source = export.read_source(str(workdir))
     config, variables = source.config, source.variables
+    assert (
+        relative_error(jax_outputs(config, variables, fixture_input)["h"], ref["final_avg_pool"])
+        < FIXTURE_TOLERANCE
+    )
+    small, _ = bundled_test_images(16)
+    large = np.asarray(jax.image.resize(small[:3], (3, 224, 224, 3), "bicubic")).clip(0, 1)
 
-    def torchvision_h(images: np.ndarray) -> np.ndarray:
+    def torchvision_outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         features = {}
         hook = model.avgpool.register_forward_hook(lambda m, i, o: features.update(h=o))
         with torch.no_grad():
@@ -260,21 +270,18 @@ def test_torchvision_resnet50_loads_strictly_and_comes_as_close_as_documented(
         hook.remove()
         return features["h"].flatten(1).numpy(), logits.numpy()
 
-    errors = {}
-    for name, images in (("fixture", fixture_input), ("bundled", bundled)):
-        expected = jax_outputs(config, variables, images)
-        h, logits = torchvision_h(images)
-        errors[name] = relative_error(h, expected["h"])
-        if name == "fixture":
-            assert relative_error(expected["h"], ref["final_avg_pool"]) < FIXTURE_TOLERANCE
-    # torchvision's pool is off by a pixel: a real difference, no larger than stated.
-    assert 1e-4 < max(errors.values()) <= export.TORCHVISION_H_ERROR, errors
+    expected = {size: jax_outputs(config, variables, x) for size, x in ((32, small), (224, large))}
+    for size, images in ((32, small), (224, large)):
+        error = relative_error(torchvision_outputs(images)[0], expected[size]["h"])
+        # torchvision's pool is a pixel off: a real difference, no larger than stated.
+        assert 1e-3 < error <= export.TORCHVISION_H_ERROR[size], (size, error)
 
     model.maxpool = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.MaxPool2d(3, 2))
-    expected = jax_outputs(config, variables, bundled)
-    h, logits = torchvision_h(bundled)
-    assert relative_error(h, expected["h"]) < EXACT
-    assert relative_error(logits, expected["logits"]) < EXACT
+    for size, images in ((32, small), (224, large)):
+        h, logits = torchvision_outputs(images)
+        assert relative_error(h, expected[size]["h"]) < EXACT
+        assert relative_error(logits, expected[size]["logits"]) < EXACT
+    h, expected = torchvision_outputs(small)[0], expected[32]
 
     head = torch.nn.Sequential(
         torch.nn.Linear(2048, 2048, bias=False),
@@ -351,6 +358,7 @@ def test_pth_writer_round_trips_through_torch_load(tmp_path):
             loaded[key].dtype
             == {np.float32: torch.float32, np.int64: torch.int64}[value.dtype.type]
         )
+        assert tuple(loaded[key].shape) == value.shape, key
         np.testing.assert_array_equal(loaded[key].numpy(), value)
     mapped = torch.load(str(tmp_path / "x.pth"), weights_only=True, mmap=True)
     np.testing.assert_array_equal(mapped["w"].numpy(), arrays["w"])
