@@ -475,6 +475,17 @@ def torchvision_readme(
         else f"torchvision.models.resnet{depth}()"
     )
     fc_line = "" if cfg["classifier_input"] == 0 else "model.fc = torch.nn.Identity()\n"
+    k = cfg["classifier_input"]
+    if k == 0:
+        uses = (
+            "classifier, model.fc = model.fc, nn.Identity()  # model(images) is now h\n"
+            "h = model(images); z, logits = head(h), classifier(h)"
+        )
+    else:
+        uses = (
+            "h = model(images)  # model.fc is nn.Identity()\n"
+            f"z, logits = head(h), classifier(head[:{3 * k}](h))  # classifier: {CLASSIFIER_FILE}"
+        )
     head = ""
     if HEAD_FILE in files:
         head = f"""
@@ -487,7 +498,7 @@ head = nn.Sequential(
 {_head_code(cfg)}
 ).eval()
 head.load_state_dict(safetensors.torch.load_file("{directory}/{HEAD_FILE}"))
-z = head(model(images))  # with model.fc = nn.Identity(), model(images) is h
+{uses}
 ```
 """
     eps_note = ""
@@ -512,7 +523,7 @@ model = {make}.eval()
 {fc_line}model.load_state_dict(safetensors.torch.load_file("{directory}/{name}.safetensors"))
 ```
 
-or `torch.load("{name}.pth")` in place of the safetensors file. {fc}
+or `torch.load("{directory}/{name}.pth")` in place of the safetensors file. {fc}
 {head}{eps_note}
 {INPUT_CONVENTION}
 
