@@ -32,11 +32,15 @@ setuptools.setup(
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=1.4",
+        # `python -m simclr_jax.export` writes PyTorch weights from NumPy arrays, without torch.
+        "safetensors>=0.4",
         *TENSORFLOW,
     ],
     extras_require={
         # `python -m simclr_jax.visualize curves` draws with matplotlib.
         "plots": ["matplotlib>=3.8"],
+        # Loading an export (python -m simclr_jax.export) in PyTorch; tests/test_export.py.
+        "torch": ["torch>=2.4", "torchvision>=0.19"],
         # benchmarks/compare_peers.py: the PyTorch / lightly side of the comparison.
         "peers": ["torch>=2.4", "torchvision>=0.19", "lightly>=1.5"],
         "test": [

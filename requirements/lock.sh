@@ -6,6 +6,9 @@
 #           TPU worker (launch/tpu.py install) install exactly these.
 # tpu.txt:  what `jax[tpu]` adds on top of lock.txt (empty while libtpu is in the `test` extra,
 #           hence in lock.txt); TPU workers only.
+# torch.txt: what the `torch` extra adds on top of lock.txt (torch, torchvision and the CUDA
+#           libraries PyPI's Linux torch needs even to import on a CPU); CI installs it for
+#           tests/test_export.py, TPU workers never do.
 # Resolution only (pip --dry-run --report): nothing is installed, only metadata is downloaded.
 # Each line carries the sha256 of the file pip chose (linux x86_64 wheels), so installing the
 # lock is in pip's hash-checking mode. KEEP=1 keeps every version already in lock.txt (to add
@@ -30,5 +33,10 @@ fi
     -c <(sed 's/ --hash=.*//' requirements/lock.txt) '.[test,tpu]'
 "$tmp/venv/bin/python" requirements/lock_report.py "$tmp/tpu.json" \
     --minus requirements/lock.txt > requirements/tpu.txt
+"${pip[@]}" install -q --dry-run --ignore-installed --report "$tmp/torch.json" \
+    -c <(sed 's/ --hash=.*//' requirements/lock.txt) '.[test,torch]'
+"$tmp/venv/bin/python" requirements/lock_report.py "$tmp/torch.json" \
+    --minus requirements/lock.txt > requirements/torch.txt
 echo "wrote requirements/lock.txt ($(grep -c '==' requirements/lock.txt) packages) and" \
-    "requirements/tpu.txt ($(grep -c '==' requirements/tpu.txt))"
+    "requirements/tpu.txt ($(grep -c '==' requirements/tpu.txt)) and" \
+    "requirements/torch.txt ($(grep -c '==' requirements/torch.txt))"

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Set-up and test in one command on a fresh machine: makes .venv, installs the locked
-# dependencies (requirements/lock.txt, the exact versions TPU workers get too) and the project,
-# runs the whole suite (slow end-to-end tests included).
+# dependencies (requirements/lock.txt, the exact versions TPU workers get too; with
+# requirements/torch.txt, PyTorch for tests/test_export.py: PyPI's Linux torch is the CUDA build,
+# which needs its nvidia-* libraries even to import on a CPU, about 5.5 GB; TORCH=0 leaves it out
+# and those tests skip, except under CI=1) and the project, runs the whole suite (slow
+# end-to-end tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -c 'import sys; assert sys.version_info >= (3, 11), "simclr_jax needs Python >= 3.11; set VENV to one made with python3.11"'
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -r requirements/lock.txt
+locks=(-r requirements/lock.txt)
+[ "${TORCH:-1}" = 0 ] || locks+=(-r requirements/torch.txt)
+"$VENV/bin/python" -m pip install -q "${locks[@]}"
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
