@@ -314,9 +314,12 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
     }
     report["compile_seconds"] = time.time() - started
     if not report["fits"]:
+        needs, hbm = report["bytes_per_chip"]["total"], tpu.hbm_bytes_per_device
+        # Four significant digits where one decimal would print the same figure twice.
+        digits = 4 if gib(needs) == gib(hbm) else None
         reason = (
-            f"does not fit: needs {gib(report['bytes_per_chip']['total'])} per chip, over the "
-            f"{gib(tpu.hbm_bytes_per_device)} HBM of a {tpu.accelerator_type} chip"
+            f"does not fit: needs {gib(needs, digits)} per chip, over the "
+            f"{gib(hbm, digits)} HBM of a {tpu.accelerator_type} chip"
         )
         report["reason"] = reason
         return Result(False, reason, report)
