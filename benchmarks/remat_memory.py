@@ -35,10 +35,10 @@ def compile_policy(model: str, tpu_name: str, per_chip_batch: int, dtype: str, r
     config.model.dtype = dtype
     config.model.remat = remat
     config.train_batch_size = per_chip_batch * tpu.num_devices
-    config, _ = core.prepare_config(config)
     devices = hardware.slice_devices(tpu)
     mesh = parallel.create_mesh(devices=devices)
-    step, args, _ = core.abstract_step(config, mesh)
+    config, info = core.prepare_config(config, mesh)
+    step, args, _ = core.abstract_step(config, mesh, info)
     started = time.time()
     try:
         compiled = step.lower(*args).compile()
@@ -56,7 +56,10 @@ def compile_policy(model: str, tpu_name: str, per_chip_batch: int, dtype: str, r
 def traced_rows(model: str, per_chip_batch: int, dtype: str, policies: list[str]) -> None:
     """--traced: per policy, the backward pass's residuals for the chip's views (eval_shape)
     and the encoder's forward+backward FLOPs for 8 images (lowered for the CPU); no compile."""
+    import jax
+
     from configs import imagenet_pretrain
+    from simclr_jax import parallel
     from simclr_jax.preflight.core import activation_bytes, prepare_config
     from simclr_jax.preflight.fit import backward_flops
 
@@ -65,7 +68,8 @@ def traced_rows(model: str, per_chip_batch: int, dtype: str, policies: list[str]
     print("|---|---|---|---|---|")
     config = imagenet_pretrain.get_config(model)
     config.model.dtype = dtype
-    config, _ = prepare_config(config)
+    config.train_batch_size = per_chip_batch
+    config, _ = prepare_config(config, parallel.create_mesh(devices=jax.devices()[:1]))
     base = None
     for policy in policies:
         config.model.remat = policy

@@ -213,7 +213,7 @@ def test_fit_tries_the_ways_in_order_of_cost_and_stops_at_the_first_that_fits(mo
     assert "cheapest that fits: --config.model.remat=block" in line
     # Recomputation's FLOPs: the smoke model's lowered programs with and without remat, per
     # device (64 images, two views each, over 4 devices), times the 4 devices: about 29% more.
-    prepared, _ = prepare_config(config)
+    prepared, _ = prepare_config(config, parallel.create_mesh(devices=jax.devices()[:4]))
     without = pf.fit_module.backward_flops(prepared, 2 * config.train_batch_size // 4) * 4
     assert 0.25 < result.recompute_flops / without < 0.33, line
     assert "recomputation adds" in line

@@ -123,16 +123,11 @@ def backward_flops(config: Any, images_per_device: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax import evaluate
-    from simclr_jax.models import create_model
+    from simclr_jax.models import abstract_variables, model_from_config
 
     size = config.data.image_size
-    model = create_model(
-        config.model, num_classes=config.model.num_classes, mode=evaluate.model_mode(config.mode)
-    )
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
+    model = model_from_config(config)
+    variables = abstract_variables(model, size)
     images = jax.ShapeDtypeStruct((images_per_device, size, size, 3), jnp.float32)
 
     def gradients(params: Any, batch_stats: Any, x: jax.Array) -> Any:
@@ -204,10 +199,14 @@ def _recompute_flops(config: Any, tpu: Slice, devices: Sequence[Any], chosen: Ca
     from simclr_jax import parallel
     from simclr_jax.preflight.core import prepare_config
 
-    prepared, _ = prepare_config(_with_changes(config, chosen.changes))
+    changed = _with_changes(config, chosen.changes)
     mesh = parallel.create_mesh(
-        data=prepared.mesh.get("data", -1), model=prepared.mesh.get("model", 1), devices=devices
+        data=changed.mesh.get("data", -1),
+        model=changed.mesh.get("model", 1),
+        devices=devices,
+        num_slices=changed.mesh.get("num_slices", 0),
     )
+    prepared, _ = prepare_config(changed, mesh)
     views = 2 if prepared.mode == "pretrain" else 1
     per_device = prepared.train_batch_size // mesh.shape["data"] * views
     with_remat = backward_flops(prepared, per_device)
