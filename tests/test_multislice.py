@@ -246,9 +246,9 @@ def test_tpu7x_is_named_as_gcloud_and_gke_name_it(topology):
     "args,code,message",
     [
         (["--tpu=v5litepod-4", "--num_slices=0"], 2, "--num_slices=0 must be a positive"),
-        (["--tpu=v5litepod-4", "--num_slices=2", "--config.train_batch_size=12"], 1,
-         "train_batch_size=12 is not divisible by the 8 devices on the 'data' mesh axis of "
-         "these 2 slices (4 each); use a multiple of 8."),
+        (["--tpu=v5litepod-4", "--num_slices=2", "--config.train_batch_size=12"], 2,
+         "train_batch_size=12 is not divisible by the 8 devices on the 'data' mesh axis "
+         "(2 slices x 4); use a multiple of 8."),
     ],
 )  # fmt: skip
 def test_preflight_bad_multislice_input_is_one_line(topology, args, code, message):
