@@ -2,8 +2,11 @@
 run, compile the run's step for the slice's accelerator type here, with
 `python -m simclr_jax.preflight`, and refuse what would not fit in HBM.
 
-On a machine without JAX or libtpu (a laptop, macOS) the gate says so in one line, with the
-command to run elsewhere, and lets the launch go ahead; --skip_preflight turns it off.
+The launcher's own Python need not have JAX (it is stdlib only): the gate then uses the
+project's environment, $SIMCLR_JAX_VENV (a virtual environment's directory, or a Python
+executable) or else the checkout's .venv, and says which. Where none has JAX and libtpu (a
+laptop, macOS) the gate says so in one line, with the command to run elsewhere, and lets the
+launch go ahead; --skip_preflight turns it off.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -18,6 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+VENV_ENV = "SIMCLR_JAX_VENV"  # the project's environment, when the launcher's Python lacks JAX
+HAS_TOOLS = (
+    "import importlib.util as u, sys; "
+    "sys.exit(0 if u.find_spec('jax') and u.find_spec('libtpu') else 3)"
+)
 
 
 class PreflightRefused(Exception):
@@ -60,6 +69,39 @@ def missing_tools() -> str | None:
     return None
 
 
+def project_python() -> tuple[str, str]:
+    """(python, where it came from) of the project's environment: $SIMCLR_JAX_VENV (a venv
+    directory or a Python executable), else <checkout>/.venv; ('', '') when there is none."""
+    chosen = os.environ.get(VENV_ENV, "")
+    candidates = [(chosen, f"${VENV_ENV}")] if chosen else []
+    candidates.append((str(REPO / ".venv"), f"{REPO / '.venv'}"))
+    for path, source in candidates:
+        python = Path(path) / "bin" / "python" if Path(path).is_dir() else Path(path)
+        if python.is_file() and os.access(python, os.X_OK):
+            return str(python), source
+        if path == chosen:
+            raise PreflightRefused(f"${VENV_ENV}={chosen}: no Python there (expected a virtual "
+                                   "environment's directory or a Python executable)")  # fmt: skip
+    return "", ""
+
+
+def gate_python() -> tuple[str, str]:
+    """(the Python that runs the preflight, '' or a line saying which and why); ('', reason)
+    when no Python here has JAX and libtpu."""
+    missing = missing_tools()
+    if not missing:
+        return sys.executable, ""
+    python, source = project_python()
+    if python:
+        found = subprocess.run([python, "-c", HAS_TOOLS], capture_output=True)
+        if found.returncode == 0:
+            return python, (f"preflight: this Python ({sys.executable}) has no {missing}; using "
+                            f"the project's {python} (from {source})")  # fmt: skip
+        return "", f"neither this Python nor {python} (from {source}) has JAX and libtpu"
+    return "", (f"this Python ({sys.executable}) has no {missing}, and there is no project "
+                f"environment (${VENV_ENV} unset, no {REPO / '.venv'})")  # fmt: skip
+
+
 def check(
     config: str,
     accelerator: str,
@@ -69,17 +111,20 @@ def check(
 ) -> None:
     """Runs the preflight; returns when the step fits or cannot be checked here, raises
     PreflightRefused with the preflight's reason when it does not fit or does not compile."""
-    command = preflight_command(config, accelerator, overrides)
-    missing = missing_tools()
-    if missing:
+    python, said = gate_python()
+    command = preflight_command(config, accelerator, overrides, python or "python")
+    if not python:
         elsewhere = shlex.join(["python", *command[1:]])
         print(
-            f"preflight skipped: this machine has no {missing}; on a linux x86_64 machine with "
-            f"`pip install -e .[test]` run `{elsewhere}` (or pass --skip_preflight).",
+            f"preflight skipped: {said}; set ${VENV_ENV} to the project's virtual environment "
+            f"(`pip install -e .[test]` on linux x86_64), or run `{elsewhere}` there (or pass "
+            "--skip_preflight).",
             file=sys.stderr,
             flush=True,
         )
         return
+    if said:
+        print(said, flush=True)
     print(f"$ {shlex.join(command)}", flush=True)
     result = runner(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     print(result.stdout, end="", flush=True)
@@ -101,7 +146,7 @@ def accelerator_from_describe(describe_json: str) -> str:
 def gate_create(args: argparse.Namespace) -> None:
     """`create`: checks args.config (if given) on args.accelerator before anything is made."""
     if getattr(args, "config", "") and not args.skip_preflight:
-        check(args.config, args.accelerator)
+        check(args.config, args.accelerator, getattr(args, "override", ()))
 
 
 def gate_run(args: argparse.Namespace, describe: Callable[[], str]) -> None:

@@ -115,7 +115,8 @@ def test_run_puts_env_before_python_and_detaches():
         remote = remote_command(start)
         assert "setsid nohup bash -c" in remote and "< /dev/null &" in remote
         inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
-        words = shlex.split(inner.split("; ")[2])
+        [train] = [part for part in inner.split("; ") if "simclr_jax.main" in part]
+        words = shlex.split(train)
         assert words[:2] == ["env", "TFDS_DATA_DIR=gs://bucket/tfds"]
         assert words[2].endswith("simclr_jax_venv/bin/python") and words[3:5] == [
             "-m",
@@ -229,8 +230,8 @@ def test_a_run_slow_to_detach_survives_the_end_of_the_ssh_session(tmp_path):
     (home / "simclr_jax_venv" / "simclr_jax_installed").write_text("abc123\n")
 
     started = launch(
-        "run", *POD, "--config", "c.py", "--workdir", str(tmp_path / "w"), "--skip_preflight",
-        env=env,
+        "run", *POD, "--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+        "--skip_preflight", env=env,
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     log = home / "simclr_jax_run.log"
@@ -324,7 +325,7 @@ def fake_env(root: Path, worker_env: dict | None = None) -> dict[str, str]:
 def test_local_workdir_on_a_multi_host_slice_is_refused(tmp_path):
     env = fake_env(tmp_path)
     assert launch("create", *POD, "--accelerator", "v4-16", env=env).returncode == 0
-    result = launch("run", *POD, "--config", "c.py", "--workdir", "/tmp/x", env=env)
+    result = launch("run", *POD, "--config", "configs/smoke.py", "--workdir", "/tmp/x", env=env)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "2-worker slice needs a shared gs:// workdir" in result.stderr
     assert "[worker" not in result.stdout  # nothing ran on any worker
@@ -632,9 +633,12 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
     workdir.mkdir()
     (workdir / "notes.txt").write_text("kept\n")
     log = tmp_path / "supervise.log"
-    command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "c.py",
-               "--skip_preflight", "--workdir", str(workdir), "--poll_s", "0.3",
-               "--max_restarts", "2", "--log_copy_s", "1", *STANDIN_INSTALL,
+    # The zone is out of capacity when the slice is recreated: three creates are refused.
+    # Waiting for capacity is not a restart: one restart (the preemption) is all it may take.
+    command = [sys.executable, str(LAUNCHER), "supervise", *pod, "--config", "configs/smoke.py",
+               "--skip_preflight", "--workdir", str(workdir), "--allow_local_workdir",
+               "--poll_s", "0.3", "--max_restarts", "1", "--log_copy_s", "1",
+               "--capacity_retry_s", "0.1", "--capacity_retry_max_s", "0.2", *STANDIN_INSTALL,
                "--config.train_steps=40"]  # fmt: skip
     with open(log, "w") as out:
         supervisor = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -644,6 +648,8 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
         wait_for(lambda: any("step 4/40" in p.read_text()
                              for p in (workdir / "logs").glob("worker0-*.log")),
                  60, "the log copy at step 4")  # fmt: skip
+        (root / "faults").mkdir()
+        (root / "faults" / "stockout").write_text("3")
         preempt(env)
         assert supervisor.wait(timeout=300) == 0, log.read_text()
     finally:
@@ -657,7 +663,12 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
         if queued
         else ("node pod is PREEMPTED")
     )
-    assert re.search(f"restart 1/2: {gone}; recreating it and resuming the run", out), out
+    assert re.search(f"restart 1/1: {gone}; recreating it and resuming the run", out), out
+    assert "restart 2/" not in out and "gave up" not in out, out
+    tries = re.findall(r"no capacity for v4-8 in us-central2-b \(try (\d): .*RESOURCE_EXHAUSTED"
+                       r".*\); trying again in ([\d.]+) s", out)  # fmt: skip
+    assert tries == [("1", "0.1"), ("2", "0.2"), ("3", "0.2")], out  # doubling, capped
+    assert (root / "faults" / "stockout").read_text() == "0"
     assert out.count("started run ") == 2 and out.count("installing on pod") == 2, out
     assert "finished: " in lines[-1]
     # The second run resumed from a checkpoint of the first one and finished.
@@ -687,24 +698,42 @@ def test_supervise_recreates_a_preempted_slice_and_the_run_resumes(tmp_path, que
 def test_supervise_stops_when_the_run_fails_twice_from_the_same_checkpoint(tmp_path):
     _, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_FAIL_AT": "3"}})
     workdir = tmp_path / "workdir"
-    result = launch("supervise", *pod, "--config", "c.py", "--workdir", str(workdir),
-                    "--skip_preflight", "--poll_s", "0.3", *STANDIN_INSTALL, env=env)  # fmt: skip
+    result = launch("supervise", *pod, "--config", "configs/smoke.py", "--workdir", str(workdir),
+                    "--allow_local_workdir", "--skip_preflight", "--poll_s", "0.3",
+                    "--log_copy_s", "1", *STANDIN_INSTALL, env=env)  # fmt: skip
     line = one_line(result)
     assert "the run failed twice from the same checkpoint (2)" in line
     assert "worker 0 exited with status 1" in line and line.endswith("loss is nan at step 3")
     assert "restart 1/10: worker 0 exited with status 1 (last checkpoint: 2)" in result.stdout
     assert (workdir / "checkpoints" / "2").is_dir()
+    # Each run's log copy holds that run alone (the worker's log holds both).
+    first, second = sorted((workdir / "logs").glob("worker0-*.log"))
+    wait_for(lambda: "=== exited" in second.read_text(), 30, "the second run's last log copy")
+    assert first.read_text().count("=== worker 0: start") == 1
+    assert second.read_text().count("=== worker 0: start") == 1
+    assert first.stem.split("-", 1)[1] not in second.read_text()
 
 
 def test_supervise_with_a_gs_workdir_copies_logs_and_sees_the_end_through_gsutil(tmp_path):
     # Two workers share gs://bucket/run (tests/fake_gcloud/gsutil: a local directory).
     _, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"STANDIN_STEP_S": "0.3"}})
     env["FAKE_GCS_ROOT"] = str(tmp_path / "gcs")
-    result = launch("supervise", *pod, "--config", "c.py", "--workdir", "gs://bucket/run",
-                    "--skip_preflight", "--poll_s", "0.3", "--log_copy_s", "1",
-                    *STANDIN_INSTALL, "--config.train_steps=6", env=env)  # fmt: skip
+    # This machine's gsutil is refused (the workers' works): the error is shown, once, and
+    # worker 0 judges the end; --delete_when_done then deletes the slice.
+    denied = "AccessDeniedException: 401 Anonymous caller does not have storage.objects.get access"
+    result = launch("supervise", *pod, "--config", "configs/smoke.py", "--workdir",
+                    "gs://bucket/run", "--skip_preflight", "--poll_s", "0.3", "--log_copy_s", "1",
+                    "--delete_when_done", *STANDIN_INSTALL, "--config.train_steps=6",
+                    env={**env, "FAKE_GCLOUD_GSUTIL_FAIL": denied})  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "finished: " in result.stdout.splitlines()[-1]  # results.json seen by `gsutil stat`
+    out = result.stdout
+    assert out.count(f"failed here (exit 1): {denied}; supervise goes on") == 1, out
+    assert not re.search(r"restart \d", out) and out.count("started run ") == 1, out
+    assert re.search(r"finished: run \S+ wrote gs://bucket/run/results.json", out), out
+    assert "deleting pod (--delete_when_done)" in out
+    assert not (tmp_path / "gcloud" / "nodes" / "pod.json").exists()
+    assert not (tmp_path / "gcloud" / "launcher_state" / "pod.json").exists()
+    pod = [*pod, "--zone", "us-central2-b"]  # forgotten with the slice
     run = tmp_path / "gcs" / "bucket" / "run"
     assert json.loads((run / "results.json").read_text())["step"] == 6
     # Each worker's log is copied by `gsutil cp`, the last time after the run's end.
@@ -736,19 +765,20 @@ def test_ssh_failing_once_is_retried_and_logged(tmp_path):
     root, env, pod = standin_pod(tmp_path)
     (root / "faults").mkdir()
     (root / "faults" / "ssh_255").write_text("1")
-    result = launch("status", *pod, "--internal_ip", "--tunnel_through_iap", *QUICK, env=env)
+    result = launch("status", *pod, "--tunnel_through_iap", *QUICK, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\[worker 0\] ssh failed \(exit 255: .*Connection timed out\); retry 1/3",
                      result.stdout)  # fmt: skip
     assert "[worker 0] not running" in result.stdout
     assert (root / "faults" / "ssh_255").read_text() == "0"
     [ssh_line] = [line for line in result.stdout.splitlines() if " ssh pod " in line]
-    assert "--internal-ip" in ssh_line and "--tunnel-through-iap" in ssh_line
+    assert "$ gcloud alpha compute tpus tpu-vm ssh pod" in ssh_line  # IAP: the alpha track
+    assert "--tunnel-through-iap" in ssh_line
 
 
 def run_standin(pod: list[str], workdir: Path, env: dict, *extra: str):
     """`run` of the stand-in training (a long one unless told otherwise)."""
-    return launch("run", *pod, "--config", "c.py", "--workdir", str(workdir),
+    return launch("run", *pod, "--config", "configs/smoke.py", "--workdir", str(workdir),
                   "--allow_local_workdir", "--skip_preflight", *QUICK, *extra, env=env)  # fmt: skip
 
 
@@ -768,7 +798,8 @@ def test_a_start_failing_on_worker_1_stops_worker_0(tmp_path):
     assert line.startswith("error: worker 1: starting the run failed (exit 5)")
     assert "setsid exited with status 1" in line and line.endswith("; stopped worker(s) [0]")
     log0 = (root / "nodes" / "pod" / "worker0" / "simclr_jax_run.log").read_text()
-    assert log0.rstrip().splitlines()[-1].startswith("=== exited with status 0"), log0
+    # stopped without the stop marker: the trainer's "preempted" status
+    assert log0.rstrip().splitlines()[-1].startswith("=== exited with status 42"), log0
     status = launch("status", *pod, env=env)
     assert "[worker 0] not running" in status.stdout and "[worker 1] not running" in status.stdout
 
@@ -810,7 +841,8 @@ def test_run_works_after_the_slice_is_recreated_with_new_host_keys(tmp_path):
     # The worker's log was copied into the workdir, the last time after the run's end.
     [copy] = (tmp_path / "w" / "logs").glob("worker0-*.log")
     wait_for(lambda: "=== exited with status 0" in copy.read_text(), 30, "the final log copy")
-    assert "Preempted: saved step" in copy.read_text()
+    assert "Stopped on request: saved step" in copy.read_text()  # `stop` set the marker
+    assert (tmp_path / "w" / "stop_requested").read_text() == "stop\n"  # written before SIGTERM
 
 
 def test_the_pid_check_ignores_another_process_with_the_recorded_pid(tmp_path):
@@ -824,7 +856,7 @@ def test_the_pid_check_ignores_another_process_with_the_recorded_pid(tmp_path):
         env = {**os.environ, "HOME": str(home)}
         out = subprocess.run(["bash", "-c", tpu.status_remote(1)], env=env, capture_output=True,
                              text=True).stdout  # fmt: skip
-        assert out.splitlines()[0] == "not running"
+        assert out.splitlines()[0].startswith("not running; last run")
     finally:
         other.kill()
 
@@ -838,9 +870,308 @@ def test_bad_input_is_one_line_and_removes_nothing(tmp_path):
     assert "unknown --name 'nosuch': no state file" in unknown and "--zone" in unknown
     absent = one_line(launch("status", "--name", "nosuch", "--zone", "us-central2-b", env=env))
     assert "'nosuch' does not exist in us-central2-b (NOT_FOUND)" in absent
-    supervise = ["supervise", "--name", "pod", "--config", "c.py", "--workdir", str(workdir)]
+    supervise = ["supervise", "--name", "pod", "--config", "configs/smoke.py",
+                 "--workdir", str(workdir)]  # fmt: skip
     local = one_line(launch(*supervise, env=env))
-    assert "a 2-worker slice needs a shared gs:// workdir" in local
+    assert "a host-local workdir goes with its disk" in local
+    relative = supervise[:-1] + ["run_rel"]
+    assert "a relative workdir lands in the workers' ~/simclr_jax" in one_line(
+        launch(*relative, "--allow_local_workdir", env=env)
+    )
     negative = one_line(launch(*supervise, "--max_restarts", "-1", env=env))
     assert "--max_restarts=-1: must be >= 0" in negative
     assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ exit statuses, one run
+
+
+def test_the_launcher_repeats_the_trainers_exit_statuses_and_stop_marker():
+    """launch/tpu.py cannot import jax, so it repeats these; they must not drift apart."""
+    from simclr_jax import preemption
+
+    assert tpu.EXIT_FINISHED == preemption.EXIT_FINISHED == 0
+    assert tpu.EXIT_CONFIG_ERROR == preemption.EXIT_CONFIG_ERROR
+    assert tpu.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+    assert tpu.STOP_MARKER == preemption.STOP_MARKER
+
+
+def test_supervise_judges_the_end_on_worker_0_and_a_leftover_results_json_starts_nothing_early(
+    tmp_path,
+):
+    """A local workdir on a shared file system: supervise never looks for results.json here,
+    so a finished run is exit 0 without a restart; then a new config (more steps) in the same
+    workdir, with the first run's results.json left there, is started, resumes and finishes."""
+    _, env, pod = standin_pod(tmp_path, worker_env={"all": {"STANDIN_STEP_S": "0.1"}})
+    workdir = tmp_path / "shared" / "run"
+    supervise = ["supervise", *pod, "--config", "configs/smoke.py", "--workdir", str(workdir),
+                 "--allow_local_workdir", "--skip_preflight", "--poll_s", "0.3",
+                 "--max_restarts", "1", *STANDIN_INSTALL]  # fmt: skip
+    first = launch(*supervise, "--config.train_steps=6", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert not re.search(r"restart \d", first.stdout), first.stdout
+    assert re.search(rf"finished: run \S+ wrote {re.escape(str(workdir))}/results.json$",
+                     first.stdout.splitlines()[-1])  # fmt: skip
+    assert json.loads((workdir / "results.json").read_text())["step"] == 6
+
+    second = launch(*supervise, "--config.train_steps=10", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "starting the run of" in second.stdout and second.stdout.count("started run ") == 1
+    assert json.loads((workdir / "results.json").read_text())["step"] == 10
+    log = (tmp_path / "gcloud" / "nodes" / "pod" / "worker0" / "simclr_jax_run.log").read_text()
+    assert f"Resuming from {workdir / 'checkpoints'} step 6." in log
+    assert "(results.json: this)" in log.rstrip().splitlines()[-1]
+
+
+def test_two_concurrent_runs_start_one_and_supervise_stops_at_a_config_error(tmp_path):
+    root, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"STANDIN_STEP_S": "0.5"}})
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    workdir = tmp_path / "w"
+    command = [sys.executable, str(LAUNCHER), "run", *pod, "--config", "configs/smoke.py",
+               "--workdir", str(workdir), "--allow_local_workdir", "--skip_preflight", *QUICK,
+               "--config.train_steps=1000"]  # fmt: skip
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]  # fmt: skip
+    results = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    [(_, _, refused)] = [r for r in results if r[0] == 1]
+    [line] = refused.splitlines()
+    assert line.startswith("error: worker 0: claiming the slice failed (exit 6)"), line
+    assert re.search(r"refused: (another start \(run \S+\) is under way|run \S+ is going)", line)
+    # One run id on both workers, one live run each.
+    homes = [root / "nodes" / "pod" / f"worker{w}" for w in (0, 1)]
+    ids = {(home / "simclr_jax_run.id").read_text() for home in homes}
+    assert len(ids) == 1
+    for home in homes:
+        assert (home / "simclr_jax_run.log").read_text().count("start at") == 1
+    stopped = launch("stop", *pod, env=env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "[worker 0] stop marker written: " in stopped.stdout
+    for w in (0, 1):
+        assert f"[worker {w}] stopped: === exited with status 0" in stopped.stdout
+    status = launch("status", *pod, env=env)
+    assert "[worker 1] not running; last run" in status.stdout
+    assert "exit status: 0 (finished, or stopped on purpose)" in status.stdout
+
+    # A configuration error (exit 2) ends supervision with its line: no restart.
+    result = launch("supervise", *pod, "--config", "configs/smoke.py", "--workdir",
+                    str(workdir), "--allow_local_workdir", "--skip_preflight", "--poll_s", "0.3",
+                    *STANDIN_INSTALL, "--config.train_steps=ten", env=env)  # fmt: skip
+    line = one_line(result)
+    assert "exited with status 2 (configuration error), which a restart cannot fix" in line
+    assert line.endswith("error: --config.train_steps=ten: not a number"), line
+    assert not re.search(r"restart \d", result.stdout), result.stdout
+
+
+def test_misspelled_launcher_flags_are_refused_not_sent_to_training(tmp_path):
+    run = ["run", *POD, "--config", "configs/smoke.py", "--workdir", "gs://b/w"]
+    line = one_line(launch(*run, "--poll-s", "5", "--envv", "A=1", "--config.x=1", "--dry_run"))
+    assert "run: unrecognized arguments: --poll-s 5 --envv A=1 " in line
+    assert "training takes only --config.FIELD=VALUE" in line
+    # argparse's prefix matching is off: --work is not --workdir
+    assert "unrecognized arguments: --work" in one_line(
+        launch(*run, "--work", "gs://b/x", "--dry_run")
+    )
+    [*_, start] = dry_run("run", *POD, "--config", "configs/smoke.py", "--workdir", "gs://b/w",
+                          "--config.a", "3", "--config.b=4")  # fmt: skip
+    assert "--process_id" not in remote_command(start)  # one worker
+    assert "--config.a 3 --config.b=4" in remote_command(start)
+    # create takes overrides for its gate, and only with --config
+    assert "overrides --config, which is not given" in one_line(
+        launch("create", *POD, "--accelerator", "v4-8", "--config.x=1", "--dry_run")
+    )
+
+
+def test_iap_goes_through_gcloud_alpha_and_excludes_internal_ip(tmp_path):
+    commands = dry_run("install", *POD, "--tunnel_through_iap")
+    gcloud = [c for c in commands if c[0] == "gcloud"]
+    assert gcloud and all(c[:6] == ["gcloud", "alpha", "compute", "tpus", "tpu-vm", c[5]]
+                          and c[5] in ("scp", "ssh") for c in gcloud)  # fmt: skip
+    plain = [c for c in dry_run("install", *POD, "--internal_ip") if c[0] == "gcloud"]
+    assert all(c[1] == "compute" and "--internal-ip" in c for c in plain)
+    both = one_line(launch("status", *POD, "--internal_ip", "--tunnel_through_iap", "--dry_run"))
+    assert "--internal_ip and --tunnel_through_iap exclude each other" in both
+    # The fake, like the real gcloud, refuses IAP on the GA track and both flags together.
+    env = fake_env(tmp_path)
+    ssh = ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=z", "--quiet", "--command=true"]
+    for argv, said in (
+        ([*ssh, "--tunnel-through-iap"], "unrecognized arguments: --tunnel-through-iap"),
+        (["alpha", *ssh, "--tunnel-through-iap", "--internal-ip"], "At most one of"),
+    ):
+        result = subprocess.run([str(FAKE_GCLOUD / "gcloud"), *argv], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "content,said",
+    [
+        ("[1, 2]", "holds a list, not the object `create` writes"),
+        ('"us-central2-b"', "holds a str, not the object `create` writes"),
+        ('{"zone": "z", "queued": "false"}', "'queued' is 'false', not a bool"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_a_corrupt_state_file_is_one_line_naming_it(tmp_path, content, said):
+    env = fake_env(tmp_path)
+    state = tmp_path / "launcher_state" / "pod.json"
+    state.parent.mkdir()
+    state.write_text(content)
+    line = one_line(launch("status", "--name", "pod", env=env))
+    assert f"state file {state}: {said}" in line and "move it away" in line
+    assert state.read_text() == content  # nothing deleted
+
+
+def test_create_checks_the_accelerator_and_waits_for_capacity_only_when_asked(tmp_path):
+    v5e = one_line(launch("create", *POD, "--accelerator", "v5e-16", "--dry_run"))
+    assert "use --accelerator v5litepod-16" in v5e
+    odd = one_line(launch("create", *POD, "--accelerator", "v4-33", "--dry_run"))
+    assert "no such v4 slice" in odd and "a multiple of 8" in odd
+    assert dry_run("create", *POD, "--accelerator", "v5litepod-4")  # a valid small slice
+    env = fake_env(tmp_path)
+    (tmp_path / "faults").mkdir()
+    (tmp_path / "faults" / "stockout").write_text("2")
+    refused = one_line(launch("create", *POD, "--accelerator", "v4-8", env=env))
+    assert (
+        "no capacity for v4-8 in us-central2-b: ERROR: (gcloud.fake) RESOURCE_EXHAUSTED" in refused
+    )
+    assert refused.endswith("; `supervise` waits for capacity (--capacity_wait_h)")
+    waited = launch("create", *POD, "--accelerator", "v4-8", "--capacity_wait_h", "1",
+                    "--capacity_retry_s", "0.05", env=env)  # fmt: skip
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "(try 1: ERROR: (gcloud.fake) RESOURCE_EXHAUSTED" in waited.stdout
+    assert "Created TPU VM simclr-v4" in waited.stdout
+
+
+def test_delete_of_a_slice_already_gone_forgets_it(tmp_path):
+    env = fake_env(tmp_path)
+    assert launch("create", *POD, "--accelerator", "v4-8", env=env).returncode == 0
+    gone = ["compute", "tpus", "tpu-vm", "delete", "simclr-v4", "--zone=us-central2-b", "--quiet"]
+    subprocess.run([str(FAKE_GCLOUD / "gcloud"), *gone], env=env, check=True)
+    deleted = launch("delete", "--name", "simclr-v4", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "simclr-v4 was already gone" in deleted.stdout
+    assert not (tmp_path / "launcher_state" / "simclr-v4.json").exists()
+    supervise = ["supervise", "--name", "gone", "--zone", "us-central2-b", "--workdir", "gs://b/w"]
+    absent = one_line(launch(*supervise, "--config", "configs/smoke.py", env=env))
+    assert "supervise does not know how to make it" in absent and "recreates" not in absent
+
+
+def test_a_config_file_the_workers_do_not_get_is_refused(tmp_path):
+    env = fake_env(tmp_path)
+    line = one_line(launch("run", *POD, "--config", "configs/not_committed_here.py:x",
+                           "--workdir", "gs://b/w", env=env))  # fmt: skip
+    assert "configs/not_committed_here.py is not committed" in line and "`install`" in line
+    outside = one_line(launch("run", *POD, "--config", "/etc/hosts", "--workdir", "gs://b/w",
+                              env=env))  # fmt: skip
+    assert "is outside the checkout" in outside
+
+
+def fake_project_venv(path: Path, record: Path) -> Path:
+    """A 'virtual environment' whose python has JAX and libtpu (it says so) and whose preflight
+    refuses the run, recording its arguments."""
+    python = path / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = -c ]; then exit 0; fi\n'
+        f'printf "%s\\n" "$@" > {shlex.quote(str(record))}\n'
+        "echo 'preflight: does not fit: needs 40.0 GiB per chip, over the 32.0 GiB HBM' >&2\n"
+        "exit 1\n"
+    )
+    python.chmod(0o755)
+    return path
+
+
+def test_the_gate_uses_the_projects_python_when_the_launchers_has_no_jax(tmp_path):
+    """`python3 launch/tpu.py` with a system Python (here: no site-packages, so no JAX) uses
+    $SIMCLR_JAX_VENV for the preflight, says so, and passes it the overrides."""
+    record = tmp_path / "argv.txt"
+    venv = fake_project_venv(tmp_path / "venv", record)
+    create = ["create", *POD, "--accelerator", "v4-8", "--config", "configs/smoke.py:pretrain",
+              "--config.train_batch_size=4096", "--dry_run"]  # fmt: skip
+    env = {**os.environ, STATE_DIR_ENV: str(tmp_path / "state")}
+    bare = [sys.executable, "-S", str(LAUNCHER)]
+    result = subprocess.run([*bare, *create], env={**env, "SIMCLR_JAX_VENV": str(venv)},
+                            capture_output=True, text=True)  # fmt: skip
+    line = one_line(result)
+    assert "does not fit: needs 40.0 GiB per chip" in line and "refused before launching" in line
+    assert f"has no JAX; using the project's {venv / 'bin' / 'python'} (from $SIMCLR_JAX_VENV)" in (
+        result.stdout
+    )
+    assert record.read_text().split() == [
+        "-m", "simclr_jax.preflight", "--config=configs/smoke.py:pretrain", "--tpu=v4-8",
+        "--config.train_batch_size=4096",
+    ]  # fmt: skip
+    env.pop("SIMCLR_JAX_VENV", None)
+    skipped = subprocess.run([*bare, *create], env=env, capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stderr
+    assert (
+        "preflight skipped: this Python" in skipped.stderr and "SIMCLR_JAX_VENV" in skipped.stderr
+    )
+
+
+def test_ctrl_c_while_run_is_starting_stops_what_it_started(tmp_path):
+    """A start slowed by 3 s (setsid, as on a loaded host) is interrupted once worker 0 has
+    begun it: the launcher waits for it to detach, stops it on every worker, gives the slice
+    back and ends with one line; nothing is left running."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "setsid").write_text(f'#!/bin/bash\nsleep 3\nexec {shutil.which("setsid")} "$@"\n')
+    (slow / "setsid").chmod(0o755)
+    path = f"{slow}:{tmp_path / 'image'}:{os.environ['PATH']}"
+    root, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"PATH": path}})
+    assert launch("install", *pod, *STANDIN_INSTALL, env=env).returncode == 0
+    homes = [root / "nodes" / "pod" / f"worker{w}" for w in (0, 1)]
+    command = [sys.executable, str(LAUNCHER), "run", *pod, "--config", "configs/smoke.py",
+               "--workdir", str(tmp_path / "w"), "--allow_local_workdir", "--skip_preflight",
+               *QUICK, "--config.train_steps=1000"]  # fmt: skip
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    log0 = homes[0] / "simclr_jax_run.log"
+    deadline = time.monotonic() + 60
+    while not (log0.exists() and "start at" in log0.read_text()):
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "interrupted while starting run " in err, err
+    assert err.splitlines()[-1].startswith("interrupted: run stopped here"), err
+    time.sleep(1)
+    status = launch("status", *pod, env=env)
+    assert "[worker 0] not running" in status.stdout and "[worker 1] not running" in status.stdout
+    assert not (homes[0] / "simclr_jax_run.claim").exists()  # the slice is free again
+    again = run_standin(pod, tmp_path / "w", env, "--config.train_steps=2")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_the_stop_marker_goes_to_a_gs_workdir_through_the_workers_gsutil(tmp_path):
+    """`stop` writes <workdir>/stop_requested from worker 0 before any SIGTERM; a gs:// workdir
+    through the worker's gsutil, whose failure is an error that names it."""
+    home = tmp_path / "home"
+    (home / "simclr_jax").mkdir(parents=True)
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                            "SIMCLR_JAX_RUN_ID=r1"])  # fmt: skip
+    try:
+        (home / "simclr_jax_run.pid").write_text(f"{run.pid}\n")
+        (home / "simclr_jax_run.id").write_text("r1\n")
+        (home / "simclr_jax_run.workdir").write_text("gs://bucket/run\n")
+        env = {**os.environ, "HOME": str(home), "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
+               "FAKE_GCS_ROOT": str(tmp_path / "gcs")}  # fmt: skip
+        wrote = subprocess.run(["bash", "-c", tpu.marker_remote()], env=env, capture_output=True,
+                               text=True)  # fmt: skip
+        assert wrote.returncode == 0, wrote.stderr
+        assert wrote.stdout.strip() == "stop marker written: gs://bucket/run/stop_requested"
+        assert (tmp_path / "gcs" / "bucket" / "run" / "stop_requested").read_text() == "stop\n"
+        denied = {**env, "FAKE_GCLOUD_GSUTIL_FAIL": "AccessDeniedException: 403 no write"}
+        failed = subprocess.run(["bash", "-c", tpu.marker_remote()], env=denied,
+                                capture_output=True, text=True)  # fmt: skip
+        assert failed.returncode == 7 and failed.stderr.strip() == (
+            "could not write the stop marker gs://bucket/run/stop_requested: "
+            "AccessDeniedException: 403 no write"
+        )
+        assert run.poll() is None  # writing the marker signals nothing
+    finally:
+        run.kill()
