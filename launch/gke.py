@@ -45,11 +45,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import preflight_gate  # noqa: E402 - next to this script, which is not a package
+from common import (  # noqa: E402 - the launchers' shared module, next to this script
+    EXIT_CONFIG_ERROR,
+    EXIT_PREEMPTED,
+    jax_cache_dir,
+    parse_env,
+    trainer_args,
+)
 
-# The trainer's exit statuses (simclr_jax/preemption.py; a test checks they agree).
-EXIT_FINISHED = 0
-EXIT_CONFIG_ERROR = 2
-EXIT_PREEMPTED = 42
 # What xpk's default rules restart besides 42: 127-255 (a signal, 128+N: a pod killed from
 # outside, as when its node goes away).
 SIGNAL_EXITS = range(127, 256)
@@ -119,17 +122,6 @@ class Slice:
 
 
 # ------------------------------------------------------------------ input checks
-
-
-def parse_env(pairs: Sequence[str]) -> list[tuple[str, str]]:
-    """NAME=VALUE strings as pairs; a malformed one is an error naming it."""
-    out = []
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.isidentifier():
-            raise LaunchError(f"--env {pair!r}: expected NAME=VALUE")
-        out.append((name, value))
-    return out
 
 
 def check_name(name: str, tpu: Slice, num_slices: int) -> None:
@@ -233,8 +225,7 @@ def check_batches(batches: dict, tpu: Slice, num_slices: int) -> None:
 def train_command(config: str, workdir: str, overrides: Sequence[str]) -> list[str]:
     """The worker's command: the trainer, with JAX's own cluster detection (no coordinator
     flags: GKE and the JobSet set the TPU_WORKER_* and MEGASCALE_* variables)."""
-    return ["python", "-m", "simclr_jax.main", f"--config={config}", f"--workdir={workdir}",
-            *overrides]  # fmt: skip
+    return ["python", *trainer_args(config, workdir, overrides)]
 
 
 def container_env(args: argparse.Namespace) -> list[dict]:
@@ -252,8 +243,8 @@ def container_env(args: argparse.Namespace) -> list[dict]:
         # Process 0: pod 0 of slice 0, by its JobSet DNS name (<pod hostname>.<subdomain>).
         "MEGASCALE_COORDINATOR_ADDRESS": {"value": f"{args.name}-{REPLICATED_JOB}-0-0.{args.name}"},
     }  # fmt: skip
-    if args.jax_cache != "none":
-        cache = args.jax_cache or f"{args.workdir.rstrip('/')}/jax_cache"
+    cache = jax_cache_dir(args.workdir, args.jax_cache)
+    if cache:
         env["JAX_COMPILATION_CACHE_DIR"] = {"value": cache}
     for name, value in parse_env(args.env):
         env[name] = {"value": value}
@@ -478,7 +469,10 @@ def checked_slice(args: argparse.Namespace) -> Slice:
     tpu = Slice(args.tpu)
     check_layout(args, tpu)
     check_name(args.name, tpu, args.num_slices)
-    parse_env(args.env)
+    try:
+        parse_env(args.env)
+    except ValueError as error:
+        raise LaunchError(str(error)) from None
     if args.max_restarts < 0:
         raise LaunchError(f"--max_restarts={args.max_restarts}: must be >= 0 (0: never restart)")
     if not args.skip_batch_check:

@@ -46,6 +46,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import preflight_gate  # noqa: E402 - next to this script, which is not a package
+from common import (  # noqa: E402 - the launchers' shared module, next to this script
+    EXIT_CONFIG_ERROR,
+    EXIT_FINISHED,
+    EXIT_PREEMPTED,
+    STOP_MARKER,
+    jax_cache_dir,
+    parse_env,
+    trainer_args,
+)
 
 # Software versions per TPU generation (Cloud TPU docs, "TPU software versions").
 RUNTIME_VERSIONS = {
@@ -85,12 +94,6 @@ SSH_EXIT = 255  # ssh's own failure (connection, host key), as opposed to the re
 NOT_FOUND = "NOT_FOUND"
 # Node states a slice passes through on its own; any other state but READY needs a new slice.
 TRANSIENT_STATES = {"CREATING", "STARTING", "RESTARTING", "REPAIRING"}
-# Exit statuses of `python -m simclr_jax.main` and its stop marker, repeated from
-# simclr_jax/preemption.py (this script cannot import jax; tests/test_launch.py checks them).
-EXIT_FINISHED = 0  # results.json written, or stopped on purpose (the stop marker exists)
-EXIT_CONFIG_ERROR = 2  # configuration, argument or data error: a restart cannot help
-EXIT_PREEMPTED = 42  # SIGTERM without the stop marker: a checkpoint was saved; restart
-STOP_MARKER = "stop_requested"  # <workdir>/stop_requested: a SIGTERM means "stop", not "preempted"
 # What a refused create says when the zone has no capacity (or the project no quota) now.
 CAPACITY_ERRORS = ("resource_exhausted", "no more capacity", "quota", "stockout",
                    "insufficient capacity", "resource pool exhausted",
@@ -388,26 +391,16 @@ def _results_fingerprint(workdir: str) -> str:
     return f"{{ stat -c '%y %s %i' {path} 2>/dev/null || echo none; }}"
 
 
-def jax_cache_dir(args: argparse.Namespace) -> str:
-    """The persistent compilation cache of the run: <workdir>/jax_cache unless set ('none')."""
-    chosen = getattr(args, "jax_cache", "")
-    if chosen == "none":
-        return ""
-    return chosen or f"{args.workdir.rstrip('/')}/jax_cache"
-
-
 def train_argv(args: argparse.Namespace, worker: int, num_workers: int, coordinator: str) -> str:
     """The quoted training command line of one worker (explicit multi-host set-up)."""
-    argv = [
-        "-m", "simclr_jax.main", f"--config={args.config}", f"--workdir={args.workdir}",
-    ]  # fmt: skip
+    cluster = []
     if num_workers > 1:
-        argv += [
+        cluster = [
             f"--coordinator_address={coordinator}",
             f"--num_processes={num_workers}",
             f"--process_id={worker}",
         ]
-    argv += args.override
+    argv = trainer_args(args.config, args.workdir, args.override, cluster)
     env = ["env", *args.env] if args.env else []
     return " ".join([*map(shlex.quote, env), PYTHON, shlex.join(argv)])
 
@@ -424,8 +417,9 @@ def run_inner(
     # command line, where the liveness check looks for it. The compilation cache lives in the
     # workdir, so a run resumed on a new slice finds its programs compiled (an --env wins).
     exports = [f"SIMCLR_JAX_RUN_ID={run_id}"]
-    if jax_cache_dir(args):
-        exports.append(f"JAX_COMPILATION_CACHE_DIR={jax_cache_dir(args)}")
+    cache = jax_cache_dir(args.workdir, getattr(args, "jax_cache", ""))
+    if cache:
+        exports.append(f"JAX_COMPILATION_CACHE_DIR={cache}")
     before = after = verdict = ""
     if worker == 0:  # process 0 alone writes results.json
         fingerprint = _results_fingerprint(args.workdir)
@@ -1475,15 +1469,6 @@ def training_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
     return overrides, unknown
 
 
-def parse_env(values: list[str]) -> list[str]:
-    """--env NAME=VALUE assignments, checked; ValueError naming the first bad one."""
-    for value in values:
-        name = value.split("=", 1)[0]
-        if "=" not in value or not name.isidentifier():
-            raise ValueError(f"--env {value!r}: expected NAME=VALUE")
-    return list(values)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parses the launcher's command line."""
     parser = argparse.ArgumentParser(
@@ -1571,7 +1556,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if args.tfds_data_dir:
             args.env.append(f"TFDS_DATA_DIR={args.tfds_data_dir}")
         try:
-            args.env = parse_env(args.env)
+            parse_env(args.env)
         except ValueError as error:
             raise LaunchError(str(error)) from None
     if args.internal_ip and args.tunnel_through_iap:

@@ -44,6 +44,7 @@ def load(path: Path, name: str):
 
 
 gke = load(LAUNCHER, "gke_launcher")
+common = sys.modules["common"]  # launch/common.py, as the launcher imported it
 fake = load(FAKE_KUBECTL / "kubectl", "fake_kubectl")
 
 
@@ -146,11 +147,13 @@ def test_hosts_agree_with_the_tpu_vm_launcher():
 
 
 def test_exit_codes_are_the_trainers():
+    """gke.py takes them from launch/common.py, which tpu.py shares."""
     from simclr_jax import preemption
 
-    assert gke.EXIT_FINISHED == preemption.EXIT_FINISHED
-    assert gke.EXIT_CONFIG_ERROR == preemption.EXIT_CONFIG_ERROR
-    assert gke.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+    assert Path(common.__file__) == REPO / "launch" / "common.py"
+    assert gke.EXIT_CONFIG_ERROR == common.EXIT_CONFIG_ERROR == preemption.EXIT_CONFIG_ERROR
+    assert gke.EXIT_PREEMPTED == common.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+    assert common.EXIT_FINISHED == preemption.EXIT_FINISHED
 
 
 # ------------------------------------------------------------------ the manifests
@@ -218,7 +221,7 @@ def test_failure_policy_restarts_preemptions_and_fails_config_errors():
     policy = document["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 10
     assert all(rule.get("name") for rule in policy["rules"])  # every rule named
-    assert scheduler_action(document, gke.EXIT_FINISHED) == "Succeeded"
+    assert scheduler_action(document, common.EXIT_FINISHED) == "Succeeded"
     assert scheduler_action(document, gke.EXIT_PREEMPTED) == "RestartJobSet"
     assert scheduler_action(document, 137) == "RestartJobSet"  # SIGKILL: a node lost
     assert scheduler_action(document, 143) == "RestartJobSet"  # SIGTERM without a handler

@@ -38,6 +38,7 @@ def load_launcher():
 
 
 tpu = load_launcher()
+common = sys.modules["common"]  # launch/common.py, as the launcher imported it
 STATE_DIR_ENV = tpu.STATE_DIR_ENV
 
 
@@ -886,14 +887,16 @@ def test_bad_input_is_one_line_and_removes_nothing(tmp_path):
 # ------------------------------------------------------------------ exit statuses, one run
 
 
-def test_the_launcher_repeats_the_trainers_exit_statuses_and_stop_marker():
-    """launch/tpu.py cannot import jax, so it repeats these; they must not drift apart."""
+def test_the_launchers_repeat_the_trainers_exit_statuses_and_stop_marker():
+    """The launchers cannot import jax, so launch/common.py repeats these for both of them;
+    they must not drift apart from the trainer's."""
     from simclr_jax import preemption
 
-    assert tpu.EXIT_FINISHED == preemption.EXIT_FINISHED == 0
-    assert tpu.EXIT_CONFIG_ERROR == preemption.EXIT_CONFIG_ERROR
-    assert tpu.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
-    assert tpu.STOP_MARKER == preemption.STOP_MARKER
+    assert Path(common.__file__) == REPO / "launch" / "common.py"
+    assert common.EXIT_FINISHED == preemption.EXIT_FINISHED == 0
+    assert common.EXIT_CONFIG_ERROR == preemption.EXIT_CONFIG_ERROR
+    assert common.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+    assert common.STOP_MARKER == preemption.STOP_MARKER
 
 
 def test_supervise_judges_the_end_on_worker_0_and_a_leftover_results_json_starts_nothing_early(
