@@ -132,14 +132,15 @@ def mesh_slices(mesh: Mesh) -> int:
     return len(slice_groups(devices)) if slice_key(devices) else 1
 
 
-def mesh_from_config(mesh_config: Any | None) -> Mesh:
-    """Builds the mesh from a `config.mesh` ConfigDict (fields `data`, `model`, `num_slices`),
-    or all devices."""
+def mesh_from_config(mesh_config: Any | None, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the mesh from a `config.mesh` ConfigDict (fields `data`, `model`, `num_slices`)
+    over `devices` (default: all), or over all of them when there is no mesh config."""
     if mesh_config is None:
-        return create_mesh()
+        return create_mesh(devices=devices)
     return create_mesh(
         data=mesh_config.get("data", -1),
         model=mesh_config.get("model", 1),
+        devices=devices,
         num_slices=mesh_config.get("num_slices", 0),
     )
 

@@ -246,12 +246,7 @@ def run_preflight(config: Any, tpu: Slice, *, devices: Sequence[Any] | None = No
     from simclr_jax import parallel
 
     devices = list(devices if devices is not None else slice_devices(tpu))
-    mesh = parallel.create_mesh(
-        data=config.mesh.get("data", -1),
-        model=config.mesh.get("model", 1),
-        devices=devices,
-        num_slices=config.mesh.get("num_slices", 0),
-    )
+    mesh = parallel.mesh_from_config(config.mesh, devices)
     config, info = prepare_config(config, mesh)
     batch_field = "eval_batch_size" if config.mode == "eval" else "train_batch_size"
     step, args, notes = abstract_step(config, mesh, info)

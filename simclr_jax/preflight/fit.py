@@ -200,12 +200,7 @@ def _recompute_flops(config: Any, tpu: Slice, devices: Sequence[Any], chosen: Ca
     from simclr_jax.preflight.core import prepare_config
 
     changed = _with_changes(config, chosen.changes)
-    mesh = parallel.create_mesh(
-        data=changed.mesh.get("data", -1),
-        model=changed.mesh.get("model", 1),
-        devices=devices,
-        num_slices=changed.mesh.get("num_slices", 0),
-    )
+    mesh = parallel.mesh_from_config(changed.mesh, devices)
     prepared, _ = prepare_config(changed, mesh)
     views = 2 if prepared.mode == "pretrain" else 1
     per_device = prepared.train_batch_size // mesh.shape["data"] * views
