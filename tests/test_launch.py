@@ -190,7 +190,9 @@ def test_run_command_delivers_env_and_arguments_verbatim(tmp_path):
         env=["A=two words", 'B=say "hi" $HOME `x`'], override=["--config.x=\"y z\"", "--k=it's"],
     )  # fmt: skip
     remote = tpu.run_remote(args, 1, 2, "10.0.0.2:8476")
-    env = {**os.environ, "HOME": str(home)}
+    # The fake gsutil (gs:// as a local folder) takes the log copies of the gs:// workdir.
+    env = {**os.environ, "HOME": str(home), "PATH": f"{FAKE_GCLOUD}:{os.environ['PATH']}",
+           "FAKE_GCS_ROOT": str(tmp_path / "gcs")}  # fmt: skip
     started = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True)
     assert started.returncode == 0, started.stderr
     pid = int((home / "simclr_jax_run.pid").read_text())
