@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from shared_data import OFFICIAL_CHECKPOINTS as FIXTURES
-from shared_data import require
+from helpers import OFFICIAL_CHECKPOINTS as FIXTURES
+from helpers import require
 
 from simclr_jax import checkpoint, convert, export
 from simclr_jax.config import get_base_config

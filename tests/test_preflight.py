@@ -275,7 +275,7 @@ def test_resnet152_3x_sk_at_4096_on_v5litepod_8_without_fsdp_does_not_fit():
 
 # HBM per chip small enough that the smoke model (0.12 GiB replicated, 0.06 GiB with FSDP at
 # batch 64 on v5litepod-4) reaches it at a modest batch, so that every compile is quick.
-MAX_BATCH_HBM_GIB = {"replicated": 0.1225, "fsdp": 0.061}
+MAX_BATCH_HBM_GIB = {"replicated": 0.1225, "fsdp": 0.0575}
 
 
 @pytest.mark.parametrize("layout", ["replicated", "fsdp"])
