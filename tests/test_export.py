@@ -437,3 +437,14 @@ def test_empty_out_dir_is_used_and_the_step_is_recorded(small_workdirs, tmp_path
     assert info["step"] == 3 and info["format"] == "torch"
     readme = (out / "README.md").read_text()
     assert "step 3" in readme and str(out) in readme and "no mean/std" in readme
+
+
+def test_the_torch_module_file_repeats_the_models_tables():
+    """The exported module file stands alone (it cannot import simclr_jax), so its copies of
+    the architecture tables must equal the model's."""
+    pytest.importorskip("torch")
+    from simclr_jax import export_torch_module
+    from simclr_jax.models import resnet
+
+    assert export_torch_module.STAGE_SIZES == resnet.STAGE_SIZES
+    assert export_torch_module.SK_MIN_DIM == resnet.SK_MIN_DIM

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from simclr_jax import parallel
+from simclr_jax import data, parallel
 
 Config = ml_collections.ConfigDict
 # name -> (global shape, dtype) of one batch's arrays.
@@ -65,6 +65,29 @@ def abstract_batch(mode: Mode, config: Config, mesh: jax.sharding.Mesh) -> dict[
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         for name, (shape, dtype) in mode.batch_spec(config).items()
     }
+
+
+def train_split_batches(
+    config: Config,
+    mesh: jax.sharding.Mesh,
+    start_step: int,
+    data_state: dict[str, Any] | None,
+    *,
+    num_views: int,
+    augmentation: str,
+) -> data.TrainBatches:
+    """The train split's batches, `num_views` augmented views per image, from start_step."""
+    return data.make_train_batches(
+        config.data,
+        mesh,
+        split=config.data.train_split,
+        batch_size=config.train_batch_size,
+        num_views=num_views,
+        augmentation=augmentation,
+        seed=config.seed,
+        start_step=start_step,
+        data_state=data_state,
+    )
 
 
 def no_check(config: Config) -> None:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from simclr_jax import data, losses
-from simclr_jax.modes.base import BatchSpec, Config, Mode, no_check
+from simclr_jax.modes.base import BatchSpec, Config, Mode, no_check, train_split_batches
 
 
 def loss(config: Config, model: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -56,16 +56,8 @@ def batches(
     config: Config, mesh: jax.sharding.Mesh, start_step: int, data_state: dict[str, Any] | None
 ) -> data.TrainBatches:
     """The train split with SimCLR's augmentation, two views per image."""
-    return data.make_train_batches(
-        config.data,
-        mesh,
-        split=config.data.train_split,
-        batch_size=config.train_batch_size,
-        num_views=2,
-        augmentation="simclr",
-        seed=config.seed,
-        start_step=start_step,
-        data_state=data_state,
+    return train_split_batches(
+        config, mesh, start_step, data_state, num_views=2, augmentation="simclr"
     )
 
 

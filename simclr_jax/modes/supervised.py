@@ -5,13 +5,14 @@ and keeps its BN in inference mode (model mode 'finetune')."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from simclr_jax import data, losses
-from simclr_jax.modes.base import BatchSpec, Config, Mode, require
+from simclr_jax.modes.base import BatchSpec, Config, Mode, require, train_split_batches
 
 
 def validate(config: Config) -> None:
@@ -58,16 +59,8 @@ def batches(
     config: Config, mesh: jax.sharding.Mesh, start_step: int, data_state: dict[str, Any] | None
 ) -> data.TrainBatches:
     """The (labelled) train split with the fine-tuning augmentation, one view per image."""
-    return data.make_train_batches(
-        config.data,
-        mesh,
-        split=config.data.train_split,
-        batch_size=config.train_batch_size,
-        num_views=1,
-        augmentation="crop_flip",
-        seed=config.seed,
-        start_step=start_step,
-        data_state=data_state,
+    return train_split_batches(
+        config, mesh, start_step, data_state, num_views=1, augmentation="crop_flip"
     )
 
 
@@ -79,11 +72,5 @@ LINEAR_EVAL = Mode(
     loss=loss,
     metrics=("train_acc",),
 )
-FINETUNE = Mode(
-    name="finetune",
-    validate=validate,
-    batch_spec=batch_spec,
-    batches=batches,
-    loss=loss,
-    metrics=("train_acc",),
-)
+# Fine-tuning differs from linear eval only in which parameters train (config.model).
+FINETUNE = dataclasses.replace(LINEAR_EVAL, name="finetune")
