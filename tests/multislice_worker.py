@@ -1,11 +1,12 @@
 """Three SimCLR steps of a tiny model (16 px) on a mesh, for tests/test_multislice.py: the
 loss, gradients and BatchNorm statistics of the first step and the parameters after the third,
-saved by process 0 as an .npz. In the test process itself (one process, 8 devices) it gives
-the 1 x 8 reference; started as several processes it is a simulated multislice:
+saved by process 0 as an .npz. As one process with 8 devices and one slice it gives the 1 x 8
+reference; as several processes it is a simulated multislice:
 
     python tests/multislice_worker.py OUT.npz NUM_PROCESSES PROCESS_ID PORT DEVICES NUM_SLICES
 
-Each process stands for one slice of DEVICES CPU devices (gloo over a loopback coordinator);
+Each process stands for one slice of DEVICES CPU devices (gloo over a loopback coordinator,
+in the 1-process reference too, so that both add partial sums in the same order);
 the mesh is hybrid over process granules (parallel.create_mesh, mesh.num_slices).
 """
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from jax.experimental import mesh_utils
-from multislice_worker import run_steps
 from pod_worker import free_port, wait_all, worker_env
 
 from simclr_jax import parallel
@@ -131,19 +130,23 @@ def test_num_slices_must_match_the_tpu_slices(topology):
 
 
 @pytest.mark.slow
-def test_two_slices_train_as_one_mesh_of_eight(devices, tmp_path):
+def test_two_slices_train_as_one_mesh_of_eight(tmp_path):
     """2 processes, each one slice of 4 CPU devices (a hybrid mesh over process granules),
-    against this process's 8 devices on one slice; both run while the other compiles."""
-    out, port, procs = tmp_path / "two_slices.npz", free_port(), []
-    for pid in range(2):
-        log = open(tmp_path / f"process{pid}.log", "w")
-        argv = [sys.executable, str(WORKER), str(out), "2", str(pid), str(port), "4", "2"]
-        procs.append(subprocess.Popen(argv, env=worker_env(4), stdout=log, stderr=log))
-    one = run_steps(parallel.create_mesh(devices=devices))
-    codes = wait_all(procs, timeout=600)
-    logs = [(tmp_path / f"process{pid}.log").read_text()[-4000:] for pid in range(2)]
-    assert codes == [0, 0], "\n=====\n".join(logs)
-    pod = dict(np.load(out))
+    against one process with 8 devices on one slice; all three run at once. The reference uses
+    the same collectives library (gloo) as the two slices: XLA's in-process all-reduce adds the
+    devices' partial gradients in another order, which float32 rounding shows at ~1.5e-5 of a
+    gradient's scale, and would hide what this test looks for."""
+    ports, procs = {"one_slice": free_port(), "two_slices": free_port()}, []
+    runs = [("one_slice", 1, 0, 8, 1), ("two_slices", 2, 0, 4, 2), ("two_slices", 2, 1, 4, 2)]
+    for name, processes, pid, devices, slices in runs:
+        log = open(tmp_path / f"{name}{pid}.log", "w")
+        argv = [sys.executable, str(WORKER), str(tmp_path / f"{name}.npz"), str(processes),
+                str(pid), str(ports[name]), str(devices), str(slices)]  # fmt: skip
+        procs.append(subprocess.Popen(argv, env=worker_env(devices), stdout=log, stderr=log))
+    codes = wait_all(procs, timeout=900)
+    logs = [p.read_text()[-4000:] for p in sorted(tmp_path.glob("*.log"))]
+    assert codes == [0, 0, 0], "\n=====\n".join(logs)
+    one, pod = (dict(np.load(tmp_path / f"{name}.npz")) for name in ("one_slice", "two_slices"))
 
     assert pod["mesh_shape"].tolist() == [8, 1]
     assert pod["mesh_processes"].tolist() == [0] * 4 + [1] * 4  # slice-major data axis
@@ -163,13 +166,9 @@ def test_two_slices_train_as_one_mesh_of_eight(devices, tmp_path):
         for prefix in ("loss", "grads", "batch_stats", "params")
     }
     print(f"largest |2 slices - 1 slice| / scale, of {len(worst)} arrays: {largest}")
-    # The loss and the global BatchNorm statistics agree to 1e-6. Gradients (and so the
-    # parameters they move) are sums over the devices, which gloo adds across the processes
-    # in another order than one process does: float32 rounding then moves them by up to ~2e-5
-    # of their scale (measured 1.5e-5 and 1.8e-5), as 1 against 8 devices in one process does
-    # (tests/test_sharding.py); a per-slice loss or per-slice statistics would be off by O(1).
-    assert largest["loss"][0] <= 1e-6 and largest["batch_stats"][0] <= 1e-6, largest
-    assert largest["grads"][0] <= 5e-5 and largest["params"][0] <= 5e-5, largest
+    # A per-slice loss (negatives from one slice only) or per-slice BatchNorm statistics
+    # would be off by O(1).
+    assert all(value <= 1e-6 for value, _ in largest.values()), largest
 
 
 # ------------------------------------------------------------------ the preflight
