@@ -8,6 +8,7 @@
   python3 launch/gke.py submit --name simclr ...same flags...   # checks, preflight, kubectl apply
   python3 launch/gke.py status --name simclr    # JobSet conditions, restarts, pods; 1 if failed
   python3 launch/gke.py logs   --name simclr    # follows process 0 (--slice/--worker: another)
+  python3 launch/gke.py stop   --name simclr    # on purpose: every trainer saves and exits 0
   python3 launch/gke.py delete --name simclr
 
 The JobSet holds one replicated Job per slice (replicas = --num_slices), each with one pod per
@@ -23,7 +24,10 @@ simclr_jax/preemption.py): 42 (preempted, checkpoint saved) and 128+N (killed by
 a node lost) fail the slice's Job through its backoff limit and JobSet restarts every slice,
 which resumes from the workdir's checkpoint, at most --max_restarts times; 2 (config or data
 error) and any other crash fail the Job by its pod failure policy and JobSet fails the whole run
-at once: restarting would fail the same way. 0 on every pod: the JobSet completes.
+at once: restarting would fail the same way. 0 on every pod: the JobSet completes. `stop`
+writes <workdir>/stop_requested (gsutil) before it deletes the JobSet, so that the SIGTERM the
+pods get reads as a deliberate stop (exit 0) in their logs, not as a preemption; `submit` with
+the same workdir resumes the run.
 
 Every subcommand prints the kubectl command it runs; --dry_run prints them (and `submit` the
 manifest) only. kubectl must point at the cluster (`gcloud container clusters get-credentials`),
@@ -48,6 +52,7 @@ import preflight_gate  # noqa: E402 - next to this script, which is not a packag
 from common import (  # noqa: E402 - the launchers' shared module, next to this script
     EXIT_CONFIG_ERROR,
     EXIT_PREEMPTED,
+    STOP_MARKER,
     jax_cache_dir,
     parse_env,
     trainer_args,
@@ -432,16 +437,19 @@ def execute(
     command: list[str],
     *,
     stdin: str | None = None,
+    stdin_label: str = "manifest",
     capture: bool = False,
     runner: Runner = subprocess.run,
 ) -> subprocess.CompletedProcess:
     """Prints the command, runs it; a failure is a LaunchError with kubectl's last line."""
-    print(f"$ {shlex.join(command)}" + (" < manifest" if stdin is not None else ""), flush=True)
+    print(
+        f"$ {shlex.join(command)}" + (f" < {stdin_label}" if stdin is not None else ""), flush=True
+    )
     if args.dry_run:
         return subprocess.CompletedProcess(command, 0, "", "")
     if shutil.which(command[0]) is None:
-        raise LaunchError("kubectl is not on PATH: install it (`gcloud components install "
-                          "kubectl`), or use --dry_run to print the commands.")  # fmt: skip
+        raise LaunchError(f"{command[0]} is not on PATH: install it (`gcloud components install "
+                          f"{command[0]}`), or use --dry_run to print the commands.")  # fmt: skip
     stdout = subprocess.PIPE if capture else None
     result = runner(command, input=stdin, text=True, stdout=stdout, stderr=subprocess.PIPE)
     if result.returncode != 0:
@@ -563,6 +571,34 @@ def do_logs(args: argparse.Namespace) -> None:
     execute(args, command)
 
 
+def workdir_of(jobset: dict) -> str:
+    """The --workdir the JobSet's trainers were started with."""
+    for job in jobset.get("spec", {}).get("replicatedJobs", []):
+        for container in job["template"]["spec"]["template"]["spec"].get("containers", []):
+            for arg in container.get("command", []):
+                if arg.startswith("--workdir="):
+                    return arg.partition("=")[2]
+    name = jobset["metadata"]["name"]
+    raise LaunchError(
+        f"the JobSet {name!r} has no --workdir in its trainers' command: it was not made by "
+        "this launcher; use `delete`"
+    )
+
+
+def do_stop(args: argparse.Namespace) -> None:
+    """Stops the run on purpose: writes <workdir>/stop_requested, then deletes the JobSet (its
+    pods save a checkpoint and exit 0); `submit` with the same workdir resumes it."""
+    jobset = get_jobset(args)
+    if jobset is None and not args.dry_run:
+        raise LaunchError(f"no JobSet {args.name!r} in this cluster/namespace: nothing to stop")
+    workdir = workdir_of(jobset) if jobset else "gs://WORKDIR"
+    marker = f"{workdir.rstrip('/')}/{STOP_MARKER}"
+    execute(args, ["gsutil", "-q", "cp", "-", marker], stdin="stop\n", stdin_label="'stop'")
+    do_delete(args)
+    print(f"stopped {args.name}: {marker} written, JobSet deleted; the workdir keeps the "
+          "checkpoints")  # fmt: skip
+
+
 def do_delete(args: argparse.Namespace) -> None:
     """Deletes the JobSet and its pods (SIGTERM: the trainer saves, then exits); the workdir
     stays."""
@@ -574,6 +610,7 @@ COMMANDS = {
     "submit": do_submit,
     "status": do_status,
     "logs": do_logs,
+    "stop": do_stop,
     "delete": do_delete,
 }
 

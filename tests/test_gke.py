@@ -24,6 +24,7 @@ from helpers import SHARED_DATA, require
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "gke.py"
 FAKE_KUBECTL = REPO / "tests" / "fake_kubectl"
+FAKE_GSUTIL = REPO / "tests" / "fake_gcloud"  # gsutil over a local directory
 CRD = SHARED_DATA / "k8s" / "jobset.x-k8s.io_jobsets.yaml"
 GOLDEN = REPO / "tests" / "golden"
 IMAGE = "us-docker.pkg.dev/my-proj/simclr/simclr_jax:v1"
@@ -383,6 +384,24 @@ def test_submit_status_logs_delete_through_fake_kubectl(tmp_path):
     assert launch("delete", "--name", "simclr", env=env).returncode == 0  # already gone: fine
     gone = launch("status", "--name", "simclr", env=env)
     assert gone.returncode == 1 and "no JobSet 'simclr'" in gone.stderr
+
+
+def test_stop_writes_the_stop_marker_before_it_deletes(tmp_path):
+    """The pods' SIGTERM then reads as a deliberate stop (exit 0), not a preemption."""
+    env = fake_env(tmp_path)
+    env.update(FAKE_GCS_ROOT=str(tmp_path / "gcs"), PATH=f"{FAKE_GSUTIL}:{env['PATH']}")
+    assert launch("submit", *MULTISLICE, "--skip_preflight", env=env).returncode == 0
+    stopped = launch("stop", "--name", "simclr", env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    marker = f"{WORKDIR}/{common.STOP_MARKER}"
+    commands = [line for line in stopped.stdout.splitlines() if line.startswith("$ ")]
+    assert commands[1:] == [f"$ gsutil -q cp - {marker} < 'stop'",
+                            "$ kubectl delete jobset simclr --ignore-not-found"]  # fmt: skip
+    assert (tmp_path / "gcs" / marker.removeprefix("gs://")).read_text() == "stop\n"
+    assert not (tmp_path / "default" / "simclr.json").exists()
+    again = launch("stop", "--name", "simclr", env=env)
+    assert again.returncode == 1 and "no JobSet 'simclr'" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
 
 
 def test_namespace_and_context_reach_kubectl(tmp_path):
