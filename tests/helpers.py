@@ -1,5 +1,6 @@
 """What several test files share: the shared test data's paths, tiny configs, restoring a
-checkpoint's variables, abstract variables of a model, tree and NumPy comparisons.
+checkpoint's variables, abstract variables of a model, tree and NumPy comparisons, and the
+preflight's command line as a user runs it.
 
 The shared test data sits beside the repository (../shared/data; each part has a README
 there). A test that needs a part of it skips on a user's machine without it, and fails under
@@ -7,7 +8,10 @@ CI, which must run it (`.ci/run` sets CI=1).
 """
 
 import functools
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -20,7 +24,8 @@ from configs import smoke
 from simclr_jax import checkpoint, evaluate, parallel
 from simclr_jax.config import get_base_config
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR_TARBALL = SHARED_DATA / "cifar10-train-jpeg.tar.gz"  # train/<class>/<n>.jpg
 OFFICIAL_CHECKPOINTS = SHARED_DATA / "official-checkpoints"  # with the reference's outputs
 IMAGENET_SUBSETS = SHARED_DATA / "imagenet-subsets"  # the published 1% / 10% lists
@@ -100,3 +105,29 @@ def np_softmax(x, axis=-1):
     """Softmax in NumPy (the reference the JAX code is compared with)."""
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def require_libtpu() -> None:
+    """Skips without libtpu on a user's machine; fails under CI, which installs it (lock)."""
+    if importlib.util.find_spec("libtpu") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install libtpu (requirements/lock.txt, the `test` extra)")
+        pytest.skip("libtpu is not installed (pip install 'libtpu==0.0.42.1')")
+
+
+def preflight_env() -> dict[str, str]:
+    """The test process's environment minus what is only meant for the CPU tests (the
+    simulated devices, JAX_PLATFORMS)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def preflight(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m simclr_jax.preflight ARGS` (configs relative to the repository)."""
+    args = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("--config=") else a
+            for a in args]  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "simclr_jax.preflight", *args], cwd=cwd, env=preflight_env(),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

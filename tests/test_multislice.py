@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import preflight
 from jax.experimental import mesh_utils
 from pod_worker import free_port, wait_all, worker_env
 
@@ -172,17 +173,6 @@ def test_two_slices_train_as_one_mesh_of_eight(tmp_path):
 
 
 # ------------------------------------------------------------------ the preflight
-
-
-def preflight(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`python -m simclr_jax.preflight ARGS` with the environment of a plain shell (no
-    simulated CPU devices), configs relative to the repository."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run(
-        [sys.executable, "-m", "simclr_jax.preflight", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

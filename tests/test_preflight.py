@@ -11,36 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import preflight, preflight_env, require_libtpu
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "tpu.py"
 FAKE_GCLOUD = REPO / "tests" / "fake_gcloud"
 SMOKE = "configs/smoke.py:pretrain"
-
-
-def require_libtpu() -> None:
-    """Skips without libtpu on a user's machine; fails under CI, which installs it (lock)."""
-    if importlib.util.find_spec("libtpu") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install libtpu (requirements/lock.txt, the `test` extra)")
-        pytest.skip("libtpu is not installed (pip install 'libtpu==0.0.42.1')")
-
-
-def preflight_env() -> dict[str, str]:
-    """The test process's environment minus what is only meant for the CPU tests."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
-
-
-def preflight(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Runs `python -m simclr_jax.preflight ARGS` (configs relative to the repository)."""
-    args = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("--config=") else a
-            for a in args]  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "simclr_jax.preflight", *args], cwd=cwd, env=preflight_env(),
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ lock and packaging
