@@ -74,13 +74,20 @@ def tiny_pretrain_workdir(tmp_path_factory):
 
 
 # Markers that say why a test is slow; each implies `slow`, so `-m "not slow"` leaves them out.
-SLOW_REASONS = ("tpu_compile", "multiprocess", "end_to_end")
+SLOW_REASONS = ("tpu_compile", "multiprocess", "end_to_end", "alone")
+# tests/run.sh runs the suite in two phases: SIMCLR_TEST_PHASE=shared (every test but those
+# marked `alone`, in parallel), then =alone (those, one at a time, beside nothing else).
+TEST_PHASE = os.environ.get("SIMCLR_TEST_PHASE", "")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(name) for name in SLOW_REASONS):
             item.add_marker(pytest.mark.slow)
+    if TEST_PHASE:
+        keep = [i for i in items if bool(i.get_closest_marker("alone")) == (TEST_PHASE == "alone")]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 def pytest_unconfigure(config):
