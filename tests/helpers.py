@@ -125,8 +125,8 @@ def preflight_env() -> dict[str, str]:
 
 def preflight(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `python -m simclr_jax.preflight ARGS` (configs relative to the repository)."""
-    args = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("--config=") else a
-            for a in args]  # fmt: skip
+    args = [a.replace("configs/", f"{REPO}/configs/", 1) if a.startswith("--config=configs/")
+            else a for a in args]  # fmt: skip
     return subprocess.run(
         [sys.executable, "-m", "simclr_jax.preflight", *args], cwd=cwd, env=preflight_env(),
         capture_output=True, text=True, timeout=timeout,

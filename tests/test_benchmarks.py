@@ -92,3 +92,21 @@ def test_profile_step_command_prints_the_table():
     for row in ("conv forward", "conv kernel grad", "step \\(host wall time, traced\\)"):
         match = re.search(rf"^\| {row} \| \**([\d,]+)\** \|", result.stdout, re.M)
         assert match and int(match.group(1).replace(",", "")) > 0, (row, result.stdout)
+
+
+def test_preflight_benchmarks_build_configs_the_trainer_accepts(devices):
+    """benchmarks/calibration.py (MLPerf's supervised ResNet-50) and preflight_table.py (every
+    row of the paper table): each config passes the trainer's validation on a mesh, with
+    nothing compiled (the benchmarks compile them for TPU slices, minutes each)."""
+    from benchmarks import calibration, preflight_table
+    from simclr_jax import parallel
+    from simclr_jax.preflight import core
+
+    mesh = parallel.create_mesh(devices=devices)
+    config, _ = core.prepare_config(calibration.mlperf_config(16, len(devices)), mesh)
+    assert config.mode == "finetune" and config.model.proj_head_mode == "none"
+    assert config.train_batch_size == 128 and config.data.image_size == 224
+    for _, spec, _, overrides, _ in preflight_table.ROWS:
+        row = preflight_table.load_config(spec, overrides, "bfloat16")
+        row.train_batch_size = row.eval_batch_size = 8 * len(devices)
+        core.prepare_config(row, mesh)
