@@ -3,6 +3,7 @@ images/s, hours for the recipe and implied MFU, float32 and bfloat16 (compiler e
 
     python benchmarks/preflight_table.py            # every row (each compile takes minutes)
     python benchmarks/preflight_table.py --rows r50_v4   # rows whose name contains r50_v4
+    python benchmarks/preflight_table.py --rows tpu7x --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Prints the table (markdown), one row per configuration and dtype."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", default="", help="only rows whose name contains this")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="model.dtype of each row")
     args = parser.parse_args(argv[1:] if argv else [])
     from simclr_jax import preflight
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         slices, _, single = accelerator.rpartition(" x ")  # "2 x v5litepod-256": multislice
         tpu = preflight.with_slices(preflight.parse_accelerator_type(single), int(slices or 1))
-        for dtype in DTYPES:
+        for dtype in args.dtypes.split(","):
             result = preflight.run_preflight(load_config(spec, overrides, dtype), tpu)
             r = result.report
             total = r.get("bytes_per_chip", {}).get("total")
