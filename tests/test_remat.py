@@ -216,6 +216,29 @@ def test_fit_tries_the_ways_in_order_of_cost_and_stops_at_the_first_that_fits(mo
     ]
 
 
+@pytest.mark.tpu_compile
+def test_fit_compiles_its_way_to_remat_where_fsdp_alone_does_not_fit(tmp_path):
+    """The smoke model at 64 px, batch 512, on v5litepod-4 under 0.5 GiB per chip: as
+    configured 610 MiB, with FSDP 614 (the gathered weights cost what sharding saves: the
+    activations dominate), with remat=conv_outputs 489 (measured); three compiles."""
+    require_libtpu()
+    out = tmp_path / "fit.json"
+    result = preflight(
+        f"--config={SMOKE}", "--tpu=v5litepod-4", "--config.data.image_size=64",
+        "--config.train_batch_size=512", "--hbm_gib=0.5", "--fit", f"--out={out}",
+        timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # does not fit as configured
+    report = json.loads(out.read_text())
+    tried = [(c["label"], c["fits"]) for c in report["candidates"]]
+    assert tried == [("as configured", False), ("fsdp", False), ("remat=conv_outputs", True)]
+    assert report["chosen"]["changes"] == {"model.remat": "conv_outputs"}
+    assert report["chosen"]["total_bytes"] <= 0.5 * 2**30
+    assert report["recompute_flops_per_step"] > 0
+    answer = result.stderr.strip().splitlines()[-1]
+    assert "--config.model.remat=conv_outputs" in answer and "recomputation adds" in answer
+
+
 def test_bad_fit_policy_is_one_line():
     result = preflight(f"--config={SMOKE}", "--tpu=v4-8", "--fit", "--fit_remat=block,everything")
     assert result.returncode == 2
@@ -229,11 +252,11 @@ def test_report_carries_measured_over_estimate_for_calibrated_generations():
     from configs import smoke
     from simclr_jax import preflight as pf
 
-    assert pf.hardware.CALIBRATION["v3"].measured_over_estimate == pytest.approx(1954 / 2753)
-    assert pf.hardware.CALIBRATION["v4"].measured_over_estimate == pytest.approx(3479 / 2815)
+    assert pf.hardware.CALIBRATION["v3"].measured_over_estimate == pytest.approx(1954 / 3320)
+    assert pf.hardware.CALIBRATION["v4"].measured_over_estimate == pytest.approx(3479 / 3507)
     config = smoke.get_config("pretrain")
     config.train_batch_size = 2**22
-    for name, expected in (("v4-8", 1.24), ("v3-8", 0.71), ("v5litepod-4", None)):
+    for name, expected in (("v4-8", 0.99), ("v3-8", 0.59), ("v5litepod-4", None)):
         tpu = pf.parse_accelerator_type(name)
         # CPU devices stand in for the slice's: nothing is compiled for them.
         result = pf.run_preflight(config, tpu, devices=jax.devices()[: tpu.num_devices])
