@@ -229,7 +229,7 @@ def test_fit_compiles_its_way_to_remat_where_fsdp_alone_does_not_fit(tmp_path):
         timeout=1200,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr  # does not fit as configured
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text())["fit"]
     tried = [(c["label"], c["fits"]) for c in report["candidates"]]
     assert tried == [("as configured", False), ("fsdp", False), ("remat=conv_outputs", True)]
     assert report["chosen"]["changes"] == {"model.remat": "conv_outputs"}

@@ -226,7 +226,7 @@ def fit_line(tpu: Slice, config: Any, result: FitResult) -> str:
         share = result.recompute_flops / (chosen.flops_per_step - result.recompute_flops)
         added = result.recompute_flops
         amount = f"{added / 1e12:.1f} TFLOP" if added >= 1e11 else f"{added / 1e9:.1f} GFLOP"
-        parts.append(f"recomputation adds {amount} per step (+{share:.0%})")
+        parts.append(f"recomputation adds {amount} per step (+{share:.1%})")
     if result.max_batch:
         parts.append(f"global batch {config.train_batch_size} does not fit with FSDP and remat")
     return head + f"does not fit as configured; cheapest that fits: {flags} ({'; '.join(parts)})"
