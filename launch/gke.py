@@ -441,7 +441,7 @@ def execute(
     capture: bool = False,
     runner: Runner = subprocess.run,
 ) -> subprocess.CompletedProcess:
-    """Prints the command, runs it; a failure is a LaunchError with kubectl's last line."""
+    """Prints the command, runs it; a failure is a LaunchError with the command's last line."""
     print(
         f"$ {shlex.join(command)}" + (f" < {stdin_label}" if stdin is not None else ""), flush=True
     )
