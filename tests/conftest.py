@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 
 from pod_worker import COLLECTIVE_WAIT_LIMIT_FLAG
@@ -71,6 +72,13 @@ def tiny_pretrain_workdir(tmp_path_factory):
     )
     dispatch.train_and_evaluate(config, str(workdir))
     return workdir
+
+
+# A suite started in the background of a shell without job control (`pytest ... &`) inherits
+# SIGINT ignored, and so would every process a test starts; the tests that press Ctrl-C need
+# Python's own handler back (an exec then resets it to the default, as in a terminal).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Markers that say why a test is slow; each implies `slow`, so `-m "not slow"` leaves them out.
