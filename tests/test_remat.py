@@ -270,7 +270,8 @@ def test_report_carries_measured_over_estimate_for_calibrated_generations():
 def test_resnet152_3x_sk_at_4096_fits_v4_128_with_block_remat(tmp_path):
     """SimCLRv2's largest model at the paper's batch on 64 v4 chips: without remat its 64
     images per chip need 120-160 GiB of a chip's 32 (docs/preflight.md); recomputing each
-    residual block fits it. One compile: about 20 minutes and 20 GB of host memory here."""
+    residual block fits it. One compile: about 10 minutes on an idle 2-core machine, and
+    20 GB of host memory."""
     require_libtpu()
     out = tmp_path / "report.json"
     result = preflight(
