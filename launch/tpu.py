@@ -83,6 +83,7 @@ CLAIM = '"$HOME/simclr_jax_run.claim"'
 CLAIM_LOCK = '"$HOME/simclr_jax_run.claim.lock"'
 CLAIM_TTL_S = 600  # a claim whose launcher vanished mid-start frees itself after this long
 LOG_COPY_ERRORS = '"$HOME/simclr_jax_log_copy.err"'
+LOG_COPY_WAIT_S = 120  # how long --delete_when_done waits for the workers' last log copies
 ARCHIVE_NAME = "simclr_jax_src.tar.gz"
 LOCK_NAME = "simclr_jax_lock.txt"
 COORDINATOR_PORT = 8476  # JAX's default coordinator port on Cloud TPU
@@ -455,11 +456,25 @@ def log_copier(workdir: str, worker: int, run_id: str, every_s: int) -> str:
     else:
         copy = (f"{{ mkdir -p {shlex.quote(os.path.dirname(target))} && "
                 f"{part} > {shlex.quote(target)}; }}")  # fmt: skip
-    # It looks every second, so the final copy follows the run's end closely.
+    # It looks every second, so the final copy follows the run's end closely; the marker
+    # tells a launcher about to delete the slice that the last copy is done.
     alive = _running_test(run_id)
     return (
         f"while {alive}; do {copy}; for _ in $(seq {max(1, int(every_s))}); do {alive} || "
-        f"break; sleep 1; done; done; {copy}"
+        f"break; sleep 1; done; done; {copy}; touch {log_copied(run_id)}"
+    )
+
+
+def log_copied(run_id: str) -> str:
+    """The worker's marker that the log copier of run_id has made its last copy."""
+    return f'"$HOME/.simclr_jax_log_copied.{run_id}"'
+
+
+def wait_copied_remote(run_id: str, wait_s: int) -> str:
+    """Waits (up to wait_s) for this worker's last log copy of run_id; exit 1 if it never came."""
+    return (
+        f"for _ in $(seq {int(wait_s)}); do [ -e {log_copied(run_id)} ] && exit 0; sleep 1; "
+        f'done; echo "no last log copy after {int(wait_s)} s" >&2; exit 1'
     )
 
 
@@ -1184,6 +1199,7 @@ class Supervisor:
         self.since: dict[str, float] = {}
         self.progress = ""
         self.outcome = ""  # "finished" or "stopped" once supervision ends
+        self.workers: list[int] = []  # the READY slice's workers when the run's end was seen
 
     def restart(self, reason: str) -> None:
         """Counts a restart of the started run; Fatal once the budget is spent."""
@@ -1212,6 +1228,7 @@ class Supervisor:
     def poll(self) -> bool:
         """One look at the slice and the run; True when supervision is over."""
         args = self.args
+        self.workers = []
         trouble, state, node = slice_trouble(args, self.since)
         if trouble:
             if self.started:
@@ -1237,10 +1254,23 @@ class Supervisor:
     def stop_workers(self, workers: list[int]) -> None:
         on_workers_results(self.args, workers, lambda w: stop_remote(120), quiet=True)
 
+    def wait_for_log_copies(self) -> None:
+        """Lets each worker's log copier make its last copy (a second or so after the run's
+        end) before the slice goes: deleting it first would lose the log's last lines."""
+        if not self.workers:
+            return  # the end was read from the saved log: the slice is gone already
+        wait = wait_copied_remote(self.run_id, LOG_COPY_WAIT_S)
+        results = on_workers_results(self.args, self.workers, lambda w: wait, quiet=True)
+        for w, (code, output, _) in sorted(results.items()):
+            if code != 0:
+                said = (output.strip().splitlines() or [f"exit {code}"])[-1]
+                event(f"worker {w}: {said}; the saved log may lack its end")
+
     def judge(self, probes: dict[int, dict[str, str]]) -> bool:
         """Acts on the probes of a READY slice's workers; True when supervision is over."""
         args = self.args
         alive = [w for w, p in probes.items() if p["alive"] == "1"]
+        self.workers = list(probes)
         foreign = [w for w in alive if probes[w]["workdir"] != args.workdir]
         if foreign:
             raise Fatal(f"worker {foreign[0]} runs another run (workdir "
@@ -1366,6 +1396,7 @@ def do_supervise(args: argparse.Namespace) -> None:
             event(f"error: {error}; trying again in {args.poll_s:g} s")
         time.sleep(args.poll_s)
     if args.delete_when_done and supervisor.outcome == "finished":
+        supervisor.wait_for_log_copies()
         event(f"deleting {args.name} (--delete_when_done)")
         do_delete(args)
 
@@ -1515,7 +1546,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             )  # fmt: skip
             p.add_argument(
                 "--delete_when_done", action="store_true",
-                help="delete the slice once the run has finished (not when it stopped or failed)",
+                help="delete the slice once the run has finished and the workers' logs are copied "
+                "(not when it stopped or failed)",
             )  # fmt: skip
         if name in ("create", "supervise"):
             p.add_argument(

@@ -721,6 +721,7 @@ def test_supervise_with_a_gs_workdir_copies_logs_and_sees_the_end_through_gsutil
     # Two workers share gs://bucket/run (tests/fake_gcloud/gsutil: a local directory).
     _, env, pod = standin_pod(tmp_path, "v4-16", worker_env={"all": {"STANDIN_STEP_S": "0.3"}})
     env["FAKE_GCS_ROOT"] = str(tmp_path / "gcs")
+    env["FAKE_GCS_CP_DELAY_S"] = "2"  # the workers' uploads are slow: the last one ends late
     # This machine's gsutil is refused (the workers' works): the error is shown, once, and
     # worker 0 judges the end; --delete_when_done then deletes the slice.
     denied = "AccessDeniedException: 401 Anonymous caller does not have storage.objects.get access"
@@ -739,13 +740,10 @@ def test_supervise_with_a_gs_workdir_copies_logs_and_sees_the_end_through_gsutil
     pod = [*pod, "--zone", "us-central2-b"]  # forgotten with the slice
     run = tmp_path / "gcs" / "bucket" / "run"
     assert json.loads((run / "results.json").read_text())["step"] == 6
-    # Each worker's log is copied by `gsutil cp`, the last time after the run's end.
+    # Each worker's log is copied by `gsutil cp`, the last time after the run's end, and
+    # --delete_when_done waited for that copy: the deleted slice's copiers are gone.
     saved = [next((run / "logs").glob(f"worker{w}-*.log")) for w in (0, 1)]
-
-    def ended() -> bool:
-        return all("=== exited with status 0" in copy.read_text() for copy in saved)
-
-    wait_for(ended, 30, "the last copies")
+    assert all("=== exited with status 0" in copy.read_text() for copy in saved)
     assert all("step 6/6" in copy.read_text() for copy in saved)
     copies = launch("logs", *pod, "--workdir", "gs://bucket/run", "--worker", "1", env=env)
     assert copies.returncode == 0 and "step 6/6" in copies.stdout  # `gsutil cat` of the copies
