@@ -1199,7 +1199,9 @@ class Supervisor:
         self.since: dict[str, float] = {}
         self.progress = ""
         self.outcome = ""  # "finished" or "stopped" once supervision ends
-        self.workers: list[int] = []  # the READY slice's workers when the run's end was seen
+        # The workers whose last log copies a deletion awaits: those of the READY slice where
+        # the run was seen to finish (none when the end was read from the saved log).
+        self.finished_on: list[int] = []
 
     def restart(self, reason: str) -> None:
         """Counts a restart of the started run; Fatal once the budget is spent."""
@@ -1228,7 +1230,6 @@ class Supervisor:
     def poll(self) -> bool:
         """One look at the slice and the run; True when supervision is over."""
         args = self.args
-        self.workers = []
         trouble, state, node = slice_trouble(args, self.since)
         if trouble:
             if self.started:
@@ -1257,10 +1258,8 @@ class Supervisor:
     def wait_for_log_copies(self) -> None:
         """Lets each worker's log copier make its last copy (a second or so after the run's
         end) before the slice goes: deleting it first would lose the log's last lines."""
-        if not self.workers:
-            return  # the end was read from the saved log: the slice is gone already
         wait = wait_copied_remote(self.run_id, LOG_COPY_WAIT_S)
-        results = on_workers_results(self.args, self.workers, lambda w: wait, quiet=True)
+        results = on_workers_results(self.args, self.finished_on, lambda w: wait, quiet=True)
         for w, (code, output, _) in sorted(results.items()):
             if code != 0:
                 said = (output.strip().splitlines() or [f"exit {code}"])[-1]
@@ -1270,7 +1269,6 @@ class Supervisor:
         """Acts on the probes of a READY slice's workers; True when supervision is over."""
         args = self.args
         alive = [w for w, p in probes.items() if p["alive"] == "1"]
-        self.workers = list(probes)
         foreign = [w for w in alive if probes[w]["workdir"] != args.workdir]
         if foreign:
             raise Fatal(f"worker {foreign[0]} runs another run (workdir "
@@ -1317,6 +1315,7 @@ class Supervisor:
         results = probes[0]["results"]
         if not crashed and ended.get(0) == str(EXIT_FINISHED):
             if results == "this":
+                self.finished_on = list(probes)
                 return self.end("finished", f"finished: run {self.run_id} wrote "
                                 f"{args.workdir}/results.json")  # fmt: skip
             if results.startswith("error"):
